@@ -1,0 +1,3 @@
+"""streamtsm: streaming action recognition for live cameras."""
+
+__version__ = "0.1.0"
