@@ -1,0 +1,150 @@
+"""Model registry: every named configuration, its builder and its data settings.
+
+``create("tsm_mobilenetv2_online", num_classes=27)`` builds a model and attaches its :class:`ModelConfig` as
+``model.cfg``; ``list_models()`` lists the names. Each model family registers its configurations at the bottom of
+its own file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MODEL_KINDS = ("online", "clip")
+
+
+@dataclass
+class ModelConfig:
+    """What a runtime needs besides the weights: how to feed the model and how to read its output.
+
+    Attributes:
+        name: registry name.
+        kind: ``"online"`` (one frame per step, explicit state) or ``"clip"`` (a window of frames per prediction).
+        num_classes: size of the classifier.
+        input_size: side of the square crop fed to the network.
+        resize_size: short side the frame is resized to before the centre crop.
+        mean, std: per-channel normalization of RGB values in [0, 1].
+        num_segments: frames per clip in the offline (clip) form.
+        clip_len, frame_interval: dense sampling of clip models (a window of ``clip_len`` frames taken every
+            ``frame_interval`` frames).
+        labels: class names, when known.
+    """
+
+    name: str
+    kind: str
+    num_classes: int
+    input_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    num_segments: int = 8
+    clip_len: int = 8
+    frame_interval: int = 1
+    labels: list[str] | None = None
+    arch: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        for key in ("mean", "std"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+_CFG_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"name", "kind", "arch", "num_classes"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    kind: str
+    description: str
+    builder: Callable[..., nn.Module]
+    defaults: dict
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(name: str, *, kind: str, description: str, **defaults) -> Callable:
+    """Decorator registering ``builder(num_classes, **arch_kwargs) -> nn.Module`` under ``name``.
+
+    ``defaults`` holds the config's values: architecture arguments of the builder and :class:`ModelConfig`
+    fields (num_segments may be both).
+    """
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {MODEL_KINDS}, got {kind!r}")
+
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = ModelSpec(name, kind, description, builder, dict(defaults))
+        return builder
+
+    return wrap
+
+
+def list_models(kind: str | None = None) -> list[str]:
+    """Registered model names, sorted; only those of ``kind`` when given."""
+    return sorted(n for n, s in _REGISTRY.items() if kind is None or s.kind == kind)
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown model {name!r}; expected one of: {', '.join(list_models())}") from None
+
+
+def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
+    """Build a registered model with fresh weights.
+
+    Args:
+        name: a name from :func:`list_models`.
+        num_classes: classifier size (the config's default when None).
+        **overrides: architecture arguments of the family (e.g. ``width_mult``, ``shift_div``, ``num_segments``)
+            or :class:`ModelConfig` fields (``input_size``, ``mean``, ...).
+
+    Returns:
+        The model in eval mode, with ``model.cfg`` set.
+    """
+    spec = get_spec(name)
+    values = {**spec.defaults, **overrides}
+    if num_classes is None:
+        num_classes = values.pop("num_classes")
+    values.pop("num_classes", None)
+    if num_classes < 1:
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+    signature = inspect.signature(spec.builder).parameters
+    arch_params = set(signature) - {"num_classes"}
+    unknown = set(overrides) - arch_params - _CFG_FIELDS
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {sorted(unknown)} for model {name!r}; expected any of "
+            f"{sorted(arch_params | _CFG_FIELDS)}"
+        )
+    # Record every architecture argument, defaults included, so a checkpoint says exactly what was built.
+    arch = {k: p.default for k, p in signature.items() if k in arch_params and p.default is not p.empty}
+    arch.update({k: v for k, v in values.items() if k in arch_params})
+    try:
+        model = spec.builder(num_classes=num_classes, **arch)
+    except ValueError as e:
+        raise ConfigError(f"cannot build {name!r}: {e}") from None
+    cfg_values = {k: v for k, v in values.items() if k in _CFG_FIELDS}
+    model.cfg = ModelConfig(name=name, kind=spec.kind, num_classes=num_classes, arch=arch, **cfg_values)
+    return model.eval()

@@ -1,0 +1,193 @@
+"""Checkpoint loading: every public key layout round-trips to identical outputs, and bad files fail clearly."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from streamtsm.errors import CheckpointError
+from streamtsm.models import create, load_checkpoint, load_model, read_checkpoint, save_checkpoint
+from streamtsm.models import mobilenetv2, resnet
+
+from .conftest import randomize_
+
+SMALL = {"tsm_mobilenetv2_online": {"width_mult": 0.25}, "tsm_mobilenetv2": {"width_mult": 0.25},
+         "tsm_r18": {"width": 8}, "tsm_r50": {"width": 8}, "tsn_r50": {"width": 8}}
+
+
+def _model(name: str, seed: int = 0, **kw):
+    model = create(name, num_classes=6, **{**SMALL[name], **kw})
+    calibration = torch.randn(model.num_segments * 2, 3, 32, 32)
+    return randomize_(model, seed=seed, calibration=calibration)
+
+
+def _outputs(model) -> torch.Tensor:
+    clip = torch.randn(2, model.num_segments, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        return model(clip, per_frame=True)
+
+
+def _shifted_prefixes(model) -> list[str]:
+    names = {id(m): n for n, m in model.backbone.named_modules()}
+    return [names[id(b)] + "." for b in model.shifted_blocks]
+
+
+def _own_backbone(model):
+    """(backbone key, tensor, shifted?) without the `backbone.` prefix, as older torch saved them (no BN counters)."""
+    shifted = _shifted_prefixes(model)
+    for key, value in model.state_dict().items():
+        if key.startswith("backbone.") and not key.endswith("num_batches_tracked"):
+            k = key.removeprefix("backbone.")
+            yield k, value, any(k.startswith(p) for p in shifted)
+
+
+def to_mit_han_lab(model) -> dict:
+    """The official offline TSN wrapper: module.base_model.*, `.net` inside shifted first convs, module.new_fc."""
+    out = {}
+    for key, value, shifted in _own_backbone(model):
+        if shifted:
+            key = re.sub(r"(\.conv1|\.conv\.0)\.", r"\1.net.", key, count=1)
+        if model.temporal_pool:
+            key = re.sub(r"^layer2\.", "layer2.net.", key)
+        out["module.base_model." + key] = value
+    out["module.new_fc.weight"], out["module.new_fc.bias"] = model.fc.weight, model.fc.bias
+    return {"epoch": 50, "arch": "resnet50", "best_prec1": 71.2, "state_dict": out}
+
+
+def to_mmaction2(model) -> dict:
+    """mmaction2 Recognizer2D: backbone.* with ConvModule names and `.net` shifts, cls_head.fc_cls.*."""
+    family = mobilenetv2 if isinstance(model.backbone, mobilenetv2.MobileNetV2) else resnet
+    out = {}
+    for key, value, shifted in _own_backbone(model):
+        key = family.to_mmaction2_key(key)
+        if shifted:  # the TemporalShift wraps the whole first ConvModule (conv and BN)
+            key = re.sub(r"(\.conv1|\.conv\.0)\.(conv|bn)\.", r"\1.net.\2.", key, count=1)
+        out["backbone." + key] = value
+    out["cls_head.fc_cls.weight"], out["cls_head.fc_cls.bias"] = model.fc.weight, model.fc.bias
+    return {"meta": {"mmaction2_version": "1.2.0", "epoch": 50}, "state_dict": out}
+
+
+def to_plain(model, head: str) -> dict:
+    """The official online demo (features.*, classifier.*) and torchvision (classifier.1.* / fc.*) layouts."""
+    out = {k: v for k, v, _ in _own_backbone(model)}
+    out[f"{head}.weight"], out[f"{head}.bias"] = model.fc.weight, model.fc.bias
+    return out
+
+
+LAYOUTS = [
+    ("tsm_mobilenetv2_online", "plain", lambda m: to_plain(m, "classifier")),
+    ("tsn_r50", "plain", lambda m: to_plain(m, "fc")),
+    ("tsm_mobilenetv2", "plain", lambda m: to_plain(m, "classifier.1")),
+    ("tsm_mobilenetv2", "mit-han-lab", to_mit_han_lab),
+    ("tsm_r18", "mit-han-lab", to_mit_han_lab),
+    ("tsm_r50", "mit-han-lab", to_mit_han_lab),
+    ("tsm_mobilenetv2", "mmaction2", to_mmaction2),
+    ("tsm_r18", "mmaction2", to_mmaction2),
+    ("tsm_r50", "mmaction2", to_mmaction2),
+    ("tsn_r50", "mmaction2", to_mmaction2),
+]
+
+
+@pytest.mark.parametrize("name,fmt,convert", LAYOUTS, ids=[f"{n}-{f}" for n, f, _ in LAYOUTS])
+def test_foreign_layout_loads_to_identical_outputs(tmp_path, name, fmt, convert):
+    source = _model(name, seed=1)
+    path = tmp_path / "foreign.pth"
+    torch.save(convert(source), path)
+    target = create(name, num_classes=6, **SMALL[name])
+    info = load_checkpoint(target, path)
+    assert info["format"] == fmt
+    assert torch.equal(_outputs(target), _outputs(source))
+
+
+def test_mit_han_lab_temporal_pool_layout_loads(tmp_path):
+    source = _model("tsm_r18", seed=2, temporal_pool=True)
+    target = create("tsm_r18", num_classes=6, temporal_pool=True, width=8)
+    load_checkpoint(target, to_mit_han_lab(source))
+    assert torch.equal(_outputs(target), _outputs(source))
+
+
+def test_own_format_round_trips_weights_config_and_labels(tmp_path):
+    source = _model("tsm_mobilenetv2_online", seed=3)
+    labels = [f"class {i}" for i in range(6)]
+    save_checkpoint(source, tmp_path / "m.pth", labels=labels)
+    rebuilt = load_model(tmp_path / "m.pth")
+    assert rebuilt.cfg.labels == labels and rebuilt.cfg.arch == source.cfg.arch
+    assert rebuilt.cfg.name == "tsm_mobilenetv2_online" and rebuilt.cfg.num_classes == 6
+    assert torch.equal(_outputs(rebuilt), _outputs(source))
+    info = load_checkpoint(create("tsm_mobilenetv2_online", num_classes=6, width_mult=0.25), tmp_path / "m.pth")
+    assert info["format"] == "streamtsm" and info["labels"] == labels
+
+
+class NotAWeight:
+    pass
+
+
+def test_checkpoint_file_is_read_with_weights_only(tmp_path):
+    torch.save({"state_dict": {}, "payload": NotAWeight()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        read_checkpoint(tmp_path / "evil.pth")
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    save_checkpoint(_model("tsm_r18"), tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.pth.*truncated or corrupt"):
+        read_checkpoint(tmp_path / "cut.pth")
+
+
+def test_non_checkpoint_file_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.pth").write_text("these are not weights\n")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        read_checkpoint(tmp_path / "notes.pth")
+    with pytest.raises(CheckpointError, match="not found"):
+        read_checkpoint(tmp_path / "missing.pth")
+
+
+def test_strict_loading_lists_missing_unexpected_and_misshapen_keys():
+    state = to_mmaction2(_model("tsm_r18"))["state_dict"]
+    del state["backbone.layer4.1.conv2.conv.weight"]
+    state["backbone.layer9.0.conv1.conv.weight"] = torch.zeros(1)
+    state["cls_head.fc_cls.bias"] = torch.zeros(9)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(create("tsm_r18", num_classes=6, width=8), {"state_dict": state})
+    msg = str(err.value)
+    assert "detected format: mmaction2" in msg and "tsm_r18" in msg
+    assert "missing keys: backbone.layer4.1.conv2.weight" in msg
+    assert "unexpected keys: backbone.layer9.0.conv1.weight" in msg
+    assert "fc.bias checkpoint (9,) vs model (6,)" in msg
+
+
+def test_other_class_count_needs_reset_head_and_keeps_the_backbone():
+    source = _model("tsm_r18", seed=4)
+    target = create("tsm_r18", num_classes=11, width=8)
+    with pytest.raises(CheckpointError, match="reset_head"):
+        load_checkpoint(target, to_mmaction2(source))
+    fresh_head = target.fc.weight.clone()
+    load_checkpoint(target, to_mmaction2(source), reset_head=True)
+    assert torch.equal(target.fc.weight, fresh_head)
+    assert torch.equal(target.backbone.layer1[0].conv1.weight, source.backbone.layer1[0].conv1.weight)
+
+
+def test_bidirectional_checkpoint_into_online_model_needs_explicit_flag(tmp_path):
+    offline = _model("tsm_mobilenetv2", seed=5)
+    save_checkpoint(offline, tmp_path / "bi.pth")
+    online = create("tsm_mobilenetv2_online", num_classes=6, width_mult=0.25)
+    with pytest.raises(CheckpointError, match="bidirectional shift.*unidirectional"):
+        load_checkpoint(online, tmp_path / "bi.pth")
+    with pytest.raises(CheckpointError, match="bidirectional"):
+        load_checkpoint(online, to_mit_han_lab(offline))
+    load_checkpoint(online, tmp_path / "bi.pth", allow_shift_mismatch=True)
+    assert torch.equal(online.fc.weight, offline.fc.weight)
+
+
+def test_checkpoint_of_another_architecture_is_rejected():
+    with pytest.raises(CheckpointError, match="does not fit tsm_r18"):
+        load_checkpoint(create("tsm_r18", num_classes=6, width=8), to_mmaction2(_model("tsm_r50")))
+
+
+def test_pytorchvideo_layout_is_named_when_a_tsm_cannot_load_it():
+    with pytest.raises(CheckpointError, match="'pytorchvideo'"):
+        load_checkpoint(create("tsm_r18", num_classes=6, width=8), {"blocks.0.conv.weight": torch.zeros(1)})

@@ -1,0 +1,67 @@
+"""Shared by the benchmark scripts: interleaved timing and writing one section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
+
+
+def interleaved(cases: dict[str, Callable[[], object]], iterations: int, warmup: int = 5) -> dict[str, list[float]]:
+    """Time each case ``iterations`` times, round-robin, so drifts in machine load hit every case alike.
+
+    Returns per-case lists of milliseconds.
+    """
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(iterations):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def pct(samples: list[float], p: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def summary(samples: list[float]) -> tuple[float, float, float]:
+    """(p50, p99, mean) in ms."""
+    return pct(samples, 50), pct(samples, 99), statistics.fmean(samples)
+
+
+def write_section(key: str, title: str, body: str) -> None:
+    """Replace (or append) the section ``key`` of docs/benchmarks.md, stamped with command, machine and date."""
+    command = "python " + " ".join([os.path.relpath(sys.argv[0], DOC.parents[1]), *sys.argv[1:]])
+    stamp = (f"Command: `{command}`  \nMachine: {machine()}  \n"
+             f"Date: {datetime.date.today().isoformat()}\n")
+    section = f"<!-- bench:{key} -->\n## {title}\n\n{stamp}\n{body.rstrip()}\n<!-- /bench:{key} -->\n"
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEach section is written by the tool named in its command line.\n\n"
+    pattern = re.compile(rf"<!-- bench:{re.escape(key)} -->.*?<!-- /bench:{re.escape(key)} -->\n", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text(text)
