@@ -1,0 +1,371 @@
+"""Video sources: cameras, files, network streams, image sequences and a synthetic scene.
+
+A source is a thin wrapper over one decoder. It is opened, read and released by a single thread (the capture
+thread that owns it). ``read()`` returns the image as the backend decoded it; ``to_bgr`` is the one place that
+turns whatever a backend gives (gray, BGRA, 16-bit, empty) into H x W x 3 uint8 BGR, and the capture thread counts
+the images it rejects.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import cv2
+import numpy as np
+
+from streamtsm.errors import ConfigError, SourceError
+from streamtsm.synthetic import MotionScene
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also accepts "²"
+_LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt")
+_SEQUENCE = re.compile(r"%0?\d*d")  # printf pattern of an image sequence, e.g. img_%05d.jpg
+_SYNTHETIC = re.compile(r"^synthetic(?::(\d+)x(\d+)(?:@(\d+(?:\.\d*)?|\.\d+))?)?$")
+_SYNTHETIC_FORM = "'synthetic' or 'synthetic:WIDTHxHEIGHT@FPS' (e.g. synthetic:160x120@15)"
+
+
+def to_bgr(image: np.ndarray | None) -> np.ndarray | None:
+    """Converts a decoded image to H x W x 3 uint8 BGR.
+
+    Handles what backends actually return: grayscale (H x W or H x W x 1), BGRA (H x W x 4) and 16-bit images
+    (scaled down by 8 bits). A BGR uint8 image is returned as is, without a copy.
+
+    Args:
+        image: The decoded image, or None.
+
+    Returns:
+        The BGR image, or None if there is nothing usable (None, empty, another dtype or channel count). Callers
+        count such frames as bad rather than treating them as the end of the stream.
+    """
+    if not isinstance(image, np.ndarray) or image.size == 0:
+        return None
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        return None
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    if image.ndim == 2:
+        return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_GRAY2BGR)
+    if image.ndim != 3:
+        return None
+    if image.shape[2] == 4:
+        return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_BGRA2BGR)
+    if image.shape[2] == 3:
+        return image
+    return None
+
+
+class Source(ABC):
+    """A source of video frames.
+
+    Attributes:
+        name: Human description used in messages, e.g. "camera 0", "file sample.mp4", "synthetic".
+        is_live: True for cameras and network streams (frames keep coming whether read or not; a failure is worth
+            reconnecting), False for files and image sequences (they end).
+        fps: Native frame rate if known (set once opened), else None.
+    """
+
+    name: str = "source"
+    is_live: bool = False
+    fps: float | None = None
+
+    @abstractmethod
+    def open(self) -> None:
+        """Opens (or reopens) the source.
+
+        Raises:
+            SourceError: If it cannot be opened; the message names the source.
+        """
+
+    @abstractmethod
+    def read(self) -> np.ndarray | None:
+        """Returns the next decoded image, or None at the end of the stream or on a read failure.
+
+        The image is normally H x W x 3 uint8 BGR, but a backend may return another layout; pass it through
+        ``to_bgr``.
+        """
+
+    @abstractmethod
+    def release(self) -> None:
+        """Releases the decoder; safe to call more than once or before ``open``."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+def _native_fps(capture: cv2.VideoCapture) -> float | None:
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    # Backends report 0, NaN or absurd values (90000, the RTP clock) when they do not know.
+    return float(fps) if 0 < fps <= 1000 else None
+
+
+class _OpenCVSource(Source):
+    """Shared read/release over a cv2.VideoCapture."""
+
+    def __init__(self) -> None:
+        self._capture: cv2.VideoCapture | None = None
+
+    def read(self) -> np.ndarray | None:
+        if self._capture is None:
+            return None
+        try:
+            ok, image = self._capture.read()
+        except cv2.error:
+            return None
+        return image if ok else None
+
+    def release(self) -> None:
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+
+
+class CameraSource(_OpenCVSource):
+    """A local camera by index (``cv2.VideoCapture(index)``); live.
+
+    Args:
+        index: Camera index, e.g. 0 for /dev/video0.
+    """
+
+    is_live = True
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+        self.name = f"camera {index}"
+
+    def open(self) -> None:
+        self.release()
+        try:
+            capture = cv2.VideoCapture(self.index)
+        except cv2.error as exc:
+            raise SourceError(f"cannot open camera {self.index}: {_first_line(exc)}") from exc
+        if not capture.isOpened():
+            capture.release()
+            raise SourceError(f"cannot open camera {self.index}: no such device, or it is busy")
+        self._capture = capture
+        self.fps = _native_fps(capture)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _redact(url: str) -> str:
+    """The URL with any password replaced, safe to print and log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+class VideoSource(_OpenCVSource):
+    """A video file, an image sequence (``frames/img_%05d.jpg``) or a network stream URL.
+
+    rtsp(s)://, rtmp(s)://, http(s)://, udp://, tcp:// and srt:// URLs are live; files and image sequences are not.
+    For URLs, FFmpeg's own open and read time-outs are set to ``timeout`` so that a dead stream makes ``read``
+    return None instead of blocking for ever.
+
+    Args:
+        path_or_url: File path, image sequence pattern or URL.
+        timeout: Open and read time-out in seconds for network streams.
+    """
+
+    def __init__(self, path_or_url: str, timeout: float = 5.0):
+        super().__init__()
+        self.spec = str(path_or_url)
+        self.timeout = timeout
+        self.is_url = bool(_URL.match(self.spec))
+        self.is_live = self.is_url and self.spec.split("://", 1)[0].lower() in _LIVE_SCHEMES
+        self.is_sequence = not self.is_url and bool(_SEQUENCE.search(Path(self.spec).name))
+        if self.is_url:
+            self.name = _redact(self.spec)
+        elif self.is_sequence:
+            self.name = f"image sequence {self.spec}"
+        else:
+            self.name = f"file {Path(self.spec).name}"
+        self._pending: np.ndarray | None = None
+
+    def open(self) -> None:
+        self.release()
+        if self.is_url:
+            capture = self._open_url()
+        else:
+            capture = self._open_file()
+        self._capture = capture
+        self.fps = _native_fps(capture)
+
+    def _open_url(self) -> cv2.VideoCapture:
+        timeout_ms = int(self.timeout * 1000)
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
+        try:
+            capture = cv2.VideoCapture(self.spec, cv2.CAP_FFMPEG, params)
+        except cv2.error as exc:
+            raise SourceError(f"cannot open stream {self.name}: {_first_line(exc)}") from exc
+        if not capture.isOpened():
+            capture.release()
+            raise SourceError(f"cannot open stream {self.name}: unreachable, refused or not a video stream")
+        return capture
+
+    def _open_file(self) -> cv2.VideoCapture:
+        path = Path(self.spec)
+        what = "image sequence" if self.is_sequence else "video file"
+        if self.is_sequence:
+            if not path.parent.is_dir():
+                raise SourceError(f"image sequence folder not found: {path.parent} (pattern {self.spec})")
+        elif path.is_dir():
+            raise SourceError(f"expected a video file, got a folder: {self.spec}")
+        elif not path.exists():
+            raise SourceError(f"video file not found: {self.spec}")
+        try:
+            capture = cv2.VideoCapture(self.spec)
+        except cv2.error as exc:
+            raise SourceError(f"cannot decode {what} {self.spec}: {_first_line(exc)}") from exc
+        if not capture.isOpened():
+            capture.release()
+            reason = "no files match the pattern" if self.is_sequence else "not a video or an unsupported codec"
+            raise SourceError(f"cannot decode {what} {self.spec}: {reason}")
+        # Some files open but decode nothing; finding out now gives the user an error instead of an empty run.
+        ok, first = capture.read()
+        if not ok:
+            capture.release()
+            raise SourceError(f"cannot decode {what} {self.spec}: no frame could be decoded")
+        self._pending = first
+        return capture
+
+    def read(self) -> np.ndarray | None:
+        if self._pending is not None:
+            image, self._pending = self._pending, None
+            return image
+        return super().read()
+
+    def release(self) -> None:
+        self._pending = None
+        super().release()
+
+
+class SyntheticSource(Source):
+    """A camera stand-in rendering ``MotionScene`` frames, paced to ``fps`` by the real clock; live.
+
+    ``read`` blocks until the next frame is due, as a camera does; the scene keeps its place across reopens.
+
+    Args:
+        width: Frame width in pixels.
+        height: Frame height in pixels.
+        fps: Frames per second (> 0).
+        seed: Scene seed.
+    """
+
+    is_live = True
+
+    def __init__(self, width: int = 320, height: int = 240, fps: float = 30.0, seed: int = 0):
+        if fps <= 0:
+            raise ConfigError(f"synthetic fps must be > 0, got {fps}")
+        self.width = width
+        self.height = height
+        self.fps = float(fps)
+        self.seed = seed
+        self.name = "synthetic"
+        self._scene: MotionScene | None = None
+        self._t = 0
+        self._next_due = 0.0
+
+    @property
+    def scene(self) -> MotionScene | None:
+        """The scene being rendered (for ground-truth labels via ``motion_at``), None until opened."""
+        return self._scene
+
+    @property
+    def position(self) -> int:
+        """Scene time of the next frame ``read`` will return."""
+        return self._t
+
+    def open(self) -> None:
+        if self._scene is None:
+            self._scene = MotionScene(self.width, self.height, seed=self.seed)
+        self._next_due = time.monotonic()
+
+    def read(self) -> np.ndarray | None:
+        if self._scene is None:
+            return None
+        delay = self._next_due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)  # pacing, as a camera blocks until its next exposure; at most one frame period
+        elif delay < -1.0:
+            self._next_due = time.monotonic()  # far behind (the reader stalled): do not burst to catch up
+        self._next_due += 1.0 / self.fps
+        image = self._scene.render(self._t)
+        self._t += 1
+        return image
+
+    def release(self) -> None:
+        self._scene = None
+
+
+def open_source(spec: str | int, *, timeout: float = 5.0) -> Source:
+    """Makes the source a command-line spec names (not opened yet).
+
+    Args:
+        spec: A camera index (int or a string of digits), ``"synthetic"`` or ``"synthetic:WIDTHxHEIGHT@FPS"``
+            (``@FPS`` optional), or a file path, image sequence pattern or URL.
+        timeout: Open and read time-out in seconds for network streams.
+
+    Returns:
+        The source.
+
+    Raises:
+        ConfigError: If a synthetic spec is malformed.
+    """
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return CameraSource(spec)
+    spec = str(spec).strip()
+    if _DIGITS.fullmatch(spec):
+        return CameraSource(int(spec))
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        match = _SYNTHETIC.match(spec)
+        if match is None:
+            raise ConfigError(f"synthetic source must be {_SYNTHETIC_FORM}, got {spec!r}")
+        if match.group(1) is None:
+            return SyntheticSource()
+        width, height = int(match.group(1)), int(match.group(2))
+        fps = float(match.group(3)) if match.group(3) else 30.0
+        if width < 8 or height < 8 or fps <= 0:
+            raise ConfigError(f"synthetic source must be at least 8x8 at a positive fps, got {spec!r}")
+        return SyntheticSource(width, height, fps)
+    return VideoSource(spec, timeout=timeout)
+
+
+def stream_name(spec: str | int) -> str:
+    """A short stream id for a source spec, made of [A-Za-z0-9_-] only (it becomes part of ZeroMQ topics).
+
+    Examples: ``0`` -> ``"cam0"``, ``"videos/sample.mp4"`` -> ``"sample"``,
+    ``"rtsp://user:pw@10.0.0.5:554/live"`` -> ``"10-0-0-5-554-live"``, ``"synthetic:160x120@15"`` -> ``"synthetic"``,
+    ``"frames/img_%05d.jpg"`` -> ``"img"``.
+    """
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return f"cam{spec}"
+    spec = str(spec).strip()
+    if _DIGITS.fullmatch(spec):
+        return f"cam{int(spec)}"
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        return "synthetic"
+    if _URL.match(spec):
+        parts = urlsplit(spec)
+        try:
+            port = parts.port
+        except ValueError:  # a malformed port: keep the host and path only
+            port = None
+        raw = (parts.hostname or "") + (f"-{port}" if port else "") + parts.path
+    else:
+        path = Path(spec)
+        raw = _SEQUENCE.sub("", path.stem) or path.parent.name
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", raw)
+    name = re.sub(r"-{2,}", "-", name).strip("-_")
+    return name or "stream"

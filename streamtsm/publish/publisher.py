@@ -1,0 +1,187 @@
+"""The ZeroMQ publisher: sends results without ever blocking inference, and counts what it could not send."""
+
+from __future__ import annotations
+
+import errno
+import re
+
+import zmq
+
+from streamtsm.errors import PublishError
+from streamtsm.publish import schema
+
+_ENDPOINT_HELP = "expected tcp://HOST:PORT, ipc://PATH or inproc://NAME"
+
+# HOST: "*", an IPv4 address, a host or interface name, or a bracketed IPv6 address. PORT: digits or "*".
+_TCP_RE = re.compile(r"tcp://(?P<host>\*|\[[0-9A-Fa-f:.%\w]+\]|[\w.\-]+):(?P<port>\*|\d{1,5})")
+
+
+def check_endpoint(endpoint: str, *, bind: bool) -> None:
+    """Checks the form of a ZeroMQ endpoint before it reaches libzmq, whose errors are less clear.
+
+    Args:
+        endpoint: ``tcp://HOST:PORT`` (``tcp://*:PORT`` and port ``*`` or ``0`` only when binding),
+            ``ipc://PATH`` or ``inproc://NAME``.
+        bind: Whether the endpoint is to be bound (else connected to).
+
+    Raises:
+        PublishError: If the endpoint is not of one of these forms.
+    """
+    if not isinstance(endpoint, str):
+        raise PublishError(f"invalid ZeroMQ endpoint {endpoint!r}: {_ENDPOINT_HELP}")
+    match = _TCP_RE.fullmatch(endpoint)
+    if match:
+        port = match["port"]
+        if port != "*" and int(port) > 65535:
+            raise PublishError(f"invalid ZeroMQ endpoint '{endpoint}': port must be 0-65535, got {port}")
+        if not bind and (match["host"] == "*" or port in ("*", "0") or int(port) == 0):
+            raise PublishError(
+                f"invalid ZeroMQ endpoint '{endpoint}' to connect to: expected tcp://HOST:PORT with a "
+                "concrete host and port"
+            )
+        return
+    for scheme in ("ipc://", "inproc://"):
+        if endpoint.startswith(scheme) and len(endpoint) > len(scheme) and endpoint.strip() == endpoint:
+            return
+    raise PublishError(f"invalid ZeroMQ endpoint '{endpoint}': {_ENDPOINT_HELP}")
+
+
+def attach(socket: zmq.Socket, endpoint: str, *, bind: bool) -> str:
+    """Binds or connects ``socket`` to exactly the endpoint given.
+
+    Args:
+        socket: An open ZeroMQ socket.
+        endpoint: See ``check_endpoint``.
+        bind: Bind if True, else connect.
+
+    Returns:
+        The endpoint in effect (libzmq's ``LAST_ENDPOINT``): for a bound ``tcp://127.0.0.1:*`` it names the
+        port the system chose.
+
+    Raises:
+        PublishError: If the endpoint is malformed or cannot be bound or connected.
+    """
+    check_endpoint(endpoint, bind=bind)
+    verb = "bind" if bind else "connect to"
+    try:
+        if bind:
+            socket.bind(endpoint)
+        else:
+            socket.connect(endpoint)
+    except zmq.ZMQError as error:
+        if error.errno == errno.EADDRINUSE:
+            reason = "address already in use"
+        elif error.errno == errno.ENAMETOOLONG:
+            reason = f"ipc path longer than the system's limit of {getattr(zmq, 'IPC_PATH_MAX_LEN', 107)} bytes"
+        else:
+            reason = zmq.strerror(error.errno).lower()
+        raise PublishError(f"cannot {verb} {endpoint}: {reason}") from None
+    return socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+class Publisher:
+    """Publishes ``[topic, json]`` messages on a ZeroMQ PUB socket without blocking the caller.
+
+    Delivery is best effort, as suits live results: a message is either queued for every subscriber whose
+    subscriptions match it, or dropped and counted. ZeroMQ keeps a queue of up to ``sndhwm`` messages per
+    subscriber. A plain PUB socket silently discards what does not fit; this one sets ``ZMQ_XPUB_NODROP``
+    (honoured by PUB sockets since libzmq 4.2) so that a send that does not fit fails with ``EAGAIN``, and
+    sends with ``NOBLOCK`` so that the failure returns at once instead of waiting. The failure is counted in
+    ``dropped``. libzmq checks every matching subscriber's queue before sending, so one subscriber that has
+    stopped reading makes the message a drop for all of them: a slow consumer shows up as a rising
+    ``dropped`` rather than as a silent gap in its own copy of the stream.
+
+    A message that no subscriber wants (including every message while nobody is connected) is accepted by
+    ZeroMQ and counted in ``sent``.
+
+    Like every ZeroMQ socket, a Publisher must be used from one thread only (the pipeline's publishing
+    thread); it holds no locks.
+
+    Attributes:
+        endpoint: The endpoint in effect (``LAST_ENDPOINT``), e.g. ``tcp://127.0.0.1:40123`` after binding
+            ``tcp://127.0.0.1:*``.
+        sent: Messages accepted by ZeroMQ.
+        dropped: Messages refused because a subscriber's queue was full.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        bind: bool = True,
+        sndhwm: int = 1000,
+        context: zmq.Context | None = None,
+    ) -> None:
+        """Creates the socket and binds (or connects) it.
+
+        Args:
+            endpoint: ``tcp://HOST:PORT`` (port ``*`` or ``0`` picks a free one), ``ipc://PATH`` or
+                ``inproc://NAME``.
+            bind: Bind the endpoint (default). False connects instead, e.g. to a broker's XSUB frontend.
+            sndhwm: Messages queued per subscriber before sends are dropped.
+            context: The ZeroMQ context; the process-wide one when None (required to share ``inproc://``).
+
+        Raises:
+            PublishError: If the endpoint is malformed, in use, or cannot be bound or connected.
+            ValueError: If ``sndhwm`` is below 1.
+        """
+        if sndhwm < 1:
+            # 0 means "no limit" to libzmq: memory would grow without bound behind a stalled subscriber.
+            raise ValueError(f"sndhwm must be at least 1, got {sndhwm}")
+        self.sent = 0
+        self.dropped = 0
+        self._closed = False
+        self._socket = (context or zmq.Context.instance()).socket(zmq.PUB)
+        try:
+            self._socket.setsockopt(zmq.LINGER, 0)
+            self._socket.setsockopt(zmq.SNDHWM, sndhwm)
+            self._socket.setsockopt(zmq.XPUB_NODROP, 1)
+            self.endpoint = attach(self._socket, endpoint, bind=bind)
+        except BaseException:
+            self._socket.close(linger=0)
+            self._closed = True
+            raise
+
+    @property
+    def last_endpoint(self) -> str:
+        """The endpoint in effect; the same as ``endpoint``."""
+        return self.endpoint
+
+    def send(self, topic: str, payload: dict) -> bool:
+        """Publishes one message without blocking.
+
+        Args:
+            topic: The message's topic (see ``streamtsm.publish.schema``).
+            payload: A payload from one of the ``schema`` builders.
+
+        Returns:
+            True if ZeroMQ took the message, False if it was dropped (counted in ``dropped``).
+
+        Raises:
+            ValueError: If the payload cannot be encoded (e.g. a NaN score).
+            PublishError: If the publisher is closed.
+        """
+        if self._closed:
+            raise PublishError(f"cannot send on {self.endpoint}: the publisher is closed")
+        parts = schema.encode(topic, payload)
+        try:
+            # With XPUB_NODROP, libzmq decides on the first frame for the whole message (its queues count
+            # whole messages), so Again here means nothing was sent and the socket is not left mid-message.
+            self._socket.send_multipart(parts, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        return True
+
+    def close(self) -> None:
+        """Closes the socket, discarding anything still queued. Safe to call more than once."""
+        if not self._closed:
+            self._closed = True
+            self._socket.close(linger=0)
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,452 @@
+"""Frame, FrameBuffer and CaptureThread: ordering, drop policies, strides, reconnects, hangs and stopping."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamtsm.capture import CameraSource, CaptureThread, Frame, FrameBuffer, Source, VideoSource
+from streamtsm.errors import ConfigError, SourceError
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+VIDEOS = DATA / "videos"
+WAIT_S = 10.0  # upper bound on any wait in these tests; they normally take milliseconds
+
+
+def _video(name: str) -> Path:
+    path = VIDEOS / name
+    if not path.exists():
+        pytest.skip(f"../shared/data not present: {path} is needed for the real-video tests")
+    return path
+
+
+def _frame(index: int, generation: int = 0) -> Frame:
+    return Frame("s", index, float(index), np.zeros((2, 2, 3), np.uint8), generation)
+
+
+def _wait_for(condition, timeout: float = WAIT_S) -> bool:
+    """Polls a condition until it holds or the time-out passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return condition()
+
+
+def _drain(buffer: FrameBuffer, thread: CaptureThread) -> list[Frame]:
+    """Pops frames until the buffer is finished (the thread closed it) or the time-out passes."""
+    frames = []
+    deadline = time.monotonic() + WAIT_S
+    while not buffer.finished and time.monotonic() < deadline:
+        frame = buffer.pop()
+        if frame is None:
+            time.sleep(0.001)
+        else:
+            frames.append(frame)
+    thread.join(WAIT_S)
+    assert not thread.is_alive(), "capture thread did not exit"
+    assert buffer.finished
+    return frames
+
+
+class FakeCamera(Source):
+    """A live source giving tiny frames quickly; chosen reads fail and chosen opens raise."""
+
+    is_live = True
+
+    def __init__(self, *, fail_reads=(), open_ok=None, read_delay: float = 0.0005):
+        self.name = "fake camera"
+        self.fps = None
+        self.fail_reads = set(fail_reads)
+        self.open_ok = open_ok  # attempt number (1-based) -> whether that open succeeds
+        self.read_delay = read_delay
+        self.on_open = None
+        self.reads = 0
+        self.opens = 0
+        self.is_open = False
+
+    def open(self) -> None:
+        self.opens += 1
+        if self.on_open is not None:
+            self.on_open()
+        if self.open_ok is not None and not self.open_ok(self.opens):
+            raise SourceError(f"cannot open {self.name} (attempt {self.opens})")
+        self.is_open = True
+
+    def read(self) -> np.ndarray | None:
+        if not self.is_open:
+            return None
+        time.sleep(self.read_delay)  # a camera blocks until its next frame
+        n, self.reads = self.reads, self.reads + 1
+        return None if n in self.fail_reads else np.full((4, 4, 3), n % 256, np.uint8)
+
+    def release(self) -> None:
+        self.is_open = False
+
+
+class FakeFile(Source):
+    """A non-live source returning the given images, then None."""
+
+    is_live = False
+
+    def __init__(self, images, fps: float | None = None):
+        self.name = "fake file"
+        self.fps = fps
+        self.images = list(images)
+        self.position = 0
+        self.released = 0
+
+    def open(self) -> None:
+        self.position = 0
+
+    def read(self) -> np.ndarray | None:
+        if self.position >= len(self.images):
+            return None
+        self.position += 1
+        return self.images[self.position - 1]
+
+    def release(self) -> None:
+        self.released += 1
+
+
+# -- Frame ------------------------------------------------------------------------------------------------------
+
+
+def test_frame_is_frozen_and_compares_by_identity():
+    frame = _frame(3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        frame.index = 4
+    assert frame == frame
+    assert frame != _frame(3)
+    assert "image" not in repr(frame)
+    assert frame.generation == 0
+
+
+# -- FrameBuffer ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [{"policy": "drop_newest"}, {"capacity": 0}, {"capacity": 1.5}])
+def test_buffer_rejects_bad_policy_or_capacity(kwargs):
+    with pytest.raises(ConfigError, match="drop_oldest, wait|capacity must be an integer >= 1"):
+        FrameBuffer(**kwargs)
+
+
+def test_buffer_drop_oldest_keeps_newest_and_counts_drops():
+    buffer = FrameBuffer(capacity=2, policy="drop_oldest")
+    for i in range(5):
+        assert buffer.put(_frame(i))
+    assert len(buffer) == 2 and buffer.dropped == 3 and buffer.put_count == 5
+    assert [buffer.pop().index, buffer.pop().index] == [3, 4]
+    assert buffer.pop() is None
+    assert buffer.popped == 2
+
+
+def test_buffer_wait_blocks_until_there_is_room():
+    buffer = FrameBuffer(capacity=1, policy="wait")
+    buffer.put(_frame(0))
+    done = threading.Event()
+
+    def produce():
+        buffer.put(_frame(1))
+        done.set()
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    assert not done.wait(0.1), "put returned while the buffer was full"
+    assert buffer.pop().index == 0
+    assert done.wait(WAIT_S)
+    producer.join(WAIT_S)
+    assert buffer.pop().index == 1
+    assert buffer.dropped == 0
+
+
+def test_buffer_wait_gives_up_when_stop_is_set():
+    buffer = FrameBuffer(capacity=1, policy="wait")
+    buffer.put(_frame(0))
+    stop = threading.Event()
+    result = []
+    producer = threading.Thread(target=lambda: result.append(buffer.put(_frame(1), stop)), daemon=True)
+    producer.start()
+    stop.set()
+    producer.join(WAIT_S)
+    assert result == [False]
+    assert buffer.put_count == 1 and len(buffer) == 1
+
+
+def test_buffer_notify_is_set_on_put_and_close():
+    notify = threading.Event()
+    first, second = FrameBuffer(notify=notify), FrameBuffer(notify=notify)
+    second.put(_frame(0))
+    assert notify.is_set()
+    notify.clear()
+    first.close()
+    assert notify.is_set()
+
+
+def test_buffer_finished_only_when_closed_and_empty():
+    buffer = FrameBuffer(capacity=2)
+    buffer.put(_frame(0))
+    buffer.close()
+    assert buffer.closed and not buffer.finished
+    buffer.pop()
+    assert buffer.finished
+    with pytest.raises(RuntimeError):
+        buffer.put(_frame(1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(capacity=st.integers(1, 5), policy=st.sampled_from(["drop_oldest", "wait"]),
+       ops=st.lists(st.booleans(), max_size=60))
+def test_buffer_invariants_hold_for_any_sequence_of_puts_and_pops(capacity, policy, ops):
+    buffer = FrameBuffer(capacity=capacity, policy=policy)
+    stop = threading.Event()
+    stop.set()  # a full "wait" buffer then refuses at once instead of blocking this single thread
+    accepted, popped = [], []
+    for i, is_put in enumerate(ops):
+        if is_put:
+            if buffer.put(_frame(i), stop):
+                accepted.append(i)
+        elif (frame := buffer.pop()) is not None:
+            popped.append(frame.index)
+        assert len(buffer) <= capacity
+        assert buffer.put_count == buffer.popped + buffer.dropped + len(buffer)
+    while (frame := buffer.pop()) is not None:
+        popped.append(frame.index)
+    assert popped == sorted(popped)
+    assert set(popped) <= set(accepted)
+    assert buffer.put_count == len(accepted)
+    if policy == "wait":
+        assert buffer.dropped == 0 and popped == accepted
+
+
+# -- CaptureThread: files ---------------------------------------------------------------------------------------
+
+
+def test_capture_thread_reads_file_in_order_with_wait_policy():
+    buffer = FrameBuffer(capacity=4, policy="wait")
+    thread = CaptureThread(VideoSource(str(_video("sample.avi"))), "sample", buffer).start()
+    frames = _drain(buffer, thread)
+    assert [f.index for f in frames] == list(range(164))
+    assert all(f.image.shape == (240, 320, 3) and f.image.dtype == np.uint8 for f in frames)
+    assert all(f.stream_id == "sample" and f.generation == 0 for f in frames)
+    stats = thread.stats()
+    assert stats["status"] == "ended" and stats["frames_read"] == 164 and stats["dropped"] == 0
+
+
+def test_capture_thread_stride_keeps_every_other_frame():
+    buffer = FrameBuffer(capacity=4, policy="wait")
+    thread = CaptureThread(VideoSource(str(_video("sample.avi"))), "sample", buffer, frame_stride=2).start()
+    frames = _drain(buffer, thread)
+    assert [f.index for f in frames] == list(range(0, 164, 2))
+    stats = thread.stats()
+    assert stats["skipped"] == 82 and stats["dropped"] == 0
+
+
+def test_capture_thread_realtime_file_gives_every_frame():
+    images = [np.full((4, 4, 3), i, np.uint8) for i in range(20)]
+    buffer = FrameBuffer(capacity=2, policy="wait")
+    thread = CaptureThread(FakeFile(images, fps=500.0), "f", buffer, realtime=True).start()
+    frames = _drain(buffer, thread)
+    assert [int(f.image[0, 0, 0]) for f in frames] == list(range(20))
+    assert thread.status == "ended"
+
+
+def test_capture_thread_counts_and_converts_bad_frames():
+    images = [
+        np.full((4, 4), 7, np.uint8),  # gray
+        np.full((4, 4, 1), 8, np.uint8),  # gray with a channel axis
+        np.full((4, 4, 4), 9, np.uint8),  # BGRA
+        np.full((4, 4, 3), 0x1234, np.uint16),  # 16-bit
+        np.zeros((0, 0, 3), np.uint8),  # empty
+        np.zeros((4, 4, 3), np.float32),  # not a pixel type any backend gives
+        np.full((4, 4, 3), 10, np.uint8),
+    ]
+    buffer = FrameBuffer(capacity=8, policy="wait")
+    thread = CaptureThread(FakeFile(images), "f", buffer).start()
+    frames = _drain(buffer, thread)
+    assert [f.index for f in frames] == [0, 1, 2, 3, 6]
+    assert [int(f.image[0, 0, 0]) for f in frames] == [7, 8, 9, 0x12, 10]
+    assert all(f.image.shape == (4, 4, 3) and f.image.dtype == np.uint8 for f in frames)
+    assert thread.stats()["bad_frames"] == 2
+
+
+def test_capture_thread_missing_file_fails_with_source_error(tmp_path):
+    path = tmp_path / "missing.mp4"
+    buffer = FrameBuffer(policy="wait")
+    thread = CaptureThread(VideoSource(str(path)), "missing", buffer).start()
+    thread.join(WAIT_S)
+    assert not thread.is_alive()
+    assert thread.status == "failed" and buffer.finished
+    assert isinstance(thread.error, SourceError) and str(path) in str(thread.error)
+    assert thread.open_error is thread.error
+
+
+def test_capture_thread_stops_while_blocked_on_full_wait_buffer():
+    images = [np.zeros((4, 4, 3), np.uint8)] * 10
+    buffer = FrameBuffer(capacity=1, policy="wait")
+    source = FakeFile(images)
+    thread = CaptureThread(source, "f", buffer).start()
+    assert _wait_for(lambda: len(buffer) == 1 and source.position >= 2)
+    thread.stop()
+    thread.join(1.0)
+    assert not thread.is_alive()
+    assert thread.status == "stopped" and buffer.closed and source.released >= 1
+
+
+# -- CaptureThread: live sources --------------------------------------------------------------------------------
+
+
+def test_capture_thread_drop_oldest_under_slow_consumer_gives_newest_frames():
+    buffer = FrameBuffer(capacity=2, policy="drop_oldest")
+    thread = CaptureThread(FakeCamera(), "cam", buffer).start()
+    indexes = []
+    deadline = time.monotonic() + WAIT_S
+    while len(indexes) < 15 and time.monotonic() < deadline:
+        if (frame := buffer.pop()) is not None:
+            indexes.append(frame.index)
+        time.sleep(0.01)  # a consumer slower than the camera
+    thread.stop()
+    thread.join(WAIT_S)
+    assert not thread.is_alive()
+    while (frame := buffer.pop()) is not None:
+        indexes.append(frame.index)
+    assert buffer.dropped > 0
+    assert buffer.put_count == buffer.popped + buffer.dropped + len(buffer)
+    assert indexes == sorted(set(indexes))
+    assert indexes[-1] == thread.stats()["frames_read"] - 1  # the last frame popped is the newest captured
+    assert thread.status == "stopped"
+
+
+def test_capture_thread_reconnects_after_read_failure():
+    source = FakeCamera(fail_reads={10})
+    buffer = FrameBuffer(capacity=64, policy="drop_oldest")
+    thread = CaptureThread(source, "cam", buffer, backoff=(0.01, 0.05))
+    statuses_at_open = []
+    source.on_open = lambda: statuses_at_open.append(thread.status)
+    thread.start()
+    frames = []
+
+    def enough_after_reconnect():
+        while (frame := buffer.pop()) is not None:
+            frames.append(frame)
+        return sum(f.generation == 1 for f in frames) >= 5
+
+    assert _wait_for(enough_after_reconnect)
+    thread.stop()
+    thread.join(WAIT_S)
+    assert statuses_at_open[:2] == ["starting", "reconnecting"]
+    assert [f.generation for f in frames] == sorted(f.generation for f in frames)
+    assert [f.index for f in frames] == sorted({f.index for f in frames})
+    stats = thread.stats()
+    assert stats["reconnects"] == 1 and stats["generation"] == 1
+    assert "read failed" in stats["last_error"]
+
+
+def test_capture_thread_retries_reopen_until_it_works():
+    source = FakeCamera(fail_reads={3}, open_ok=lambda attempt: attempt == 1 or attempt >= 4)
+    buffer = FrameBuffer(capacity=64)
+    thread = CaptureThread(source, "cam", buffer, backoff=(0.01, 0.02)).start()
+    assert _wait_for(lambda: thread.generation == 1 and buffer.put_count > 5)
+    thread.stop()
+    thread.join(WAIT_S)
+    assert source.opens == 4
+    assert thread.stats()["reconnects"] == 1
+
+
+def test_capture_thread_fails_when_reconnects_are_exhausted():
+    source = FakeCamera(fail_reads={3}, open_ok=lambda attempt: attempt == 1)
+    buffer = FrameBuffer(capacity=8)
+    thread = CaptureThread(source, "cam", buffer, backoff=(0.01, 0.02), max_reconnects=2).start()
+    thread.join(WAIT_S)
+    assert not thread.is_alive()
+    assert thread.status == "failed" and buffer.closed
+    assert isinstance(thread.error, SourceError) and "gave up on fake camera" in str(thread.error)
+    assert source.opens == 3
+
+
+def test_capture_thread_without_reconnect_fails_on_loss():
+    buffer = FrameBuffer(capacity=8)
+    thread = CaptureThread(FakeCamera(fail_reads={3}), "cam", buffer, reconnect=False).start()
+    thread.join(WAIT_S)
+    assert thread.status == "failed" and "read failed" in str(thread.error)
+    assert buffer.put_count == 3
+
+
+def test_capture_thread_stop_during_backoff_returns_quickly():
+    source = FakeCamera(fail_reads={2}, open_ok=lambda attempt: attempt == 1)
+    thread = CaptureThread(source, "cam", FrameBuffer(), backoff=(30.0, 60.0)).start()
+    assert _wait_for(lambda: thread.status == "reconnecting")
+    thread.stop()
+    thread.join(1.0)
+    assert not thread.is_alive()
+    assert thread.status == "stopped"
+
+
+def test_capture_thread_missing_camera_fails_without_retrying():
+    buffer = FrameBuffer()
+    thread = CaptureThread(CameraSource(99), "cam99", buffer, backoff=(30.0, 60.0)).start()
+    thread.join(WAIT_S)
+    assert not thread.is_alive()
+    assert thread.status == "failed" and buffer.finished
+    assert isinstance(thread.error, SourceError) and "camera 99" in str(thread.error)
+    assert thread.stats()["last_error"] == str(thread.error)
+
+
+def test_capture_thread_hung_read_is_flagged_then_reconnected():
+    release = threading.Event()
+
+    class HangingCamera(FakeCamera):
+        def read(self):
+            if self.reads == 5 and not release.is_set():
+                release.wait(WAIT_S)  # the backend stops delivering without reporting an error
+            return super().read()
+
+    buffer = FrameBuffer(capacity=64)
+    thread = CaptureThread(HangingCamera(), "cam", buffer, read_timeout=0.2, backoff=(0.01, 0.02)).start()
+    assert _wait_for(lambda: thread.stalled)
+    assert thread.stats()["stalled"] and thread.status == "running"
+    release.set()
+    assert _wait_for(lambda: thread.generation == 1)
+    thread.stop()
+    thread.join(WAIT_S)
+    assert not thread.stalled
+    assert "hung" in thread.stats()["last_error"]
+
+
+def test_capture_thread_source_bug_fails_with_the_exception():
+    class BrokenCamera(FakeCamera):
+        def read(self):
+            raise ZeroDivisionError("bug")
+
+    buffer = FrameBuffer()
+    thread = CaptureThread(BrokenCamera(), "cam", buffer).start()
+    thread.join(WAIT_S)
+    assert thread.status == "failed" and isinstance(thread.error, ZeroDivisionError) and buffer.closed
+
+
+def test_capture_thread_stats_report_counters_and_fps():
+    buffer = FrameBuffer(capacity=4)
+    thread = CaptureThread(FakeCamera(), "cam", buffer, frame_stride=3).start()
+    assert _wait_for(lambda: thread.stats()["frames_read"] >= 30)
+    stats = thread.stats()
+    thread.stop()
+    thread.join(WAIT_S)
+    assert stats["stream_id"] == "cam" and stats["source"] == "fake camera" and stats["status"] == "running"
+    assert stats["fps"] > 0 and stats["skipped"] > 0 and stats["last_error"] is None
+    assert set(stats) == {"stream_id", "source", "status", "stalled", "frames_read", "skipped", "bad_frames",
+                          "dropped", "reconnects", "generation", "fps", "last_error"}
+
+
+@pytest.mark.parametrize("kwargs", [{"frame_stride": 0}, {"backoff": (2.0, 1.0)}, {"max_reconnects": -1},
+                                    {"read_timeout": 0}])
+def test_capture_thread_rejects_bad_options(kwargs):
+    with pytest.raises(ConfigError):
+        CaptureThread(FakeCamera(), "cam", FrameBuffer(), **kwargs)
