@@ -10,7 +10,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from .errors import StreamTSMError
+from .errors import ConfigError, StreamTSMError
 
 log = logging.getLogger("streamtsm")
 
@@ -31,6 +31,74 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+class _AppendSource(argparse.Action):
+    """--camera and --source append to one list, keeping the order given (it pairs with --name)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        sources = list(getattr(namespace, "sources", None) or [])
+        sources.append(int(value) if option_string == "--camera" else value)
+        namespace.sources = sources
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .console import ConsoleSink
+    from .engine.factory import build_engine
+    from .pipeline import Pipeline, PipelineOptions, StreamSpec
+    from .publish import Publisher
+
+    sources = args.sources or ["synthetic"]
+    names = args.name or []
+    if len(names) > len(sources):
+        raise ConfigError(f"{len(names)} --name values for {len(sources)} sources")
+    specs = [StreamSpec(src, names[i] if i < len(names) else None, frame_stride=args.frame_stride)
+             for i, src in enumerate(sources)]
+    providers = args.providers.split(",") if args.providers else None
+    engine = build_engine(model=args.model, weights=args.weights, onnx=args.onnx, labels_file=args.labels,
+                          device=args.device, providers=providers)
+    options = PipelineOptions(smooth=args.smooth, topk=args.topk, threshold=args.threshold, hold=args.hold,
+                              background=args.background or [], realtime=args.realtime,
+                              max_frames=args.max_frames, duration=args.duration,
+                              stats_interval=args.stats_interval)
+    stop = threading.Event()
+    display = None
+    if args.show:
+        from .show import Display
+
+        display = Display(stop)
+    publisher = Publisher(args.publish, bind=True) if args.publish != "none" else None
+    try:
+        pipeline = Pipeline(engine, specs, publisher, options, on_result=display,
+                            sinks=[ConsoleSink(quiet=args.quiet)])
+        # Ctrl-C and SIGTERM end the loop at its next check (within ~50 ms), then everything is joined and closed.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        print(f"streamtsm: {engine.model_name} ({engine.backend}) on {', '.join(pipeline.stream_ids)}"
+              + (f", publishing on {publisher.endpoint}" if publisher else ""), file=sys.stderr, flush=True)
+        pipeline.start()
+        final = pipeline.run(stop)
+    finally:
+        if publisher is not None:
+            publisher.close()
+        if display is not None:
+            display.close()
+    _print_summary(final)
+    return 0
+
+
+def _print_summary(stats: dict) -> None:
+    for sid, s in stats["streams"].items():
+        p50 = "-" if s["latency_p50_ms"] is None else f"{s['latency_p50_ms']:.0f}"
+        p99 = "-" if s["latency_p99_ms"] is None else f"{s['latency_p99_ms']:.0f}"
+        print(f"{sid}: {s['frames']} frames processed, {s['captured']} captured, {s['dropped']} dropped, "
+              f"{s['skipped']} skipped, {s['bad_frames']} bad, {s['reconnects']} reconnects, latency p50/p99 "
+              f"{p50}/{p99} ms, status {s['status']}" + (f" ({s['last_error']})" if s["last_error"] else ""))
+    print(f"model steps: {stats['steps']}, p50 {stats['step_p50_ms']} ms, mean batch {stats['batch_mean']}; "
+          f"messages published {stats['published']}, dropped {stats['publish_dropped']}")
+
+
 def _cmd_listen(args: argparse.Namespace) -> int:
     from .publish import listen
 
@@ -48,6 +116,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered models")
     p.add_argument("--kind", choices=["online", "clip"], help="only models of this kind")
     p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("run", help="recognize actions live and publish the results on ZeroMQ",
+                       description="Recognize actions live. With no source, runs on the built-in synthetic scene.")
+    src = p.add_argument_group("sources (repeatable, in order)")
+    src.add_argument("--camera", action=_AppendSource, metavar="N", help="OpenCV camera index")
+    src.add_argument("--source", action=_AppendSource, metavar="SRC",
+                     help="video file, rtsp:// or http:// URL, image pattern (img_%%05d.jpg), or synthetic[:WxH@FPS]")
+    src.add_argument("--name", action="append", help="stream id of the source in the same position")
+    src.add_argument("--frame-stride", type=int, default=1, help="feed every k-th frame (models trained at lower fps)")
+    src.add_argument("--realtime", action="store_true", help="play files at their native fps, not as fast as possible")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help="registered model name (see `streamtsm models`); default: the shipped demo model")
+    m.add_argument("--weights", help="checkpoint (streamtsm, official TSM, mmaction2)")
+    m.add_argument("--onnx", help="run an exported .onnx file on onnxruntime (no torch needed)")
+    m.add_argument("--labels", help="class names, one per line")
+    m.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N")
+    m.add_argument("--providers", help="onnxruntime providers, comma-separated: tensorrt,cuda,cpu")
+    o = p.add_argument_group("output")
+    o.add_argument("--publish", default="tcp://*:5556", help="ZeroMQ PUB endpoint to bind, or 'none'")
+    o.add_argument("--smooth", type=int, default=8, help="average the last K logits")
+    o.add_argument("--topk", type=int, default=5)
+    o.add_argument("--threshold", type=float, default=0.0, help="minimum smoothed score for an action event")
+    o.add_argument("--hold", type=int, default=3, help="steps a class must hold to start or end an action")
+    o.add_argument("--background", action="append", help="label that never starts an action (repeatable)")
+    o.add_argument("--stats-interval", type=float, default=1.0, help="seconds between stats messages")
+    o.add_argument("--show", action="store_true", help="show each stream with its labels (q or Esc quits)")
+    o.add_argument("--quiet", action="store_true", help="print only the final summary")
+    c = p.add_argument_group("run control")
+    c.add_argument("--max-frames", type=int, help="stop each stream after this many processed frames")
+    c.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.set_defaults(func=_cmd_run, sources=None)
 
     p = sub.add_parser("listen", help="print the messages a recognizer publishes")
     p.add_argument("--connect", default="tcp://127.0.0.1:5556", help="endpoint of the publisher or broker")

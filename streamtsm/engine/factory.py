@@ -1,0 +1,76 @@
+"""Build the engine `streamtsm run` asks for: a registered model (with weights, or the shipped demo model) on
+torch, or an exported .onnx file on onnxruntime (that path never imports torch)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import ConfigError
+from .base import Engine
+
+log = logging.getLogger(__name__)
+
+DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "demo_tsm_mobilenetv2_online.pth"
+DEFAULT_MODEL = "tsm_mobilenetv2_online"
+
+
+def build_engine(*, model: str | None = None, weights: str | None = None, onnx: str | None = None,
+                 labels_file: str | None = None, device: str = "cpu", providers: list[str] | None = None,
+                 num_classes: int | None = None) -> Engine:
+    """Build an engine from CLI-style choices.
+
+    Args:
+        model: registry name (default: the shipped demo model, or ``tsm_mobilenetv2_online`` if none is shipped).
+        weights: a checkpoint: this package's format (model rebuilt from it) or a foreign one (needs ``model``).
+        onnx: an exported .onnx file; excludes ``model`` and ``weights``.
+        labels_file: class names, one per line; must match the model's class count.
+        device: torch device (``cpu``, ``cuda``, ``cuda:N``).
+        providers: onnxruntime execution providers for ``onnx``.
+        num_classes: classifier size when building a registered model without a checkpoint of ours.
+    """
+    labels = None
+    if onnx:
+        if model or weights:
+            raise ConfigError("--onnx runs the exported file alone; drop --model/--weights")
+        from .onnxruntime_engine import load_onnx_engine
+
+        engine = load_onnx_engine(onnx, providers=providers)
+        if labels_file:
+            from ..labels import read_labels
+
+            engine.labels = read_labels(labels_file, num_classes=engine.cfg.num_classes)
+        return engine
+
+    from ..models import create, load_checkpoint, load_model, read_checkpoint
+    from ..models.checkpoint import FORMAT_NAME
+    from .torch_engine import TorchClipEngine, TorchOnlineEngine
+
+    if labels_file:
+        from ..labels import read_labels
+
+        labels = read_labels(labels_file)
+    if weights is None and model is None and DEMO_WEIGHTS.is_file():
+        weights = str(DEMO_WEIGHTS)
+    if weights:
+        checkpoint = read_checkpoint(weights)
+        if checkpoint.get("format") == FORMAT_NAME:
+            saved = checkpoint["config"]["name"]
+            if model and model != saved:
+                raise ConfigError(f"--model {model} does not match the checkpoint {weights}, which holds {saved}")
+            net = load_model(weights)
+        else:
+            if not model:
+                raise ConfigError(f"{weights} is not a streamtsm checkpoint: name its architecture with --model")
+            net = create(model, num_classes=len(labels) if labels else num_classes)
+            load_checkpoint(net, checkpoint)
+    else:
+        name = model or DEFAULT_MODEL
+        net = create(name, num_classes=len(labels) if labels else num_classes)
+        log.warning("no weights given: %s runs with random weights, its predictions mean nothing "
+                    "(pass --weights, or train one with `streamtsm train`)", name)
+    if labels is not None and len(labels) != net.cfg.num_classes:
+        raise ConfigError(f"label file {labels_file} has {len(labels)} lines but the model has "
+                          f"{net.cfg.num_classes} classes")
+    engine_cls = TorchOnlineEngine if net.cfg.kind == "online" else TorchClipEngine
+    return engine_cls(net, device=device, labels=labels)

@@ -1,0 +1,377 @@
+"""The live pipeline: sources -> capture threads -> preprocess -> one batched model call -> post-process -> ZeroMQ.
+
+::
+
+    source ──► CaptureThread ──► FrameBuffer ─┐
+    source ──► CaptureThread ──► FrameBuffer ─┼─► newest frame of each ready stream ─► Preprocessor (once each)
+    ...                                        ┘        │
+                                                       ▼
+                           OnlineRunner.step(batch of B frames, B states)   (one call)
+                                                       │
+                          StreamPostprocessor (smoothing, top-k, events) ─► Publisher (pred / event / stats)
+
+Everything after the buffers runs in the caller's thread. Live sources use the ``drop_oldest`` policy with room for
+one frame, so a slow model makes the pipeline skip frames (counted) instead of building lag; files use ``wait``, so
+every frame is processed in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .capture import CaptureThread, Frame, FrameBuffer, Source, open_source, stream_name
+from .engine.base import OnlineEngine
+from .engine.online import OnlineRunner, StepError
+from .errors import ConfigError, SourceError
+from .postprocess import LatencyTracker, RateMeter, StreamPostprocessor
+from .preprocess import Preprocessor
+from .publish import Publisher
+from .publish.schema import (
+    TOPIC_EVENT,
+    TOPIC_PRED,
+    TOPIC_STATS,
+    event_message,
+    prediction_message,
+    stats_message,
+    topic_for,
+)
+
+log = logging.getLogger(__name__)
+
+_MAX_CONSECUTIVE_STEP_ERRORS = 20
+
+
+@dataclass
+class StreamSpec:
+    """One source of the pipeline.
+
+    Attributes:
+        source: camera index, path, URL, image-sequence pattern, ``"synthetic[:WxH@FPS]"``, or a
+            :class:`~streamtsm.capture.Source` object (not opened yet).
+        name: stream id (derived from the source when None); used in topics.
+        frame_stride: process every k-th frame.
+        crop: optional ``(x, y, w, h)`` region of the frame to look at.
+    """
+
+    source: str | int | Source
+    name: str | None = None
+    frame_stride: int = 1
+    crop: tuple[int, int, int, int] | None = None
+
+
+@dataclass
+class PipelineOptions:
+    """Post-processing and run-control settings (see ``streamtsm run --help``)."""
+
+    smooth: int = 8
+    topk: int = 5
+    threshold: float = 0.0
+    hold: int = 3
+    background: list[str] = field(default_factory=list)
+    realtime: bool = False
+    max_frames: int | None = None
+    duration: float | None = None
+    stats_interval: float = 1.0
+    startup_timeout: float = 15.0
+    read_timeout: float = 5.0
+    backoff: tuple[float, float] = (0.5, 8.0)
+
+
+class _Stream:
+    """Everything the pipeline keeps for one stream."""
+
+    def __init__(self, stream_id: str, spec: StreamSpec, capture: CaptureThread, buffer: FrameBuffer,
+                 preprocess: Preprocessor, post: StreamPostprocessor) -> None:
+        self.id = stream_id
+        self.spec = spec
+        self.capture = capture
+        self.buffer = buffer
+        self.preprocess = preprocess
+        self.post = post
+        self.generation = 0
+        self.processed = 0
+        self.step_errors = 0
+        self.latency = LatencyTracker()
+        self.rate = RateMeter()
+        self.last_status = "starting"
+        self.done = False  # reached max_frames, or its source ended and its buffer is drained
+        self.last_frame: Frame | None = None  # the newest processed frame: end-of-stream events refer to it
+
+
+class Pipeline:
+    """Runs an online engine over several sources and publishes results.
+
+    Args:
+        engine: the model backend (torch or onnxruntime).
+        streams: the sources.
+        publisher: where messages go (None: nothing is published; useful for benchmarks).
+        options: post-processing and run control.
+        on_result: optional callback ``(stream_id, frame, topk)`` after each prediction (the ``--show`` window).
+        sinks: further receivers of every message ``(topic, payload)`` besides the publisher (the console).
+    """
+
+    def __init__(self, engine: OnlineEngine, streams: list[StreamSpec], publisher: Publisher | None,
+                 options: PipelineOptions | None = None,
+                 on_result: Callable[[str, Frame, list[tuple[str, float]]], None] | None = None,
+                 sinks: list[Callable[[str, dict], object]] | None = None) -> None:
+        if not streams:
+            raise ConfigError("no source given")
+        self.engine = engine
+        self.runner = OnlineRunner(engine)
+        self.publisher = publisher
+        self.options = options or PipelineOptions()
+        self.on_result = on_result
+        self._sinks = ([publisher.send] if publisher is not None else []) + list(sinks or [])
+        self.model_name = engine.model_name
+        self.step_latency = LatencyTracker()
+        self.steps = 0
+        self._batched_frames = 0
+        self._notify = threading.Event()
+        self._consecutive_errors = 0
+        self._streams: list[_Stream] = []
+        ids = set()
+        for spec in streams:
+            sid = spec.name or (stream_name(spec.source) if not isinstance(spec.source, Source) else None)
+            if not sid:
+                raise ConfigError("a Source object needs a stream name (StreamSpec.name)")
+            if sid in ids:
+                raise ConfigError(f"two sources have the stream id {sid!r}; give them distinct --name values")
+            ids.add(sid)
+            self._streams.append(self._make_stream(sid, spec))
+
+    def _make_stream(self, sid: str, spec: StreamSpec) -> _Stream:
+        source = spec.source if isinstance(spec.source, Source) else open_source(spec.source)
+        # Live sources keep only the newest frame (no lag); files keep a few and never drop.
+        buffer = FrameBuffer(1, "drop_oldest", self._notify) if source.is_live else FrameBuffer(4, "wait", self._notify)
+        capture = CaptureThread(source, sid, buffer, frame_stride=spec.frame_stride, realtime=self.options.realtime,
+                                read_timeout=self.options.read_timeout, backoff=self.options.backoff)
+        o = self.options
+        post = StreamPostprocessor(self.engine.labels, smooth=o.smooth, topk=o.topk, threshold=o.threshold,
+                                   hold=o.hold, background=[b for b in o.background if b in self.engine.labels])
+        return _Stream(sid, spec, capture, buffer, Preprocessor.for_config(self.engine.cfg, crop=spec.crop), post)
+
+    @property
+    def stream_ids(self) -> list[str]:
+        return [s.id for s in self._streams]
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> Pipeline:
+        """Start every capture thread and wait until each has opened its source or failed.
+
+        Raises:
+            SourceError: a source could not be opened (the other captures are stopped again).
+        """
+        for s in self._streams:
+            s.capture.start()
+        deadline = time.monotonic() + self.options.startup_timeout
+        for s in self._streams:
+            while s.capture.status == "starting" and time.monotonic() < deadline:
+                self._notify.wait(0.05)
+            if s.capture.status == "failed" and s.capture.error is not None and s.processed == 0:
+                self.stop()
+                err = s.capture.error
+                raise err if isinstance(err, SourceError) else SourceError(f"{s.id}: {err}")
+        return self
+
+    def end_stream(self, stream_id: str) -> None:
+        """Stop one stream's capture (e.g. a camera removed at run time); the frames already buffered are still
+        processed, then the stream ends and its open action gets its offset. Thread-safe."""
+        for s in self._streams:
+            if s.id == stream_id:
+                s.capture.stop()
+                return
+        raise ConfigError(f"no stream {stream_id!r}; streams: {', '.join(self.stream_ids)}")
+
+    def stop(self) -> None:
+        """Stop the captures and wait for their threads (each releases its own source)."""
+        for s in self._streams:
+            s.capture.stop()
+        for s in self._streams:
+            s.capture.join(timeout=2.0)
+            if s.capture.is_alive():
+                log.warning("capture thread of %s did not stop (blocked in a read); leaving it as a daemon", s.id)
+
+    def run(self, stop: threading.Event | None = None) -> dict:
+        """Process frames until every stream is done, ``duration`` passes, or ``stop`` is set.
+
+        Returns:
+            The final stats (as in the stats message).
+        """
+        stop = stop or threading.Event()
+        started = time.monotonic()
+        next_stats = started + self.options.stats_interval
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                if self.options.duration is not None and now - started >= self.options.duration:
+                    break
+                if now >= next_stats:
+                    self.publish_stats()
+                    next_stats = now + self.options.stats_interval
+                self._check_status_changes()
+                # Clear before sweeping the buffers, so a frame arriving during the sweep wakes the next wait.
+                self._notify.clear()
+                batch = self._collect()
+                if batch:
+                    self._process(batch)
+                elif all(s.done for s in self._streams):
+                    break
+                else:
+                    self._notify.wait(0.05)
+        finally:
+            self._finish()
+        return self.stats()
+
+    # -- one iteration ------------------------------------------------------------------------------------------
+
+    def _collect(self) -> list[tuple[_Stream, Frame]]:
+        batch = []
+        for s in self._streams:
+            if s.done:
+                continue
+            frame = s.buffer.pop()
+            if frame is None:
+                if s.buffer.finished:
+                    self._end_stream(s)
+                continue
+            batch.append((s, frame))
+        return batch
+
+    def _process(self, batch: list[tuple[_Stream, Frame]]) -> None:
+        frames = np.stack([s.preprocess(f.image) for s, f in batch])  # [B, 3, S, S]
+        for s, f in batch:
+            if f.generation != s.generation:
+                # The source reconnected: the runner resets the state; close any open action first.
+                self._publish_events(s, s.post.reset(), f)
+                s.generation = f.generation
+        t0 = time.perf_counter()
+        try:
+            logits = self.runner.step([s.id for s, _ in batch], [f.generation for _, f in batch], frames)
+        except StepError as e:
+            self._consecutive_errors += 1
+            log.error("%s (states reset; %d in a row)", e, self._consecutive_errors)
+            for s, f in batch:
+                s.step_errors += 1
+                self._publish_events(s, s.post.reset(), f)
+            if self._consecutive_errors >= _MAX_CONSECUTIVE_STEP_ERRORS:
+                raise
+            return
+        self._consecutive_errors = 0
+        self.step_latency.add((time.perf_counter() - t0) * 1e3)
+        self.steps += 1
+        self._batched_frames += len(batch)
+        for (s, f), row in zip(batch, logits):
+            topk, events = s.post.process(row, f.index, f.timestamp)
+            s.processed += 1
+            s.rate.tick()
+            s.last_frame = f
+            if self._sinks:
+                self._emit(topic_for(TOPIC_PRED, s.id), prediction_message(
+                    stream_id=s.id, frame_index=f.index, capture_ts=f.timestamp, model=self.model_name,
+                    topk=topk, generation=f.generation))
+            self._publish_events(s, events, f)
+            s.latency.add((time.time() - f.timestamp) * 1e3)
+            if self.on_result is not None:
+                self.on_result(s.id, f, topk)
+            if self.options.max_frames is not None and s.processed >= self.options.max_frames:
+                self._end_stream(s)
+
+    def _emit(self, topic: str, payload: dict) -> None:
+        for sink in self._sinks:
+            sink(topic, payload)
+
+    def _publish_events(self, s: _Stream, events: list[dict], frame: Frame) -> None:
+        for ev in events:
+            self._emit(topic_for(TOPIC_EVENT, s.id), event_message(
+                stream_id=s.id, model=self.model_name, kind=ev["kind"], label=ev["label"],
+                start_frame=ev["start_frame"], start_ts=ev["start_ts"], end_frame=ev["end_frame"],
+                end_ts=ev["end_ts"], score=ev["score"], frame_index=frame.index, capture_ts=frame.timestamp))
+
+    def _end_stream(self, s: _Stream) -> None:
+        if s.done:
+            return
+        s.done = True
+        s.capture.stop()
+        self._flush(s)
+        self.runner.remove(s.id)
+
+    def _flush(self, s: _Stream) -> None:
+        """Close a stream's open action (its offset refers to the newest processed frame)."""
+        events = s.post.flush()
+        if events and s.last_frame is not None:
+            self._publish_events(s, events, s.last_frame)
+
+    def _check_status_changes(self) -> None:
+        changed = False
+        for s in self._streams:
+            status = s.capture.status
+            if status != s.last_status:
+                log.info("stream %s: %s -> %s%s", s.id, s.last_status, status,
+                         f" ({s.capture.stats()['last_error']})" if status in ("reconnecting", "failed") else "")
+                s.last_status = status
+                changed = True
+                if status == "failed":
+                    self._end_stream(s)
+        if changed:
+            self.publish_stats()  # a stream going down or coming back is news; do not wait for the next tick
+
+    # -- stats --------------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        streams = {}
+        for s in self._streams:
+            c = s.capture.stats()
+            streams[s.id] = {
+                "source": c["source"],
+                "status": "done" if s.done and c["status"] in ("ended", "stopped") else c["status"],
+                "fps": round(s.rate.rate(), 2),
+                "capture_fps": round(c["fps"], 2),
+                "frames": s.processed,
+                "captured": c["frames_read"],
+                "dropped": c["dropped"],
+                "skipped": c["skipped"],
+                "bad_frames": c["bad_frames"],
+                "reconnects": c["reconnects"],
+                "generation": c["generation"],
+                "stalled": c["stalled"],
+                "step_errors": s.step_errors,
+                "latency_p50_ms": _round(s.latency.percentile(50)),
+                "latency_p99_ms": _round(s.latency.percentile(99)),
+                "last_error": c["last_error"],
+            }
+        return {
+            "streams": streams,
+            "model": self.model_name,
+            "backend": self.engine.backend,
+            "steps": self.steps,
+            "step_p50_ms": _round(self.step_latency.percentile(50)),
+            "step_p99_ms": _round(self.step_latency.percentile(99)),
+            "batch_mean": _round(self._batched_frames / self.steps) if self.steps else None,
+            "published": self.publisher.sent if self.publisher else 0,
+            "publish_dropped": self.publisher.dropped if self.publisher else 0,
+        }
+
+    def publish_stats(self) -> None:
+        if not self._sinks:
+            return
+        st = self.stats()
+        streams = st.pop("streams")
+        self._emit(TOPIC_STATS, stats_message(streams=streams, extra=st))
+
+    def _finish(self) -> None:
+        for s in self._streams:
+            if not s.done:
+                self._flush(s)
+        self.stop()
+        self.publish_stats()
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(value, digits)

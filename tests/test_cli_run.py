@@ -1,0 +1,109 @@
+"""`streamtsm run` and `listen` as a user meets them: clean shutdown on SIGTERM, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import zmq
+
+from streamtsm.cli import main
+
+RUN = [sys.executable, "-m", "streamtsm.cli"]
+
+
+def _free_port() -> int:
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.PUB)
+    port = s.bind_to_random_port("tcp://127.0.0.1")
+    s.close(linger=0)
+    return port
+
+
+def test_sigterm_stops_run_cleanly_with_final_stats(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(RUN + ["run", "--source", "synthetic:96x72@30", "--publish", f"tcp://127.0.0.1:{port}",
+                                   "--model", "tsm_mobilenetv2_online"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Wait for the first printed prediction: the pipeline is running.
+        deadline = time.monotonic() + 60
+        line = ""
+        while time.monotonic() < deadline and "synthetic #" not in line:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                pytest.fail(f"run exited early: {proc.stderr.read()}")
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=15)
+        assert time.monotonic() - t0 < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "synthetic:" in out and "frames processed" in out and "model steps" in out
+    assert "Traceback" not in err
+
+
+def _run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_unknown_model_is_one_line_and_exit_2(capsys):
+    code, err = _run_cli(capsys, "run", "--model", "tsm_r77", "--publish", "none")
+    assert code == 2 and err.count("\n") == 1 and "unknown model 'tsm_r77'" in err
+
+
+def test_camera_that_does_not_exist_is_one_line_and_exit_2(capsys):
+    code, err = _run_cli(capsys, "run", "--camera", "97", "--model", "tsn_mobilenetv2", "--publish", "none")
+    assert code == 2 and "camera 97" in err and "Traceback" not in err
+
+
+def test_undecodable_file_is_one_line_and_exit_2(capsys, tmp_path):
+    bad = tmp_path / "clip.mp4"
+    bad.write_text("not a video")
+    code, err = _run_cli(capsys, "run", "--source", str(bad), "--model", "tsn_mobilenetv2", "--publish", "none")
+    assert code == 2 and str(bad) in err and "cannot decode" in err
+
+
+def test_endpoint_in_use_is_one_line_and_exit_2(capsys):
+    ctx = zmq.Context.instance()
+    holder = ctx.socket(zmq.PUB)
+    port = holder.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        code, err = _run_cli(capsys, "run", "--publish", f"tcp://127.0.0.1:{port}", "--model", "tsn_mobilenetv2")
+    finally:
+        holder.close(linger=0)
+    assert code == 2 and "address already in use" in err and str(port) in err
+
+
+def test_debug_flag_shows_the_traceback():
+    with pytest.raises(Exception, match="unknown model"):
+        main(["--debug", "run", "--model", "nope", "--publish", "none"])
+
+
+def test_run_on_a_file_prints_predictions_and_summary(capsys, shared_data):
+    code = main(["run", "--source", str(shared_data / "videos" / "arm_wrestling.mp4"), "--model",
+                 "tsm_mobilenetv2_online", "--publish", "none", "--max-frames", "12"])
+    out = capsys.readouterr().out
+    assert code == 0 and "arm_wrestling #0" in out and "arm_wrestling: 12 frames processed" in out
+
+
+def test_listen_prints_what_run_publishes(capsys):
+    port = _free_port()
+    proc = subprocess.Popen(RUN + ["run", "--source", "synthetic:64x48@30", "--model", "tsn_mobilenetv2",
+                                   "--publish", f"tcp://127.0.0.1:{port}", "--duration", "30", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        code = main(["listen", "--connect", f"tcp://127.0.0.1:{port}", "--topic", "streamtsm.pred",
+                     "--max-messages", "3", "--timeout", "40"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and len(lines) == 3 and all("synthetic #" in ln for ln in lines)

@@ -1,0 +1,101 @@
+"""The online runner batches streams that join and leave, each with its own state."""
+
+import numpy as np
+import pytest
+import torch
+
+from streamtsm.engine.online import OnlineRunner, StepError
+from streamtsm.engine.torch_engine import TorchOnlineEngine
+from streamtsm.models import create
+
+from .conftest import randomize_
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def engine():
+    model = create("tsm_mobilenetv2_online", num_classes=4, width_mult=0.25, input_size=SIZE, resize_size=SIZE)
+    return TorchOnlineEngine(randomize_(model, seed=2))
+
+
+def _frames(seed, n):
+    return np.random.default_rng(seed).standard_normal((n, 1, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def _alone(engine, frames):
+    """Logits of one stream stepped on its own from zeros: frames [T, 1, 3, S, S] -> [T, K]."""
+    state, out = engine.zero_state(1), []
+    for f in frames:
+        logits, state = engine.step(f, state)
+        out.append(logits[0])
+    return np.stack(out)
+
+
+def test_batched_streams_that_join_and_leave_equal_each_stream_alone(engine):
+    a, b, c = _frames(0, 6), _frames(1, 6), _frames(2, 6)
+    runner = OnlineRunner(engine)
+    got = {"a": [], "b": [], "c": []}
+    # a runs throughout; b joins at step 2; c runs steps 0-2, leaves, and is never seen again.
+    plan = [("a", "c"), ("a", "c"), ("a", "b", "c"), ("b", "a"), ("a", "b"), ("a", "b")]
+    step_of = {"a": 0, "b": 0, "c": 0}
+    data = {"a": a, "b": b, "c": c}
+    for ids in plan:
+        frames = np.concatenate([data[i][step_of[i]] for i in ids])
+        logits = runner.step(ids, [0] * len(ids), frames)
+        for i, row in zip(ids, logits):
+            got[i].append(row)
+            step_of[i] += 1
+        if ids == ("a", "b", "c"):
+            runner.remove("c")
+    np.testing.assert_allclose(np.stack(got["a"]), _alone(engine, a), atol=1e-4)
+    np.testing.assert_allclose(np.stack(got["b"]), _alone(engine, b[:4]), atol=1e-4)
+    np.testing.assert_allclose(np.stack(got["c"]), _alone(engine, c[:3]), atol=1e-4)
+
+
+def test_new_generation_restarts_the_stream_from_zeros(engine):
+    x = _frames(3, 5)
+    runner = OnlineRunner(engine)
+    for t in range(3):
+        runner.step(["s"], [0], x[t])
+    after_reconnect = [runner.step(["s"], [1], x[t])[0] for t in (3, 4)]
+    np.testing.assert_allclose(np.stack(after_reconnect), _alone(engine, x[3:5]), atol=1e-4)
+
+
+def test_failed_step_resets_only_the_streams_in_it(engine):
+    class Flaky:
+        def __init__(self, inner):
+            self.inner, self.fail = inner, False
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def step(self, frames, state):
+            if self.fail:
+                raise RuntimeError("boom")
+            return self.inner.step(frames, state)
+
+    flaky = Flaky(engine)
+    runner = OnlineRunner(flaky)
+    x, y = _frames(4, 4), _frames(5, 4)
+    runner.step(["x", "y"], [0, 0], np.concatenate([x[0], y[0]]))
+    runner.step(["y"], [0], y[1])
+    flaky.fail = True
+    with pytest.raises(StepError, match="x") as err:
+        runner.step(["x"], [0], x[1])
+    assert err.value.stream_ids == ["x"]
+    flaky.fail = False
+    got_x = runner.step(["x"], [0], x[2])[0]
+    got_y = runner.step(["y"], [0], y[2])[0]
+    np.testing.assert_allclose(got_x, _alone(engine, x[2:3])[0], atol=1e-4)  # x restarted
+    np.testing.assert_allclose(got_y, _alone(engine, y[:3])[-1], atol=1e-4)  # y kept its history
+
+
+def test_torch_engine_stack_and_split_are_inverse(engine):
+    states = [engine.zero_state(1) for _ in range(3)]
+    for i, s in enumerate(states):
+        for t in s:
+            t.fill_(i + 1)
+    parts = engine.split(engine.stack(states), 3)
+    for got, want in zip(parts, states):
+        assert all(torch.equal(g, w) for g, w in zip(got, want))

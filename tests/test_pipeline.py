@@ -1,0 +1,248 @@
+"""The live pipeline end to end: real clips and the synthetic scene, a real ZeroMQ subscriber checking every field
+of every message, the drop policy under a slow model, reconnects, and faults confined to one stream."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from streamtsm.capture import Source
+from streamtsm.engine.torch_engine import TorchOnlineEngine
+from streamtsm.models import create
+from streamtsm.pipeline import Pipeline, PipelineOptions, StreamSpec
+from streamtsm.publish import Publisher, Subscriber
+from streamtsm.publish.schema import SCHEMA_VERSION
+
+from .conftest import randomize_
+
+LABELS = ["wave", "clap", "jump", "sit", "walk"]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    model = create("tsm_mobilenetv2_online", num_classes=5, width_mult=0.25, input_size=32, resize_size=36)
+    return TorchOnlineEngine(randomize_(model, seed=7), labels=LABELS)
+
+
+@pytest.fixture
+def pubsub():
+    pub = Publisher("tcp://127.0.0.1:*")
+    sub = Subscriber(pub.endpoint, ["streamtsm"])
+    # Slow joiner: a subscription takes a moment to reach the publisher; probe until one message gets through.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        pub.send("streamtsm.probe", {"schema": SCHEMA_VERSION, "type": "probe"})
+        if sub.recv(timeout=0.05) is not None:
+            break
+    else:
+        pytest.fail("subscriber never connected")
+    while sub.recv(timeout=0.05) is not None:
+        pass
+    yield pub, sub
+    sub.close()
+    pub.close()
+
+
+def _drain(sub: Subscriber, quiet: float = 0.3) -> list[tuple[str, dict]]:
+    out = []
+    while (msg := sub.recv(timeout=quiet)) is not None:
+        out.append(msg)
+    return out
+
+
+def _check_prediction(topic, p, model, streams):
+    assert topic == f"streamtsm.pred.{p['stream']}" and p["stream"] in streams
+    assert p["schema"] == SCHEMA_VERSION and p["type"] == "pred" and p["model"] == model
+    assert isinstance(p["frame"], int) and p["frame"] >= 0 and p["generation"] == 0
+    assert p["capture_ts"] <= p["publish_ts"] <= time.time()
+    assert p["latency_ms"] == pytest.approx((p["publish_ts"] - p["capture_ts"]) * 1e3, abs=0.01)
+    scores = [t["score"] for t in p["topk"]]
+    assert len(p["topk"]) == 5 and {t["label"] for t in p["topk"]} == set(LABELS)
+    assert scores == sorted(scores, reverse=True) and 0 <= scores[-1] and scores[0] <= 1
+    assert sum(scores) == pytest.approx(1, abs=1e-4)
+    assert (p["label"], p["score"]) == (p["topk"][0]["label"], p["topk"][0]["score"])
+
+
+def _check_events(events, model):
+    """Onsets and offsets alternate per stream, offsets close the open onset, fields are consistent."""
+    open_: dict[str, dict] = {}
+    for topic, e in events:
+        assert topic == f"streamtsm.event.{e['stream']}" and e["schema"] == SCHEMA_VERSION
+        assert e["type"] == "event" and e["model"] == model and e["label"] in LABELS and 0 <= e["score"] <= 1
+        if e["event"] == "onset":
+            assert e["stream"] not in open_
+            assert e["end_frame"] is None and e["end_ts"] is None and e["duration_s"] is None
+            assert e["start_frame"] <= e["frame"]
+            open_[e["stream"]] = e
+        else:
+            onset = open_.pop(e["stream"])
+            assert e["event"] == "offset" and e["label"] == onset["label"]
+            assert (e["start_frame"], e["start_ts"]) == (onset["start_frame"], onset["start_ts"])
+            assert e["start_frame"] <= e["end_frame"] <= e["frame"]
+            assert e["duration_s"] == pytest.approx(e["end_ts"] - e["start_ts"], abs=1e-3)
+    assert not open_, "every onset gets its offset by the end of the run"
+
+
+def _check_stats(topic, s, streams):
+    assert topic == "streamtsm.stats" and s["type"] == "stats" and s["schema"] == SCHEMA_VERSION
+    assert set(s["streams"]) == set(streams)
+    for st in s["streams"].values():
+        for key in ("fps", "frames", "captured", "dropped", "skipped", "bad_frames", "reconnects", "status",
+                    "latency_p50_ms", "latency_p99_ms", "step_errors"):
+            assert key in st
+    assert s["published"] >= 0 and s["publish_dropped"] == 0 and s["backend"] == "torch"
+
+
+def test_real_clip_and_synthetic_scene_publish_every_frame_and_well_formed_messages(engine, pubsub, shared_data):
+    pub, sub = pubsub
+    specs = [StreamSpec(str(shared_data / "videos" / "sample.avi")), StreamSpec("synthetic:96x72@60", "synth")]
+    options = PipelineOptions(smooth=4, hold=2, max_frames=None, duration=None)
+    synth_count = []
+
+    def end_synth_after_20(sid, frame, topk):
+        if sid == "synth":
+            synth_count.append(frame.index)
+            if len(synth_count) == 20:
+                pipeline.end_stream("synth")  # the live source would run forever
+
+    pipeline = Pipeline(engine, specs, pub, options, on_result=end_synth_after_20)
+    pipeline.start()
+    final = pipeline.run()
+    messages = _drain(sub)
+    preds = [(t, p) for t, p in messages if p["type"] == "pred"]
+    for t, p in preds:
+        _check_prediction(t, p, "tsm_mobilenetv2_online", {"sample", "synth"})
+    file_frames = [p["frame"] for _, p in preds if p["stream"] == "sample"]
+    assert file_frames == list(range(164)), "a file is processed whole, in order, with no drops"
+    synth_frames = [p["frame"] for _, p in preds if p["stream"] == "synth"]
+    assert len(synth_frames) >= 20 and synth_frames == sorted(set(synth_frames))
+    _check_events([(t, p) for t, p in messages if p["type"] == "event"], "tsm_mobilenetv2_online")
+    stats = [(t, p) for t, p in messages if p["type"] == "stats"]
+    assert stats, "stats are published at least at the end"
+    for t, s in stats:
+        _check_stats(t, s, {"sample", "synth"})
+    last = stats[-1][1]["streams"]
+    assert last["sample"]["frames"] == 164 and last["sample"]["dropped"] == 0
+    assert final["streams"]["synth"]["frames"] == len(synth_frames)
+    assert final["published"] == pub.sent
+
+
+class FakeLiveSource(Source):
+    """A camera that delivers ``fail_after`` frames, fails once (read returns None), then works again."""
+
+    is_live = True
+
+    def __init__(self, fail_after: int | None = None, fps: float = 200.0):
+        self.name, self.fps = "fake camera", fps
+        self.fail_after, self.reads, self.opens, self.failed = fail_after, 0, 0, False
+        self._next = 0.0
+
+    def open(self):
+        self.opens += 1
+        self._next = time.monotonic()
+
+    def read(self):
+        self.reads += 1
+        if self.fail_after is not None and not self.failed and self.reads > self.fail_after:
+            self.failed = True
+            return None
+        delay = self._next - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        self._next += 1 / self.fps
+        return np.full((48, 64, 3), self.reads % 255, np.uint8)
+
+    def release(self):
+        pass
+
+
+class SlowEngine:
+    """Wraps an engine so every step takes at least ``delay`` seconds (a model slower than the camera)."""
+
+    def __init__(self, inner, delay):
+        self.inner, self.delay = inner, delay
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def step(self, frames, state):
+        time.sleep(self.delay)
+        return self.inner.step(frames, state)
+
+
+def test_slow_model_drops_oldest_frames_instead_of_building_lag(engine):
+    source = FakeLiveSource(fps=200)
+    pipeline = Pipeline(SlowEngine(engine, 0.05), [StreamSpec(source, "cam")], None,
+                        PipelineOptions(max_frames=15))
+    seen = []  # (frame index, capture time, time its result came out)
+    pipeline.on_result = lambda sid, f, topk: seen.append((f.index, f.timestamp, time.time()))
+    pipeline.start()
+    final = pipeline.run()["streams"]["cam"]
+    indices = [i for i, _, _ in seen]
+    assert len(indices) == 15 and indices == sorted(indices)
+    assert final["dropped"] > 15, "the 200 fps camera outran the 20 fps model: frames were dropped, not queued"
+    assert final["captured"] >= final["frames"] + final["dropped"]
+    # No backlog, whatever the machine's speed: the frame of step i was still the newest when step i-1 ended, so
+    # it was captured after step i-2's result came out (50 ms allows for the gap between decode and put).
+    for i in range(2, len(seen)):
+        assert seen[i][1] > seen[i - 2][2] - 0.05
+
+
+def test_source_that_fails_midway_reconnects_and_its_state_restarts(engine, pubsub):
+    pub, sub = pubsub
+    source = FakeLiveSource(fail_after=10, fps=100)
+    options = PipelineOptions(max_frames=30, backoff=(0.05, 0.1))
+    pipeline = Pipeline(engine, [StreamSpec(source, "cam")], pub, options)
+    pipeline.start()
+    final = pipeline.run()["streams"]["cam"]
+    messages = _drain(sub)
+    assert final["reconnects"] == 1 and final["generation"] == 1 and final["frames"] == 30
+    assert source.opens == 2
+    generations = [p["generation"] for _, p in messages if p["type"] == "pred"]
+    assert generations[0] == 0 and generations[-1] == 1 and generations == sorted(generations)
+    statuses = [p["streams"]["cam"]["status"] for _, p in messages if p["type"] == "stats"]
+    assert "reconnecting" in statuses, "the reconnect is announced on the stats topic"
+
+
+def test_failing_model_step_resets_streams_and_the_run_continues(engine):
+    class FailOnce:
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def step(self, frames, state):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("injected fault")
+            return self.inner.step(frames, state)
+
+    pipeline = Pipeline(FailOnce(engine), [StreamSpec(FakeLiveSource(fps=100), "cam")], None,
+                        PipelineOptions(max_frames=10))
+    pipeline.start()
+    final = pipeline.run()["streams"]["cam"]
+    assert final["frames"] == 10 and final["step_errors"] == 1
+
+
+def test_camera_that_does_not_open_is_one_clear_error(engine):
+    from streamtsm.errors import SourceError
+
+    pipeline = Pipeline(engine, [StreamSpec("synthetic:32x32@30", "ok"), StreamSpec(97, "missing")], None)
+    with pytest.raises(SourceError, match="camera 97"):
+        pipeline.start()
+    assert all(not s.capture.is_alive() for s in pipeline._streams)
+
+
+def test_stop_event_ends_a_live_run_promptly(engine):
+    pipeline = Pipeline(engine, [StreamSpec("synthetic:64x48@30", "s")], None)
+    stop = threading.Event()
+    pipeline.start()
+    threading.Timer(0.5, stop.set).start()
+    t0 = time.monotonic()
+    pipeline.run(stop)
+    assert time.monotonic() - t0 < 3.0
+    assert not pipeline._streams[0].capture.is_alive()
