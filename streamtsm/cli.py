@@ -95,8 +95,10 @@ def _print_summary(stats: dict) -> None:
         print(f"{sid}: {s['frames']} frames processed, {s['captured']} captured, {s['dropped']} dropped, "
               f"{s['skipped']} skipped, {s['bad_frames']} bad, {s['reconnects']} reconnects, latency p50/p99 "
               f"{p50}/{p99} ms, status {s['status']}" + (f" ({s['last_error']})" if s["last_error"] else ""))
-    print(f"model steps: {stats['steps']}, p50 {stats['step_p50_ms']} ms, mean batch {stats['batch_mean']}; "
-          f"messages published {stats['published']}, dropped {stats['publish_dropped']}")
+    for name, m in stats["models"].items():
+        print(f"{name} ({m['backend']}): {m['steps']} model steps, p50 {m['step_p50_ms']} ms, "
+              f"mean batch {m['batch_mean']}")
+    print(f"messages published {stats['published']}, dropped {stats['publish_dropped']}")
 
 
 def _cmd_listen(args: argparse.Namespace) -> int:

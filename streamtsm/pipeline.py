@@ -6,11 +6,12 @@
     source ──► CaptureThread ──► FrameBuffer ─┼─► newest frame of each ready stream ─► Preprocessor (once each)
     ...                                        ┘        │
                                                        ▼
-                           OnlineRunner.step(batch of B frames, B states)   (one call)
-                                                       │
+            per model group: OnlineRunner (B frames, B states) or ClipRunner (ring buffers, due windows)
+                                                       │                        (one batched call each)
                           StreamPostprocessor (smoothing, top-k, events) ─► Publisher (pred / event / stats)
 
-Everything after the buffers runs in the caller's thread. Live sources use the ``drop_oldest`` policy with room for
+Streams are grouped by model: streams sharing a model are batched together, groups of different models run side by
+side in the same loop. Everything after the buffers runs in the caller's thread. Live sources use the ``drop_oldest`` policy with room for
 one frame, so a slow model makes the pipeline skip frames (counted) instead of building lag; files use ``wait``, so
 every frame is processed in order.
 """
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .capture import CaptureThread, Frame, FrameBuffer, Source, open_source, stream_name
-from .engine.base import OnlineEngine
+from .engine.base import ClipEngine, Engine
+from .engine.clip import ClipRunner
 from .engine.online import OnlineRunner, StepError
 from .errors import ConfigError, SourceError
 from .postprocess import LatencyTracker, RateMeter, StreamPostprocessor
@@ -83,12 +85,52 @@ class PipelineOptions:
     backoff: tuple[float, float] = (0.5, 8.0)
 
 
+@dataclass
+class ModelGroup:
+    """Streams that share one model (and so one batched call per step).
+
+    Attributes:
+        engine: an online engine (a prediction per frame) or a clip engine (rolling windows).
+        streams: the group's sources.
+        clip_stride: for clip engines, predict every this many frames per stream.
+    """
+
+    engine: Engine
+    streams: list[StreamSpec]
+    clip_stride: int = 1
+
+
+class _Group:
+    def __init__(self, engine: Engine, clip_stride: int) -> None:
+        self.engine = engine
+        # Clip engines get rolling windows; anything else is stepped frame by frame with its state.
+        if isinstance(engine, ClipEngine):
+            self.runner: OnlineRunner | ClipRunner = ClipRunner(engine, clip_stride)
+        else:
+            self.runner = OnlineRunner(engine)
+        self.model_name = engine.model_name
+        self.step_latency = LatencyTracker()
+        self.steps = 0
+        self.batched_frames = 0
+
+    def stats(self) -> dict:
+        return {
+            "backend": self.engine.backend,
+            "kind": "online" if isinstance(self.runner, OnlineRunner) else "clip",
+            "steps": self.steps,
+            "step_p50_ms": _round(self.step_latency.percentile(50)),
+            "step_p99_ms": _round(self.step_latency.percentile(99)),
+            "batch_mean": _round(self.batched_frames / self.steps) if self.steps else None,
+        }
+
+
 class _Stream:
     """Everything the pipeline keeps for one stream."""
 
-    def __init__(self, stream_id: str, spec: StreamSpec, capture: CaptureThread, buffer: FrameBuffer,
-                 preprocess: Preprocessor, post: StreamPostprocessor) -> None:
+    def __init__(self, stream_id: str, spec: StreamSpec, group: _Group, capture: CaptureThread,
+                 buffer: FrameBuffer, preprocess: Preprocessor, post: StreamPostprocessor) -> None:
         self.id = stream_id
+        self.group = group
         self.spec = spec
         self.capture = capture
         self.buffer = buffer
@@ -105,10 +147,11 @@ class _Stream:
 
 
 class Pipeline:
-    """Runs an online engine over several sources and publishes results.
+    """Runs models over several sources and publishes results.
 
     Args:
-        engine: the model backend (torch or onnxruntime).
+        engine: the model backend (torch or onnxruntime) for ``streams``; for several models use
+            :meth:`from_groups`.
         streams: the sources.
         publisher: where messages go (None: nothing is published; useful for benchmarks).
         options: post-processing and run control.
@@ -116,45 +159,57 @@ class Pipeline:
         sinks: further receivers of every message ``(topic, payload)`` besides the publisher (the console).
     """
 
-    def __init__(self, engine: OnlineEngine, streams: list[StreamSpec], publisher: Publisher | None,
+    def __init__(self, engine: Engine, streams: list[StreamSpec], publisher: Publisher | None,
                  options: PipelineOptions | None = None,
                  on_result: Callable[[str, Frame, list[tuple[str, float]]], None] | None = None,
                  sinks: list[Callable[[str, dict], object]] | None = None) -> None:
-        if not streams:
+        self._setup([ModelGroup(engine, streams)], publisher, options, on_result, sinks)
+
+    @classmethod
+    def from_groups(cls, groups: list[ModelGroup], publisher: Publisher | None,
+                    options: PipelineOptions | None = None,
+                    on_result: Callable[[str, Frame, list[tuple[str, float]]], None] | None = None,
+                    sinks: list[Callable[[str, dict], object]] | None = None) -> Pipeline:
+        """A pipeline of several models, each with its streams."""
+        self = cls.__new__(cls)
+        self._setup(groups, publisher, options, on_result, sinks)
+        return self
+
+    def _setup(self, groups, publisher, options, on_result, sinks) -> None:
+        if not any(g.streams for g in groups):
             raise ConfigError("no source given")
-        self.engine = engine
-        self.runner = OnlineRunner(engine)
         self.publisher = publisher
         self.options = options or PipelineOptions()
         self.on_result = on_result
         self._sinks = ([publisher.send] if publisher is not None else []) + list(sinks or [])
-        self.model_name = engine.model_name
-        self.step_latency = LatencyTracker()
-        self.steps = 0
-        self._batched_frames = 0
         self._notify = threading.Event()
         self._consecutive_errors = 0
+        self._groups: list[_Group] = []
         self._streams: list[_Stream] = []
         ids = set()
-        for spec in streams:
-            sid = spec.name or (stream_name(spec.source) if not isinstance(spec.source, Source) else None)
-            if not sid:
-                raise ConfigError("a Source object needs a stream name (StreamSpec.name)")
-            if sid in ids:
-                raise ConfigError(f"two sources have the stream id {sid!r}; give them distinct --name values")
-            ids.add(sid)
-            self._streams.append(self._make_stream(sid, spec))
+        for g in groups:
+            group = _Group(g.engine, g.clip_stride)
+            self._groups.append(group)
+            for spec in g.streams:
+                sid = spec.name or (stream_name(spec.source) if not isinstance(spec.source, Source) else None)
+                if not sid:
+                    raise ConfigError("a Source object needs a stream name (StreamSpec.name)")
+                if sid in ids:
+                    raise ConfigError(f"two sources have the stream id {sid!r}; give them distinct names")
+                ids.add(sid)
+                self._streams.append(self._make_stream(sid, spec, group))
 
-    def _make_stream(self, sid: str, spec: StreamSpec) -> _Stream:
+    def _make_stream(self, sid: str, spec: StreamSpec, group: _Group) -> _Stream:
         source = spec.source if isinstance(spec.source, Source) else open_source(spec.source)
         # Live sources keep only the newest frame (no lag); files keep a few and never drop.
         buffer = FrameBuffer(1, "drop_oldest", self._notify) if source.is_live else FrameBuffer(4, "wait", self._notify)
         capture = CaptureThread(source, sid, buffer, frame_stride=spec.frame_stride, realtime=self.options.realtime,
                                 read_timeout=self.options.read_timeout, backoff=self.options.backoff)
-        o = self.options
-        post = StreamPostprocessor(self.engine.labels, smooth=o.smooth, topk=o.topk, threshold=o.threshold,
-                                   hold=o.hold, background=[b for b in o.background if b in self.engine.labels])
-        return _Stream(sid, spec, capture, buffer, Preprocessor.for_config(self.engine.cfg, crop=spec.crop), post)
+        o, labels = self.options, group.engine.labels
+        post = StreamPostprocessor(labels, smooth=o.smooth, topk=o.topk, threshold=o.threshold, hold=o.hold,
+                                   background=[b for b in o.background if b in labels])
+        preprocess = Preprocessor.for_config(group.engine.cfg, crop=spec.crop)
+        return _Stream(sid, spec, group, capture, buffer, preprocess, post)
 
     @property
     def stream_ids(self) -> list[str]:
@@ -245,7 +300,13 @@ class Pipeline:
         return batch
 
     def _process(self, batch: list[tuple[_Stream, Frame]]) -> None:
-        frames = np.stack([s.preprocess(f.image) for s, f in batch])  # [B, 3, S, S]
+        for group in self._groups:
+            items = [(s, f) for s, f in batch if s.group is group]
+            if items:
+                self._process_group(group, items)
+
+    def _process_group(self, group: _Group, batch: list[tuple[_Stream, Frame]]) -> None:
+        frames = np.stack([s.preprocess(f.image) for s, f in batch])  # [B, 3, S, S], each frame once
         for s, f in batch:
             if f.generation != s.generation:
                 # The source reconnected: the runner resets the state; close any open action first.
@@ -253,33 +314,37 @@ class Pipeline:
                 s.generation = f.generation
         t0 = time.perf_counter()
         try:
-            logits = self.runner.step([s.id for s, _ in batch], [f.generation for _, f in batch], frames)
+            results = group.runner.process([s.id for s, _ in batch], [f.generation for _, f in batch], frames)
         except StepError as e:
             self._consecutive_errors += 1
             log.error("%s (states reset; %d in a row)", e, self._consecutive_errors)
             for s, f in batch:
-                s.step_errors += 1
-                self._publish_events(s, s.post.reset(), f)
+                if s.id in e.stream_ids:
+                    s.step_errors += 1
+                    self._publish_events(s, s.post.reset(), f)
             if self._consecutive_errors >= _MAX_CONSECUTIVE_STEP_ERRORS:
                 raise
             return
         self._consecutive_errors = 0
-        self.step_latency.add((time.perf_counter() - t0) * 1e3)
-        self.steps += 1
-        self._batched_frames += len(batch)
-        for (s, f), row in zip(batch, logits):
-            topk, events = s.post.process(row, f.index, f.timestamp)
+        predicted = sum(r is not None for r in results)
+        if predicted:
+            group.step_latency.add((time.perf_counter() - t0) * 1e3)
+            group.steps += 1
+            group.batched_frames += predicted
+        for (s, f), row in zip(batch, results):
             s.processed += 1
             s.rate.tick()
             s.last_frame = f
-            if self._sinks:
-                self._emit(topic_for(TOPIC_PRED, s.id), prediction_message(
-                    stream_id=s.id, frame_index=f.index, capture_ts=f.timestamp, model=self.model_name,
-                    topk=topk, generation=f.generation))
-            self._publish_events(s, events, f)
-            s.latency.add((time.time() - f.timestamp) * 1e3)
-            if self.on_result is not None:
-                self.on_result(s.id, f, topk)
+            if row is not None:
+                topk, events = s.post.process(row, f.index, f.timestamp)
+                if self._sinks:
+                    self._emit(topic_for(TOPIC_PRED, s.id), prediction_message(
+                        stream_id=s.id, frame_index=f.index, capture_ts=f.timestamp, model=group.model_name,
+                        topk=topk, generation=f.generation))
+                self._publish_events(s, events, f)
+                s.latency.add((time.time() - f.timestamp) * 1e3)
+                if self.on_result is not None:
+                    self.on_result(s.id, f, topk)
             if self.options.max_frames is not None and s.processed >= self.options.max_frames:
                 self._end_stream(s)
 
@@ -290,7 +355,7 @@ class Pipeline:
     def _publish_events(self, s: _Stream, events: list[dict], frame: Frame) -> None:
         for ev in events:
             self._emit(topic_for(TOPIC_EVENT, s.id), event_message(
-                stream_id=s.id, model=self.model_name, kind=ev["kind"], label=ev["label"],
+                stream_id=s.id, model=s.group.model_name, kind=ev["kind"], label=ev["label"],
                 start_frame=ev["start_frame"], start_ts=ev["start_ts"], end_frame=ev["end_frame"],
                 end_ts=ev["end_ts"], score=ev["score"], frame_index=frame.index, capture_ts=frame.timestamp))
 
@@ -300,7 +365,7 @@ class Pipeline:
         s.done = True
         s.capture.stop()
         self._flush(s)
-        self.runner.remove(s.id)
+        s.group.runner.remove(s.id)
 
     def _flush(self, s: _Stream) -> None:
         """Close a stream's open action (its offset refers to the newest processed frame)."""
@@ -330,6 +395,7 @@ class Pipeline:
             c = s.capture.stats()
             streams[s.id] = {
                 "source": c["source"],
+                "model": s.group.model_name,
                 "status": "done" if s.done and c["status"] in ("ended", "stopped") else c["status"],
                 "fps": round(s.rate.rate(), 2),
                 "capture_fps": round(c["fps"], 2),
@@ -348,12 +414,7 @@ class Pipeline:
             }
         return {
             "streams": streams,
-            "model": self.model_name,
-            "backend": self.engine.backend,
-            "steps": self.steps,
-            "step_p50_ms": _round(self.step_latency.percentile(50)),
-            "step_p99_ms": _round(self.step_latency.percentile(99)),
-            "batch_mean": _round(self._batched_frames / self.steps) if self.steps else None,
+            "models": {g.model_name: g.stats() for g in self._groups},
             "published": self.publisher.sent if self.publisher else 0,
             "publish_dropped": self.publisher.dropped if self.publisher else 0,
         }

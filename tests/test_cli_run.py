@@ -45,7 +45,7 @@ def test_sigterm_stops_run_cleanly_with_final_stats(tmp_path):
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err
-    assert "synthetic:" in out and "frames processed" in out and "model steps" in out
+    assert "synthetic:" in out and "frames processed" in out and "tsm_mobilenetv2_online (torch):" in out
     assert "Traceback" not in err
 
 

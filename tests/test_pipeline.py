@@ -93,7 +93,9 @@ def _check_stats(topic, s, streams):
         for key in ("fps", "frames", "captured", "dropped", "skipped", "bad_frames", "reconnects", "status",
                     "latency_p50_ms", "latency_p99_ms", "step_errors"):
             assert key in st
-    assert s["published"] >= 0 and s["publish_dropped"] == 0 and s["backend"] == "torch"
+    assert s["published"] >= 0 and s["publish_dropped"] == 0
+    assert s["models"]["tsm_mobilenetv2_online"]["backend"] == "torch"
+    assert s["models"]["tsm_mobilenetv2_online"]["kind"] == "online"
 
 
 def test_real_clip_and_synthetic_scene_publish_every_frame_and_well_formed_messages(engine, pubsub, shared_data):

@@ -89,6 +89,12 @@ class OnlineRunner:
         self._batch_ids, self._batch_state = ids, new_state
         return logits
 
+    def process(self, stream_ids: Sequence[str], generations: Sequence[int],
+                frames: np.ndarray) -> list[np.ndarray]:
+        """The runner interface the pipeline uses (shared with :class:`~streamtsm.engine.clip.ClipRunner`):
+        logits ``[K]`` for every stream, since an online model predicts at every frame."""
+        return list(self.step(stream_ids, generations, frames))
+
     def _unbatch(self) -> None:
         if self._batch_state is not None:
             parts = self.engine.split(self._batch_state, len(self._batch_ids))
