@@ -68,10 +68,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from .show import Display
 
         display = Display(stop)
-    publisher = Publisher(args.publish, bind=True) if args.publish != "none" else None
+    if args.connect:
+        publisher = Publisher(args.connect, bind=False)  # into a broker's frontend
+    else:
+        publisher = Publisher(args.publish, bind=True) if args.publish != "none" else None
+    sinks = [ConsoleSink(quiet=args.quiet)]
+    metrics = None
+    if args.metrics_port is not None:
+        from .metrics import MetricsSink
+
+        metrics = MetricsSink()
+        metrics.serve(args.metrics_port, args.metrics_addr)
+        sinks.append(metrics)
     try:
-        pipeline = Pipeline(engine, specs, publisher, options, on_result=display,
-                            sinks=[ConsoleSink(quiet=args.quiet)])
+        pipeline = Pipeline(engine, specs, publisher, options, on_result=display, sinks=sinks)
+        if metrics is not None:
+            pipeline.step_observers.append(metrics.observe_step)
         # Ctrl-C and SIGTERM end the loop at its next check (within ~50 ms), then everything is joined and closed.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -99,6 +111,21 @@ def _print_summary(stats: dict) -> None:
         print(f"{name} ({m['backend']}): {m['steps']} model steps, p50 {m['step_p50_ms']} ms, "
               f"mean batch {m['batch_mean']}")
     print(f"messages published {stats['published']}, dropped {stats['publish_dropped']}")
+
+
+def _cmd_broker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .publish.broker import run_broker
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"streamtsm broker: recognizers publish into {args.frontend}, clients subscribe at {args.backend}",
+          file=sys.stderr, flush=True)
+    run_broker(args.frontend, args.backend, stop=stop)
+    return 0
 
 
 def _cmd_listen(args: argparse.Namespace) -> int:
@@ -137,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--providers", help="onnxruntime providers, comma-separated: tensorrt,cuda,cpu")
     o = p.add_argument_group("output")
     o.add_argument("--publish", default="tcp://*:5556", help="ZeroMQ PUB endpoint to bind, or 'none'")
+    o.add_argument("--connect", metavar="ENDPOINT",
+                   help="publish into a broker's frontend (e.g. tcp://broker:5559) instead of binding")
+    o.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    o.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port (default: loopback)")
     o.add_argument("--smooth", type=int, default=8, help="average the last K logits")
     o.add_argument("--topk", type=int, default=5)
     o.add_argument("--threshold", type=float, default=0.0, help="minimum smoothed score for an action event")
@@ -149,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-frames", type=int, help="stop each stream after this many processed frames")
     c.add_argument("--duration", type=float, help="stop after this many seconds")
     p.set_defaults(func=_cmd_run, sources=None)
+
+    p = sub.add_parser("broker", help="relay many recognizers to many subscribers (ZeroMQ XSUB/XPUB proxy)")
+    p.add_argument("--frontend", default="tcp://*:5559", help="where recognizers publish (run --connect here)")
+    p.add_argument("--backend", default="tcp://*:5560", help="where clients subscribe (listen --connect here)")
+    p.set_defaults(func=_cmd_broker)
 
     p = sub.add_parser("listen", help="print the messages a recognizer publishes")
     p.add_argument("--connect", default="tcp://127.0.0.1:5556", help="endpoint of the publisher or broker")

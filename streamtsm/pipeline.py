@@ -157,6 +157,10 @@ class Pipeline:
         options: post-processing and run control.
         on_result: optional callback ``(stream_id, frame, topk)`` after each prediction (the ``--show`` window).
         sinks: further receivers of every message ``(topic, payload)`` besides the publisher (the console).
+
+    Attributes:
+        step_observers: callables ``(model_name, milliseconds)`` told the duration of every batched model call
+            (the Prometheus step histogram).
     """
 
     def __init__(self, engine: Engine, streams: list[StreamSpec], publisher: Publisher | None,
@@ -182,6 +186,7 @@ class Pipeline:
         self.options = options or PipelineOptions()
         self.on_result = on_result
         self._sinks = ([publisher.send] if publisher is not None else []) + list(sinks or [])
+        self.step_observers: list[Callable[[str, float], object]] = []
         self._notify = threading.Event()
         self._consecutive_errors = 0
         self._groups: list[_Group] = []
@@ -328,7 +333,10 @@ class Pipeline:
         self._consecutive_errors = 0
         predicted = sum(r is not None for r in results)
         if predicted:
-            group.step_latency.add((time.perf_counter() - t0) * 1e3)
+            ms = (time.perf_counter() - t0) * 1e3
+            group.step_latency.add(ms)
+            for observe in self.step_observers:
+                observe(group.model_name, ms)
             group.steps += 1
             group.batched_frames += predicted
         for (s, f), row in zip(batch, results):

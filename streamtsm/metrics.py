@@ -1,0 +1,64 @@
+"""Prometheus metrics for `streamtsm run --metrics-port`: per-stream fps, drops and reconnects; latency
+histograms for capture->publish and for the model step.
+
+A message sink (``(topic, payload)``) like the console: predictions feed the latency histogram, stats messages
+feed the gauges and counters. Served on its own registry so nothing else of the process leaks into it.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class MetricsSink:
+    """Turns the pipeline's messages into Prometheus metrics.
+
+    Args:
+        registry: where the metrics live (a fresh one when None).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.fps = Gauge("streamtsm_stream_fps", "Frames processed per second", ["stream"], registry=r)
+        self.up = Gauge("streamtsm_stream_up", "1 while the stream's source delivers, else 0", ["stream"], registry=r)
+        self.frames = Counter("streamtsm_stream_frames", "Frames processed", ["stream"], registry=r)
+        self.dropped = Counter("streamtsm_stream_dropped_frames", "Frames dropped because the model was busy",
+                               ["stream"], registry=r)
+        self.reconnects = Counter("streamtsm_stream_reconnects", "Source reconnects", ["stream"], registry=r)
+        self.latency = Histogram("streamtsm_capture_to_publish_seconds", "Capture to publish latency",
+                                 ["stream"], buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.step = Histogram("streamtsm_model_step_seconds", "Duration of one batched model call",
+                              ["model"], buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.publish_dropped = Counter("streamtsm_publish_dropped_messages",
+                                       "Messages dropped because a subscriber's queue was full", registry=r)
+        self._last: dict[tuple[str, str], float] = {}
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        """Serve ``/metrics`` over HTTP in a daemon thread."""
+        start_http_server(port, addr=addr, registry=self.registry)
+
+    def observe_step(self, model: str, ms: float) -> None:
+        self.step.labels(model).observe(ms / 1e3)
+
+    def __call__(self, topic: str, payload: dict) -> None:
+        kind = payload.get("type")
+        if kind == "pred":
+            self.latency.labels(payload["stream"]).observe(payload["latency_ms"] / 1e3)
+        elif kind == "stats":
+            for sid, s in payload["streams"].items():
+                self.fps.labels(sid).set(s["fps"])
+                self.up.labels(sid).set(1.0 if s["status"] == "running" else 0.0)
+                self._advance(self.frames.labels(sid), (sid, "frames"), s["frames"])
+                self._advance(self.dropped.labels(sid), (sid, "dropped"), s["dropped"])
+                self._advance(self.reconnects.labels(sid), (sid, "reconnects"), s["reconnects"])
+            self._advance(self.publish_dropped, ("", "publish_dropped"), payload.get("publish_dropped", 0))
+
+    def _advance(self, counter: Counter, key: tuple[str, str], total: float) -> None:
+        # Stats carry running totals; Prometheus counters only go up by increments.
+        delta = total - self._last.get(key, 0)
+        if delta > 0:
+            counter.inc(delta)
+        self._last[key] = max(total, self._last.get(key, 0))
