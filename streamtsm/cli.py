@@ -40,14 +40,9 @@ class _AppendSource(argparse.Action):
         namespace.sources = sources
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
-    from .console import ConsoleSink
+def _groups_from_args(args: argparse.Namespace):
     from .engine.factory import build_engine
-    from .pipeline import Pipeline, PipelineOptions, StreamSpec
-    from .publish import Publisher
+    from .pipeline import ModelGroup, StreamSpec
 
     sources = args.sources or ["synthetic"]
     names = args.name or []
@@ -58,36 +53,80 @@ def _cmd_run(args: argparse.Namespace) -> int:
     providers = args.providers.split(",") if args.providers else None
     engine = build_engine(model=args.model, weights=args.weights, onnx=args.onnx, labels_file=args.labels,
                           device=args.device, providers=providers)
-    options = PipelineOptions(smooth=args.smooth, topk=args.topk, threshold=args.threshold, hold=args.hold,
-                              background=args.background or [], realtime=args.realtime,
-                              max_frames=args.max_frames, duration=args.duration,
-                              stats_interval=args.stats_interval)
+    return [ModelGroup(engine, specs, clip_stride=args.clip_stride)]
+
+
+def _groups_from_config(site):
+    from .engine.factory import build_engine
+    from .pipeline import ModelGroup, StreamSpec
+
+    groups: dict[tuple, ModelGroup] = {}
+    for cam in site.cameras:
+        key = cam.model_key() + (cam.clip_stride,)
+        if key not in groups:
+            providers = cam.providers.split(",") if cam.providers else None
+            engine = build_engine(model=cam.model, weights=cam.weights, onnx=cam.onnx, labels_file=cam.labels,
+                                  device=cam.device, providers=providers)
+            groups[key] = ModelGroup(engine, [], clip_stride=cam.clip_stride)
+        groups[key].streams.append(StreamSpec(cam.source, cam.id, frame_stride=cam.frame_stride, crop=cam.crop))
+    return list(groups.values())
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .console import ConsoleSink
+    from .pipeline import Pipeline, PipelineOptions
+    from .publish import Publisher
+
+    option_values = dict(smooth=args.smooth, topk=args.topk, threshold=args.threshold, hold=args.hold,
+                         background=args.background or [])
+    publish, connect = args.publish, args.connect
+    metrics_port, metrics_addr = args.metrics_port, args.metrics_addr
+    if args.config:
+        from .siteconfig import load_site_config
+
+        if args.sources or args.model or args.weights or args.onnx:
+            raise ConfigError("--config lists the cameras and models; drop --camera/--source/--model/--weights/--onnx")
+        site = load_site_config(args.config)
+        groups = _groups_from_config(site)
+        option_values.update(site.options)
+        if not connect:
+            publish, connect = site.publish or "none", site.connect
+        metrics_port = metrics_port if metrics_port is not None else site.metrics_port
+        metrics_addr = site.metrics_addr if args.metrics_port is None else metrics_addr
+    else:
+        groups = _groups_from_args(args)
+    options = PipelineOptions(**option_values, realtime=args.realtime, max_frames=args.max_frames,
+                              duration=args.duration, stats_interval=args.stats_interval)
     stop = threading.Event()
     display = None
     if args.show:
         from .show import Display
 
         display = Display(stop)
-    if args.connect:
-        publisher = Publisher(args.connect, bind=False)  # into a broker's frontend
+    if connect:
+        publisher = Publisher(connect, bind=False)  # into a broker's frontend
     else:
-        publisher = Publisher(args.publish, bind=True) if args.publish != "none" else None
+        publisher = Publisher(publish, bind=True) if publish != "none" else None
     sinks = [ConsoleSink(quiet=args.quiet)]
     metrics = None
-    if args.metrics_port is not None:
+    if metrics_port is not None:
         from .metrics import MetricsSink
 
         metrics = MetricsSink()
-        metrics.serve(args.metrics_port, args.metrics_addr)
+        metrics.serve(metrics_port, metrics_addr)
         sinks.append(metrics)
     try:
-        pipeline = Pipeline(engine, specs, publisher, options, on_result=display, sinks=sinks)
+        pipeline = Pipeline.from_groups(groups, publisher, options, on_result=display, sinks=sinks)
         if metrics is not None:
             pipeline.step_observers.append(metrics.observe_step)
         # Ctrl-C and SIGTERM end the loop at its next check (within ~50 ms), then everything is joined and closed.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        print(f"streamtsm: {engine.model_name} ({engine.backend}) on {', '.join(pipeline.stream_ids)}"
+        models = ", ".join(f"{g.engine.model_name} ({g.engine.backend})" for g in groups)
+        print(f"streamtsm: {models} on {', '.join(pipeline.stream_ids)}"
               + (f", publishing on {publisher.endpoint}" if publisher else ""), file=sys.stderr, flush=True)
         pipeline.start()
         final = pipeline.run(stop)
@@ -155,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--name", action="append", help="stream id of the source in the same position")
     src.add_argument("--frame-stride", type=int, default=1, help="feed every k-th frame (models trained at lower fps)")
     src.add_argument("--realtime", action="store_true", help="play files at their native fps, not as fast as possible")
+    src.add_argument("--config", help="site config (TOML) listing cameras, models and the publisher")
     m = p.add_argument_group("model")
     m.add_argument("--model", help="registered model name (see `streamtsm models`); default: the shipped demo model")
     m.add_argument("--weights", help="checkpoint (streamtsm, official TSM, mmaction2)")
@@ -162,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--labels", help="class names, one per line")
     m.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N")
     m.add_argument("--providers", help="onnxruntime providers, comma-separated: tensorrt,cuda,cpu")
+    m.add_argument("--clip-stride", type=int, default=1, help="clip models: predict every k-th frame")
     o = p.add_argument_group("output")
     o.add_argument("--publish", default="tcp://*:5556", help="ZeroMQ PUB endpoint to bind, or 'none'")
     o.add_argument("--connect", metavar="ENDPOINT",

@@ -1,0 +1,195 @@
+"""The site config of `streamtsm run --config site.toml`: cameras, their models, and where results go.
+
+::
+
+    [publish]
+    endpoint = "tcp://*:5556"          # bind here; or: connect = "tcp://broker:5559"
+
+    [metrics]
+    port = 9100                        # optional; addr = "127.0.0.1" by default
+
+    [defaults]                         # any camera key below, plus smooth, topk, threshold, hold, background
+    model = "tsm_mobilenetv2_online"
+    weights = "models/site.pth"
+
+    [[camera]]
+    id = "door"
+    source = "rtsp://10.0.0.5/live"    # or a camera index (0), a file, "synthetic"
+    frame_stride = 2
+    crop = [0, 0, 640, 480]            # x, y, width, height
+
+    [[camera]]
+    id = "yard"
+    source = 1
+    model = "x3d_s"                    # another model: a second group, run side by side
+    clip_stride = 8
+
+Cameras with the same model, weights, onnx file, labels and device share one batched model call.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+_CAMERA_KEYS = {"id", "source", "model", "weights", "onnx", "labels", "device", "providers", "frame_stride",
+                "crop", "clip_stride"}
+_OPTION_KEYS = {"smooth", "topk", "threshold", "hold", "background"}
+_TOP_KEYS = {"publish", "metrics", "defaults", "camera"}
+_TYPES = {"id": str, "model": str, "weights": str, "onnx": str, "labels": str, "device": str, "providers": str,
+          "frame_stride": int, "clip_stride": int, "smooth": int, "topk": int, "hold": int,
+          "threshold": (int, float)}
+
+
+@dataclass
+class CameraConfig:
+    id: str
+    source: str | int
+    model: str | None = None
+    weights: str | None = None
+    onnx: str | None = None
+    labels: str | None = None
+    device: str = "cpu"
+    providers: str | None = None
+    frame_stride: int = 1
+    crop: tuple[int, int, int, int] | None = None
+    clip_stride: int = 1
+
+    def model_key(self) -> tuple:
+        """Cameras with equal keys share one engine (and one batched call)."""
+        return (self.model, self.weights, self.onnx, self.labels, self.device, self.providers)
+
+
+@dataclass
+class SiteConfig:
+    cameras: list[CameraConfig]
+    publish: str | None = "tcp://*:5556"
+    connect: str | None = None
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
+    options: dict = field(default_factory=dict)
+
+
+class _Locator:
+    """Finds the line of a key in the TOML text, for errors that point at it."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path, self.lines = path, text.splitlines()
+
+    def line(self, key: str, camera: int | None = None, table: str | None = None) -> int | None:
+        start, end = 0, len(self.lines)
+        if camera is not None or table is not None:
+            header = re.compile(r"^\s*\[\[\s*camera\s*\]\]" if camera is not None else rf"^\s*\[\s*{table}\s*\]")
+            hits = [i for i, ln in enumerate(self.lines) if header.match(ln)]
+            idx = camera if camera is not None else 0
+            if idx >= len(hits):
+                return None
+            start = hits[idx] + 1
+            end = next((i for i in range(start, len(self.lines)) if self.lines[i].lstrip().startswith("[")), end)
+        pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
+        for i in range(start, end):
+            if pattern.match(self.lines[i]):
+                return i + 1
+        return start if camera is not None else None  # a missing key: point at its [[camera]] header
+
+    def error(self, message: str, key: str, camera: int | None = None, table: str | None = None) -> ConfigError:
+        line = self.line(key, camera, table)
+        where = f"{self.path}:{line}" if line else str(self.path)
+        return ConfigError(f"{where}: {message}")
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and check a site config; every problem is one ConfigError naming the file, line and key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    loc = _Locator(path, text)
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise loc.error(f"unknown key {key!r}; expected {', '.join(sorted(_TOP_KEYS))}", key)
+
+    publish = data.get("publish", {})
+    _check_table(loc, publish, "publish", {"endpoint", "connect"})
+    if "endpoint" in publish and "connect" in publish:
+        raise loc.error("give either publish.endpoint (bind) or publish.connect (broker), not both", "connect",
+                        table="publish")
+    metrics = data.get("metrics", {})
+    _check_table(loc, metrics, "metrics", {"port", "addr"})
+    if "port" in metrics and not isinstance(metrics["port"], int):
+        raise loc.error(f"metrics.port must be an integer, got {metrics['port']!r}", "port", table="metrics")
+
+    defaults = data.get("defaults", {})
+    _check_table(loc, defaults, "defaults", (_CAMERA_KEYS - {"id", "source"}) | _OPTION_KEYS)
+    for key, value in defaults.items():
+        _check_value(loc, key, value, table="defaults")
+
+    cameras_raw = data.get("camera")
+    if not isinstance(cameras_raw, list) or not cameras_raw:
+        raise ConfigError(f"{path}: no cameras: add at least one [[camera]] table with id and source")
+    cameras, ids = [], set()
+    for i, raw in enumerate(cameras_raw):
+        for key in raw:
+            if key not in _CAMERA_KEYS:
+                raise loc.error(f"camera {i + 1}: unknown key {key!r}; expected {', '.join(sorted(_CAMERA_KEYS))}",
+                                key, camera=i)
+        for key in ("id", "source"):
+            if key not in raw:
+                raise loc.error(f"camera {i + 1}: missing {key!r}", key, camera=i)
+        merged = {k: v for k, v in defaults.items() if k in _CAMERA_KEYS} | raw
+        for key, value in merged.items():
+            _check_value(loc, key, value, camera=i if key in raw else None,
+                         table=None if key in raw else "defaults")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", merged["id"]):
+            raise loc.error(f"camera id {merged['id']!r} may only hold letters, digits, '_' and '-' "
+                            "(it becomes a topic part)", "id", camera=i)
+        if merged["id"] in ids:
+            raise loc.error(f"camera id {merged['id']!r} is used twice", "id", camera=i)
+        ids.add(merged["id"])
+        if "crop" in merged:
+            merged["crop"] = tuple(merged["crop"])
+        cameras.append(CameraConfig(**merged))
+
+    return SiteConfig(
+        cameras=cameras,
+        publish=publish.get("endpoint", None if "connect" in publish else "tcp://*:5556"),
+        connect=publish.get("connect"),
+        metrics_port=metrics.get("port"),
+        metrics_addr=metrics.get("addr", "127.0.0.1"),
+        options={k: v for k, v in defaults.items() if k in _OPTION_KEYS},
+    )
+
+
+def _check_table(loc: _Locator, value, name: str, allowed: set[str]) -> None:
+    if not isinstance(value, dict):
+        raise loc.error(f"{name} must be a table", name)
+    for key in value:
+        if key not in allowed:
+            raise loc.error(f"[{name}]: unknown key {key!r}; expected {', '.join(sorted(allowed))}", key, table=name)
+
+
+def _check_value(loc: _Locator, key: str, value, camera: int | None = None, table: str | None = None) -> None:
+    where = f"camera {camera + 1}: " if camera is not None else (f"[{table}] " if table else "")
+    expected = _TYPES.get(key)
+    if expected is not None and (not isinstance(value, expected) or isinstance(value, bool)):
+        name = {int: "an integer", str: "a string"}.get(expected, "a number")
+        raise loc.error(f"{where}{key} must be {name}, got {value!r}", key, camera, table)
+    if key == "source" and not isinstance(value, (str, int)):
+        raise loc.error(f"{where}source must be a string or a camera index, got {value!r}", key, camera, table)
+    if key in ("frame_stride", "clip_stride", "smooth", "hold", "topk") and value < 1:
+        raise loc.error(f"{where}{key} must be >= 1, got {value}", key, camera, table)
+    if key == "crop" and (not isinstance(value, list) or len(value) != 4
+                          or not all(isinstance(v, int) and v >= 0 for v in value) or min(value[2:]) == 0):
+        raise loc.error(f"{where}crop must be [x, y, width, height] of non-negative integers, got {value!r}",
+                        key, camera, table)
+    if key == "background" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise loc.error(f"{where}background must be a list of labels, got {value!r}", key, camera, table)
