@@ -94,3 +94,10 @@ def test_run_with_a_bad_config_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["run", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ":4:" in err and "fps" in err
+
+
+def test_shipped_example_site_config_is_valid():
+    from pathlib import Path
+
+    site = load_site_config(Path(__file__).resolve().parents[1] / "deploy" / "site.example.toml")
+    assert [c.id for c in site.cameras] == ["demo", "lobby"] and site.metrics_port == 9100
