@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from streamtsm.errors import ConfigError
-from streamtsm.models import create, get_spec, list_models
+from streamtsm.models import TSM, create, get_spec, list_models
+
+
+def _clip_for(model) -> torch.Tensor:
+    cfg = model.cfg
+    frames = cfg.num_segments if isinstance(model, TSM) else min(cfg.clip_len, 4)
+    return torch.randn(1, frames, 3, 64, 64)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -12,11 +18,13 @@ def test_registered_model_classifies_a_clip_with_its_config(name):
     model = create(name, num_classes=5)
     cfg = model.cfg
     assert cfg.name == name and cfg.num_classes == 5 and cfg.kind == get_spec(name).kind
-    assert cfg.input_size == 224 and len(cfg.mean) == 3 and len(cfg.std) == 3
-    clip = torch.randn(1, cfg.num_segments, 3, 64, 64)
+    assert cfg.resize_size >= cfg.input_size >= 112 and len(cfg.mean) == 3 and len(cfg.std) == 3
+    assert cfg.clip_len >= 1 and cfg.frame_interval >= 1
+    clip = _clip_for(model)
     with torch.no_grad():
         assert model(clip).shape == (1, 5)
-        assert model(clip, per_frame=True).shape == (1, cfg.num_segments, 5)
+        if isinstance(model, TSM):
+            assert model(clip, per_frame=True).shape == (1, cfg.num_segments, 5)
 
 
 @pytest.mark.parametrize("name", list_models(kind="online"))

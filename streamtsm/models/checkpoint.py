@@ -7,7 +7,8 @@ Formats recognised (after unwrapping a ``state_dict`` / ``model`` nesting and a 
     mit-han-lab   keys under base_model.* / new_fc.* (the official TSM TSN wrapper)
     mmaction2     keys under backbone.* with cls_head.* (Recognizer2D/3D)
     plain         a bare backbone: features.*, conv1.*/layer1.* (official online demo, torchvision)
-    pytorchvideo  keys under blocks.N.* (X3D)
+    pytorchvideo  keys under blocks.N.* (X3D), possibly nested under model_state
+    uniformer     the official UniFormer video release: patch_embed1.*, blocks1.*, ..., head.*
 
 The key renaming for each format lives with its model family (``model.checkpoint_converters()``); this module
 only detects, dispatches and checks. Every file is read with ``torch.load(..., weights_only=True)``.
@@ -54,7 +55,8 @@ def unwrap(checkpoint: dict) -> tuple[dict, dict]:
     """Split a checkpoint into (state_dict, metadata); metadata is empty for foreign formats."""
     if checkpoint.get("format") == FORMAT_NAME:
         return checkpoint["state_dict"], checkpoint
-    for key in ("state_dict", "model", "module"):
+    # mmaction2/TSM nest under state_dict, SlowFast/pytorchvideo under model_state, others under model.
+    for key in ("state_dict", "model_state", "model", "module"):
         inner = checkpoint.get(key)
         if isinstance(inner, dict) and inner and all(isinstance(k, str) for k in inner):
             if any(isinstance(v, torch.Tensor) for v in inner.values()) or key == "state_dict":
@@ -86,6 +88,8 @@ def detect_format(state_dict: dict, model: nn.Module | None = None) -> str:
         return FORMAT_NAME
     if any(k.startswith(("features.", "conv1.", "layer1.")) for k in keys):
         return "plain"
+    if any(k.startswith(("patch_embed1.", "blocks1.")) for k in keys):
+        return "uniformer"
     return "unknown"
 
 
