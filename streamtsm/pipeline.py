@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -54,14 +54,16 @@ class StreamSpec:
     """One source of the pipeline.
 
     Attributes:
-        source: camera index, path, URL, image-sequence pattern, ``"synthetic[:WxH@FPS]"``, or a
-            :class:`~streamtsm.capture.Source` object (not opened yet).
+        source: camera index, path, URL, image-sequence pattern, ``"synthetic[:WxH@FPS]"``, a
+            :class:`~streamtsm.capture.Source` object (not opened yet), or a function returning a new one. A
+            source given as an object cannot be replaced when its read hangs; the others can (see
+            ``Pipeline._recover_hung``).
         name: stream id (derived from the source when None); used in topics.
         frame_stride: process every k-th frame.
         crop: optional ``(x, y, w, h)`` region of the frame to look at.
     """
 
-    source: str | int | Source
+    source: str | int | Source | Callable[[], Source]
     name: str | None = None
     frame_stride: int = 1
     crop: tuple[int, int, int, int] | None = None
@@ -144,6 +146,11 @@ class _Stream:
         self.last_status = "starting"
         self.done = False  # reached max_frames, or its source ended and its buffer is drained
         self.last_frame: Frame | None = None  # the newest processed frame: end-of-stream events refer to it
+        # A capture replaced after a hung read starts counting again; these carry the earlier captures' totals so
+        # frame indices and generations keep increasing and the stats stay cumulative.
+        self.index_base = 0
+        self.generation_base = 0
+        self.totals_base = {"frames_read": 0, "dropped": 0, "skipped": 0, "bad_frames": 0, "reconnects": 0}
 
 
 class Pipeline:
@@ -205,16 +212,25 @@ class Pipeline:
                 self._streams.append(self._make_stream(sid, spec, group))
 
     def _make_stream(self, sid: str, spec: StreamSpec, group: _Group) -> _Stream:
-        source = spec.source if isinstance(spec.source, Source) else open_source(spec.source)
-        # Live sources keep only the newest frame (no lag); files keep a few and never drop.
-        buffer = FrameBuffer(1, "drop_oldest", self._notify) if source.is_live else FrameBuffer(4, "wait", self._notify)
-        capture = CaptureThread(source, sid, buffer, frame_stride=spec.frame_stride, realtime=self.options.realtime,
-                                read_timeout=self.options.read_timeout, backoff=self.options.backoff)
+        capture, buffer = self._make_capture(sid, spec)
         o, labels = self.options, group.engine.labels
         post = StreamPostprocessor(labels, smooth=o.smooth, topk=o.topk, threshold=o.threshold, hold=o.hold,
                                    background=[b for b in o.background if b in labels])
         preprocess = Preprocessor.for_config(group.engine.cfg, crop=spec.crop)
         return _Stream(sid, spec, group, capture, buffer, preprocess, post)
+
+    def _make_capture(self, sid: str, spec: StreamSpec) -> tuple[CaptureThread, FrameBuffer]:
+        if isinstance(spec.source, Source):
+            source = spec.source
+        elif callable(spec.source):
+            source = spec.source()
+        else:
+            source = open_source(spec.source)
+        # Live sources keep only the newest frame (no lag); files keep a few and never drop.
+        buffer = FrameBuffer(1, "drop_oldest", self._notify) if source.is_live else FrameBuffer(4, "wait", self._notify)
+        capture = CaptureThread(source, sid, buffer, frame_stride=spec.frame_stride, realtime=self.options.realtime,
+                                read_timeout=self.options.read_timeout, backoff=self.options.backoff)
+        return capture, buffer
 
     @property
     def stream_ids(self) -> list[str]:
@@ -301,6 +317,9 @@ class Pipeline:
                 if s.buffer.finished:
                     self._end_stream(s)
                 continue
+            if s.index_base or s.generation_base:
+                frame = replace(frame, index=frame.index + s.index_base,
+                                generation=frame.generation + s.generation_base)
             batch.append((s, frame))
         return batch
 
@@ -381,9 +400,34 @@ class Pipeline:
         if events and s.last_frame is not None:
             self._publish_events(s, events, s.last_frame)
 
+    def _recover_hung(self, s: _Stream) -> bool:
+        """Replace the capture of a live stream whose read has hung past ``read_timeout``.
+
+        An OpenCV read cannot be interrupted, so the stuck thread is left behind (a daemon; it exits if the read
+        ever returns) and a new capture opens a new source object. The stream's state resets (new generation).
+        Returns True when the capture was replaced.
+        """
+        c = s.capture
+        if s.done or not c.stalled or not c.source.is_live or isinstance(s.spec.source, Source):
+            return False
+        stats = c.stats()
+        log.warning("stream %s: a read hung for more than %.1f s; abandoning that capture and reopening %s",
+                    s.id, self.options.read_timeout, c.source.name)
+        c.stop()
+        for key in s.totals_base:
+            s.totals_base[key] += stats[key]
+        s.totals_base["reconnects"] += 1
+        s.index_base += stats["frames_read"]
+        s.generation_base += stats["generation"] + 1
+        s.capture, s.buffer = self._make_capture(s.id, s.spec)
+        s.capture.start()
+        return True
+
     def _check_status_changes(self) -> None:
         changed = False
         for s in self._streams:
+            if self._recover_hung(s):
+                changed = True
             status = s.capture.status
             if status != s.last_status:
                 log.info("stream %s: %s -> %s%s", s.id, s.last_status, status,
@@ -408,12 +452,12 @@ class Pipeline:
                 "fps": round(s.rate.rate(), 2),
                 "capture_fps": round(c["fps"], 2),
                 "frames": s.processed,
-                "captured": c["frames_read"],
-                "dropped": c["dropped"],
-                "skipped": c["skipped"],
-                "bad_frames": c["bad_frames"],
-                "reconnects": c["reconnects"],
-                "generation": c["generation"],
+                "captured": c["frames_read"] + s.totals_base["frames_read"],
+                "dropped": c["dropped"] + s.totals_base["dropped"],
+                "skipped": c["skipped"] + s.totals_base["skipped"],
+                "bad_frames": c["bad_frames"] + s.totals_base["bad_frames"],
+                "reconnects": c["reconnects"] + s.totals_base["reconnects"],
+                "generation": c["generation"] + s.generation_base,
                 "stalled": c["stalled"],
                 "step_errors": s.step_errors,
                 "latency_p50_ms": _round(s.latency.percentile(50)),

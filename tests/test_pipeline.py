@@ -196,7 +196,7 @@ def test_slow_model_drops_oldest_frames_instead_of_building_lag(engine):
 def test_source_that_fails_midway_reconnects_and_its_state_restarts(engine, pubsub):
     pub, sub = pubsub
     source = FakeLiveSource(fail_after=10, fps=100)
-    options = PipelineOptions(max_frames=30, backoff=(0.05, 0.1))
+    options = PipelineOptions(max_frames=30, backoff=(0.5, 0.5))  # long enough for a status poll to see it
     pipeline = Pipeline(engine, [StreamSpec(source, "cam")], pub, options)
     pipeline.start()
     final = pipeline.run()["streams"]["cam"]
@@ -248,3 +248,41 @@ def test_stop_event_ends_a_live_run_promptly(engine):
     pipeline.run(stop)
     assert time.monotonic() - t0 < 3.0
     assert not pipeline._streams[0].capture.is_alive()
+
+
+class HangingSource(FakeLiveSource):
+    """Delivers ``frames`` frames, then its read blocks (no frame, no error) until released."""
+
+    def __init__(self, frames: int, release: threading.Event):
+        super().__init__(fps=100)
+        self.frames, self.release_event = frames, release
+
+    def read(self):
+        if self.reads >= self.frames:
+            self.release_event.wait()
+            return None
+        return super().read()
+
+
+def test_source_whose_read_hangs_is_replaced_and_the_stream_goes_on(engine):
+    release = threading.Event()
+    made = []
+
+    def factory():
+        # The first source hangs after 5 frames; the ones made after it work.
+        made.append(HangingSource(5, release) if not made else FakeLiveSource(fps=100))
+        return made[-1]
+
+    options = PipelineOptions(max_frames=20, read_timeout=0.3)
+    seen = []
+    pipeline = Pipeline(engine, [StreamSpec(factory, "cam")], None, options,
+                        on_result=lambda sid, f, topk: seen.append((f.index, f.generation)))
+    try:
+        pipeline.start()
+        final = pipeline.run()["streams"]["cam"]
+    finally:
+        release.set()
+    assert len(made) == 2 and final["frames"] == 20 and final["reconnects"] == 1
+    indices = [i for i, _ in seen]
+    assert indices == sorted(set(indices)), "frame indices keep increasing across the replaced capture"
+    assert seen[0][1] == 0 and seen[-1][1] == 1, "the new capture is a new generation (state reset)"
