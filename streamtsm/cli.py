@@ -22,8 +22,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for name in list_models(kind=args.kind):
         spec = get_spec(name)
         d = spec.defaults
-        frames = f"{d.get('num_segments', 8)} seg" if spec.kind == "online" or "clip_len" not in d else \
-            f"{d['clip_len']}x{d.get('frame_interval', 1)}"
+        if spec.kind == "online":
+            frames = "1/step"
+        else:  # a window of clip_len frames, frame_interval apart
+            frames = f"{d.get('clip_len', d.get('num_segments', 8))}x{d.get('frame_interval', 1)}"
         rows.append((name, spec.kind, str(d.get("input_size", 224)), frames, spec.description))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:

@@ -99,5 +99,8 @@ def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
     except ValueError as e:
         raise ConfigError(f"cannot build {name!r}: {e}") from None
     cfg_values = {k: v for k, v in values.items() if k in _CFG_FIELDS}
+    if "num_segments" in arch and "clip_len" not in overrides:
+        # A segment-based model (TSM, TIN, NL-TSM) classifies windows of exactly num_segments frames.
+        cfg_values["clip_len"] = arch["num_segments"]
     model.cfg = ModelConfig(name=name, kind=spec.kind, num_classes=num_classes, arch=arch, **cfg_values)
     return model.eval()

@@ -98,7 +98,8 @@ class ShiftableBlock(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.shift: TemporalShift | None = None
+        # A TemporalShift, or another clip-form temporal op of the same signature (TIN's TemporalInterlace).
+        self.shift: nn.Module | None = None
         self.shift_place = "blockres"
 
     def _body(self, identity: Tensor, x: Tensor) -> Tensor:

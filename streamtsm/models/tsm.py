@@ -222,17 +222,19 @@ def _register_tsm(name: str, builder, *, kind: str, description: str, **defaults
 
 
 _KINETICS = {"num_classes": 400, "num_segments": 8}
+# Offline TSM is trained on 8 segments spread over whole clips; live, its window is 8 frames 8 apart (~2 s at 30 fps).
+_WINDOW = {"frame_interval": 8}
 _register_tsm("tsm_mobilenetv2_online", _tsm_mobilenetv2, kind="online",
               description="online TSM, MobileNetV2, uni-directional shift (official online demo layout)",
               num_classes=27, shift_mode="unidirectional", num_segments=8)
 _register_tsm("tsm_mobilenetv2", _tsm_mobilenetv2, kind="clip",
-              description="offline TSM, MobileNetV2, bi-directional shift, 8 segments", **_KINETICS)
+              description="offline TSM, MobileNetV2, bi-directional shift, 8 segments", **_KINETICS, **_WINDOW)
 _register_tsm("tsn_mobilenetv2", _tsm_mobilenetv2, kind="online",
               description="TSN baseline, MobileNetV2, no shift (a per-frame 2D CNN)", shift_mode="none", **_KINETICS)
 for _depth in (18, 34, 50, 101):
     _register_tsm(f"tsm_r{_depth}", _tsm_resnet(_depth), kind="clip",
                   description=f"offline TSM, ResNet-{_depth}, bi-directional residual shift, 8 segments",
-                  **_KINETICS)
+                  **_KINETICS, **_WINDOW)
 _register_tsm("tsm_r50_online", _tsm_resnet(50), kind="online",
               description="online TSM, ResNet-50, uni-directional residual shift", shift_mode="unidirectional",
               **_KINETICS)
@@ -253,12 +255,12 @@ _register_tsm("tsn_r50", _tsm_resnet(50), kind="online",
 #    torchvision)
 
 
-def _strip_net(key: str) -> str:
+def strip_net(key: str) -> str:
     # The official and mmaction2 shift wrappers keep the wrapped conv (or, under temporal_pool, layer2) as `.net`.
     return key.replace(".net.", ".")
 
 
-def _rename_head(key: str, heads: tuple[str, ...]) -> str | None:
+def rename_head(key: str, heads: tuple[str, ...]) -> str | None:
     for head in heads:
         if key.startswith(head + "."):
             return "fc." + key[len(head) + 1 :]
@@ -270,8 +272,8 @@ def convert_mit_han_lab(state_dict: dict) -> dict:
     out = {}
     for key, value in state_dict.items():
         key = key.removeprefix("module.")
-        head = _rename_head(key, ("new_fc",))
-        out[head or "backbone." + _strip_net(key.removeprefix("base_model."))] = value
+        head = rename_head(key, ("new_fc",))
+        out[head or "backbone." + strip_net(key.removeprefix("base_model."))] = value
     return out
 
 
@@ -279,7 +281,7 @@ def convert_plain(state_dict: dict) -> dict:
     """Bare backbone + classifier layouts: the official online MobileNetV2 demo checkpoint, torchvision."""
     out = {}
     for key, value in state_dict.items():
-        head = _rename_head(key, ("classifier.1", "classifier", "fc"))
+        head = rename_head(key, ("classifier.1", "classifier", "fc"))
         out[head or "backbone." + key] = value
     return out
 
@@ -290,11 +292,11 @@ def make_mmaction2_converter(backbone_key):
     def convert(state_dict: dict) -> dict:
         out = {}
         for key, value in state_dict.items():
-            head = _rename_head(key, ("cls_head.fc_cls",))
+            head = rename_head(key, ("cls_head.fc_cls",))
             if head:
                 out[head] = value
             elif key.startswith("backbone."):
-                out["backbone." + backbone_key(_strip_net(key.removeprefix("backbone.")))] = value
+                out["backbone." + backbone_key(strip_net(key.removeprefix("backbone.")))] = value
             else:
                 out[key] = value  # left as is, so strict loading names it
         return out
