@@ -107,3 +107,12 @@ def test_listen_prints_what_run_publishes(capsys):
         proc.wait(timeout=15)
     lines = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and len(lines) == 3 and all("synthetic #" in ln for ln in lines)
+
+
+def test_run_clip_model_on_rolling_windows(capsys):
+    # X3D-XS: windows of 4 frames 12 apart (37 frames), a prediction every 5th frame after that.
+    code = main(["run", "--model", "x3d_xs", "--source", "synthetic:96x72@60", "--publish", "none",
+                 "--max-frames", "47", "--clip-stride", "5"])
+    out = capsys.readouterr().out
+    assert code == 0 and "synthetic: 47 frames processed" in out
+    assert "x3d_xs (torch): 3 model steps" in out  # frames 37, 42, 47
