@@ -17,7 +17,6 @@ only detects, dispatches and checks. Every file is read with ``torch.load(..., w
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 
 import torch
@@ -43,7 +42,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise CheckpointError(f"refusing to load {path}: it holds Python objects besides tensors "
                                   "(only weights_only=True checkpoints are read)") from None
-        truncated = zipfile.is_zipfile(path) or isinstance(e, EOFError) or "zip" in first.lower()
+        with open(path, "rb") as f:
+            head = f.read(4)
+        # torch.save writes a zip archive ("PK\x03\x04"); legacy files are a pickle ("\x80" protocol byte).
+        truncated = head == b"PK\x03\x04" or isinstance(e, EOFError) or "zip" in first.lower()
         what = "truncated or corrupt" if truncated else "not a PyTorch checkpoint"
         raise CheckpointError(f"cannot read checkpoint {path}: file is {what} ({first[:120]})") from None
     if not isinstance(obj, dict):
