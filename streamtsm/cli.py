@@ -54,11 +54,11 @@ def _groups_from_args(args: argparse.Namespace):
              for i, src in enumerate(sources)]
     providers = args.providers.split(",") if args.providers else None
     engine = build_engine(model=args.model, weights=args.weights, onnx=args.onnx, labels_file=args.labels,
-                          device=args.device, providers=providers)
+                          device=args.device, providers=providers, threads=args.threads)
     return [ModelGroup(engine, specs, clip_stride=args.clip_stride)]
 
 
-def _groups_from_config(site):
+def _groups_from_config(site, threads: int | None):
     from .engine.factory import build_engine
     from .pipeline import ModelGroup, StreamSpec
 
@@ -68,7 +68,7 @@ def _groups_from_config(site):
         if key not in groups:
             providers = cam.providers.split(",") if cam.providers else None
             engine = build_engine(model=cam.model, weights=cam.weights, onnx=cam.onnx, labels_file=cam.labels,
-                                  device=cam.device, providers=providers)
+                                  device=cam.device, providers=providers, threads=threads)
             groups[key] = ModelGroup(engine, [], clip_stride=cam.clip_stride)
         groups[key].streams.append(StreamSpec(cam.source, cam.id, frame_stride=cam.frame_stride, crop=cam.crop))
     return list(groups.values())
@@ -92,7 +92,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.sources or args.model or args.weights or args.onnx:
             raise ConfigError("--config lists the cameras and models; drop --camera/--source/--model/--weights/--onnx")
         site = load_site_config(args.config)
-        groups = _groups_from_config(site)
+        groups = _groups_from_config(site, args.threads)
         option_values.update(site.options)
         if not connect:
             publish, connect = site.publish or "none", site.connect
@@ -205,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N")
     m.add_argument("--providers", help="onnxruntime providers, comma-separated: tensorrt,cuda,cpu")
     m.add_argument("--clip-stride", type=int, default=1, help="clip models: predict every k-th frame")
+    m.add_argument("--threads", type=int, help="model threads (default: all cores but one, leaving one for capture)")
     o = p.add_argument_group("output")
     o.add_argument("--publish", default="tcp://*:5556", help="ZeroMQ PUB endpoint to bind, or 'none'")
     o.add_argument("--connect", metavar="ENDPOINT",

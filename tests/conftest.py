@@ -10,6 +10,10 @@ from torch import nn
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+# One intra-op thread: the tests run capture threads beside the model, and with every core given to torch a
+# step can get many times slower when anything else is running (see streamtsm.engine.factory.default_threads).
+torch.set_num_threads(1)
+
 
 def randomize_(model: nn.Module, seed: int = 0, calibration: torch.Tensor | None = None) -> nn.Module:
     """Give BN affine parameters and the classifier random values, and BN statistics measured on random input.

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import pct, write_section  # noqa: E402
 
+from streamtsm.engine.factory import default_threads  # noqa: E402
 from streamtsm.engine.torch_engine import TorchOnlineEngine  # noqa: E402
 from streamtsm.models import create  # noqa: E402
 from streamtsm.pipeline import Pipeline, PipelineOptions, StreamSpec  # noqa: E402
@@ -83,6 +84,8 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
+    # The thread count `streamtsm run` uses (all cores but one), for both the bare step and the pipeline.
+    torch.set_num_threads(default_threads())
     engine = TorchOnlineEngine(create("tsm_mobilenetv2_online", num_classes=27))
     pre = Preprocessor.for_config(engine.cfg)
     frame = pre(np.random.default_rng(0).integers(0, 255, (240, 320, 3), np.uint8))[None]
