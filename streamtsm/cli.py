@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-messages", type=int, help="exit after this many messages")
     p.add_argument("--timeout", type=float, help="exit when no message arrives for this many seconds")
     p.set_defaults(func=_cmd_listen)
+
+    from .export.commands import add_commands as add_export_commands
+    add_export_commands(sub)
     return parser
 
 

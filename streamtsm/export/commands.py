@@ -1,0 +1,126 @@
+"""The ``export-onnx`` and ``quantize`` commands (added to the ``streamtsm`` parser by :func:`add_commands`).
+
+    streamtsm export-onnx --model tsm_mobilenetv2_online --weights online.pth.tar --labels jester.txt -o m.onnx
+    streamtsm export-onnx --weights run/best.pth --int8 --calib-source clips/door.mp4 -o door.onnx
+    streamtsm quantize --onnx m.onnx -o m.int8.onnx --calib-source synthetic
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def add_commands(subparsers) -> None:
+    """Add ``export-onnx`` and ``quantize`` to an argparse subparsers object (each sets ``func``)."""
+    p = subparsers.add_parser("export-onnx", help="export a model to a self-describing, verified ONNX file",
+                              description="Export a model to ONNX (online models as one step with explicit state, "
+                                          "clip models as clip -> logits), verify it against torch with "
+                                          "onnxruntime, and optionally quantize it to int8.")
+    p.add_argument("--model", help="registered model name (optional with a streamtsm checkpoint)")
+    p.add_argument("--weights", help="a streamtsm checkpoint, or foreign weights (official, mmaction2, plain) for "
+                                     "--model; without it the model is exported with fresh weights")
+    p.add_argument("--labels", help="label file, one class per line (count must equal the number of classes)")
+    p.add_argument("--input-size", type=int, help="side of the square frames the graph takes (default: config)")
+    p.add_argument("--num-classes", type=int, help="classifier size for --model (default: the model's)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch check")
+    _add_calibration_args(p, "also write an int8 copy beside the output, as NAME.int8.onnx")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.set_defaults(func=cmd_export_onnx)
+
+    p = subparsers.add_parser("quantize", help="quantize an exported fp32 ONNX file to int8 (static, QDQ)",
+                              description="Static int8 quantization (QDQ, per-channel weights) of a file from "
+                                          "export-onnx, calibrated on preprocessed frames, with a top-1 agreement "
+                                          "check against fp32 on held-out frames.")
+    p.add_argument("--onnx", required=True, help="the fp32 file from export-onnx")
+    _add_calibration_args(p, None)
+    p.add_argument("-o", "--output", required=True, help="the int8 .onnx file to write")
+    p.set_defaults(func=cmd_quantize)
+
+
+def _add_calibration_args(p: argparse.ArgumentParser, int8_help: str | None) -> None:
+    if int8_help:
+        p.add_argument("--int8", action="store_true", help=int8_help)
+    p.add_argument("--calib-source", default="synthetic",
+                   help="calibration frames: 'synthetic' (default) or a video file/URL")
+    p.add_argument("--calib-frames", type=int, default=256, help="number of calibration frames (default: 256)")
+    p.add_argument("--threads", type=int, help="onnxruntime threads for calibration (default: onnxruntime's)")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _load(args: argparse.Namespace):
+    """(model, labels from the checkpoint or None) as --model / --weights / --num-classes say."""
+    from ..models import create, load_checkpoint, load_model, read_checkpoint
+
+    if args.weights:
+        checkpoint = read_checkpoint(args.weights)
+        if checkpoint.get("format") == "streamtsm":
+            model = load_model(args.weights)
+            for option, value, own in (("--model", args.model, model.cfg.name),
+                                       ("--num-classes", args.num_classes, model.cfg.num_classes)):
+                if value is not None and value != own:
+                    raise ConfigError(f"{option} {value} contradicts the checkpoint {args.weights}, which holds "
+                                      f"{own}; leave {option} out")
+            return model, model.cfg.labels
+        if not args.model:
+            raise ConfigError(f"{args.weights} is not a streamtsm checkpoint; name the architecture with --model")
+        model = create(args.model, num_classes=args.num_classes)
+        return model, load_checkpoint(model, checkpoint)["labels"]
+    if not args.model:
+        raise ConfigError("give --model NAME, --weights CHECKPOINT, or both")
+    print(f"warning: no --weights: exporting {args.model} with freshly initialized weights", file=sys.stderr)
+    return create(args.model, num_classes=args.num_classes), None
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from ..labels import read_labels
+    from .onnx import export_onnx
+
+    model, labels = _load(args)
+    if args.labels:
+        labels = read_labels(args.labels, model.cfg.num_classes)
+    report = export_onnx(model, args.output, input_size=args.input_size, opset=args.opset,
+                         verify=not args.no_verify, labels=labels)
+    size = report.input_size
+    print(f"wrote {report.path}: {model.cfg.name}, {report.kind}, {model.cfg.num_classes} classes, {size}x{size}, "
+          f"{_mb(report.size_bytes)}, opset {report.opset}, {len(report.inputs) - 1 if report.kind == 'online' else 0}"
+          f" state tensors")
+    if report.max_abs_diff is None:
+        print("not verified (--no-verify)")
+    else:
+        print(f"verified with onnxruntime CPUExecutionProvider against torch: max abs diff {report.max_abs_diff:.2e}"
+              f" ({report.max_scaled_diff:.2e} of the output scale; {report.verification})")
+    if args.int8:
+        out = Path(args.output)
+        _quantize(out, out.with_name(out.name.removesuffix(".onnx") + ".int8.onnx"), args)
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    _quantize(Path(args.onnx), Path(args.output), args)
+    return 0
+
+
+def _quantize(fp32: Path, out: Path, args: argparse.Namespace) -> None:
+    from .onnx import calibration_frames, quantize_int8, read_metadata
+
+    cfg = ModelConfig.from_dict(read_metadata(fp32)["config"])
+    frames = calibration_frames(cfg, args.calib_source, num_frames=args.calib_frames,
+                                sequence_length=min(32, args.calib_frames))
+    report = quantize_int8(fp32, out, frames, threads=args.threads)
+    print(f"wrote {report['path']}: int8 QDQ (per-channel weights), {_mb(report['size_bytes'])} "
+          f"(fp32 {_mb(report['fp32_size_bytes'])}), calibrated on {report['calibration_inputs']} inputs from "
+          f"{args.calib_source}")
+    print(f"top-1 agreement with fp32: {100 * report['top1_agreement']:.1f}% over {report['holdout_predictions']} "
+          f"held-out predictions (max abs logit diff {report['max_abs_logit_diff']:.3g}); graph I/O float32")
