@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--source", action=_AppendSource, metavar="SRC",
                      help="video file, rtsp:// or http:// URL, image pattern (img_%%05d.jpg), or synthetic[:WxH@FPS]")
     src.add_argument("--name", action="append", help="stream id of the source in the same position")
-    src.add_argument("--frame-stride", type=int, default=1, help="feed every k-th frame (models trained at lower fps)")
+    src.add_argument("--frame-stride", type=int, metavar="K",
+                     help="feed every k-th frame (default: the stride an online model was trained with, else 1)")
     src.add_argument("--realtime", action="store_true", help="play files at their native fps, not as fast as possible")
     src.add_argument("--config", help="site config (TOML) listing cameras, models and the publisher")
     m = p.add_argument_group("model")

@@ -59,14 +59,23 @@ class StreamSpec:
             source given as an object cannot be replaced when its read hangs; the others can (see
             ``Pipeline._recover_hung``).
         name: stream id (derived from the source when None); used in topics.
-        frame_stride: process every k-th frame.
+        frame_stride: process every k-th frame; None takes the model's: an online model trained on every k-th frame
+            (``cfg.frame_interval`` = k) must be fed every k-th frame live too, or every motion looks k times slower
+            to it. Clip models sample their windows with ``frame_interval`` from every frame, so they default to 1.
         crop: optional ``(x, y, w, h)`` region of the frame to look at.
     """
 
     source: str | int | Source | Callable[[], Source]
     name: str | None = None
-    frame_stride: int = 1
+    frame_stride: int | None = None
     crop: tuple[int, int, int, int] | None = None
+
+
+def effective_frame_stride(spec: StreamSpec, engine: Engine) -> int:
+    """The stride a stream is captured with: its own, else its online model's ``frame_interval``, else 1."""
+    if spec.frame_stride is not None:
+        return spec.frame_stride
+    return max(1, int(engine.cfg.frame_interval)) if not isinstance(engine, ClipEngine) else 1
 
 
 @dataclass
@@ -212,14 +221,14 @@ class Pipeline:
                 self._streams.append(self._make_stream(sid, spec, group))
 
     def _make_stream(self, sid: str, spec: StreamSpec, group: _Group) -> _Stream:
-        capture, buffer = self._make_capture(sid, spec)
+        capture, buffer = self._make_capture(sid, spec, effective_frame_stride(spec, group.engine))
         o, labels = self.options, group.engine.labels
         post = StreamPostprocessor(labels, smooth=o.smooth, topk=o.topk, threshold=o.threshold, hold=o.hold,
                                    background=[b for b in o.background if b in labels])
         preprocess = Preprocessor.for_config(group.engine.cfg, crop=spec.crop)
         return _Stream(sid, spec, group, capture, buffer, preprocess, post)
 
-    def _make_capture(self, sid: str, spec: StreamSpec) -> tuple[CaptureThread, FrameBuffer]:
+    def _make_capture(self, sid: str, spec: StreamSpec, frame_stride: int) -> tuple[CaptureThread, FrameBuffer]:
         if isinstance(spec.source, Source):
             source = spec.source
         elif callable(spec.source):
@@ -228,7 +237,7 @@ class Pipeline:
             source = open_source(spec.source)
         # Live sources keep only the newest frame (no lag); files keep a few and never drop.
         buffer = FrameBuffer(1, "drop_oldest", self._notify) if source.is_live else FrameBuffer(4, "wait", self._notify)
-        capture = CaptureThread(source, sid, buffer, frame_stride=spec.frame_stride, realtime=self.options.realtime,
+        capture = CaptureThread(source, sid, buffer, frame_stride=frame_stride, realtime=self.options.realtime,
                                 read_timeout=self.options.read_timeout, backoff=self.options.backoff)
         return capture, buffer
 
@@ -419,7 +428,7 @@ class Pipeline:
         s.totals_base["reconnects"] += 1
         s.index_base += stats["frames_read"]
         s.generation_base += stats["generation"] + 1
-        s.capture, s.buffer = self._make_capture(s.id, s.spec)
+        s.capture, s.buffer = self._make_capture(s.id, s.spec, effective_frame_stride(s.spec, s.group.engine))
         s.capture.start()
         return True
 

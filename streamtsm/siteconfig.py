@@ -55,7 +55,7 @@ class CameraConfig:
     labels: str | None = None
     device: str = "cpu"
     providers: str | None = None
-    frame_stride: int = 1
+    frame_stride: int | None = None  # None: the model's (see pipeline.effective_frame_stride)
     crop: tuple[int, int, int, int] | None = None
     clip_stride: int = 1
 

@@ -286,3 +286,18 @@ def test_source_whose_read_hangs_is_replaced_and_the_stream_goes_on(engine):
     indices = [i for i, _ in seen]
     assert indices == sorted(set(indices)), "frame indices keep increasing across the replaced capture"
     assert seen[0][1] == 0 and seen[-1][1] == 1, "the new capture is a new generation (state reset)"
+
+
+def test_online_model_trained_on_every_kth_frame_is_fed_every_kth_frame_unless_told(shared_data):
+    model = create("tsm_mobilenetv2_online", num_classes=5, width_mult=0.25, input_size=32, resize_size=36,
+                   frame_interval=3)
+    strided = TorchOnlineEngine(randomize_(model, seed=3), labels=LABELS)
+    clip = str(shared_data / "videos" / "sample.avi")
+    seen: dict[str, list[int]] = {"default": [], "every": []}
+    specs = [StreamSpec(clip, "default"), StreamSpec(clip, "every", frame_stride=1)]
+    pipeline = Pipeline(strided, specs, None, PipelineOptions(max_frames=10),
+                        on_result=lambda sid, frame, topk: seen[sid].append(frame.index))
+    pipeline.start()
+    pipeline.run()
+    assert seen["default"] == list(range(0, 30, 3))
+    assert seen["every"] == list(range(10))
