@@ -240,7 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_listen)
 
     from .export.commands import add_commands as add_export_commands
+    from .train.commands import add_commands as add_train_commands
+
     add_export_commands(sub)
+    add_train_commands(sub)
     return parser
 
 

@@ -1,0 +1,117 @@
+"""`streamtsm synth`, `streamtsm train` and `streamtsm eval` end to end on a tiny synthetic dataset: the files and
+logs a run writes, resume reproducing an uninterrupted run, the eval protocols' report, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from streamtsm.cli import main
+from streamtsm.models import load_model, read_checkpoint
+
+CLASSES = ["move_left", "move_right", "still"]
+COMMON = ["--batch-size", "3", "--lr", "0.02", "--lr-steps", "1", "--workers", "0", "--no-progress", "--device", "cpu", "--seed", "1"]
+TINY = ["--model", "tsm_mobilenetv2_online", "--width-mult", "0.25", "--input-size", "32", "--num-segments", "4",
+        *COMMON]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    assert main(["synth", "--out", str(root), "--clips-per-class", "4", "--frames", "8", "--size", "40x32",
+                 "--val-fraction", "0.25", "--classes", *CLASSES]) == 0
+    return root
+
+
+def _log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_synth_writes_videos_lists_and_labels(dataset):
+    assert (dataset / "labels.txt").read_text().split() == CLASSES
+    train = (dataset / "train.txt").read_text().splitlines()
+    val = (dataset / "val.txt").read_text().splitlines()
+    assert len(train) == 9 and len(val) == 3
+    assert all((dataset / line.split()[0]).is_file() for line in train + val)
+    assert json.loads((dataset / "synth.json").read_text())["frames"] == 8
+
+
+def test_train_writes_checkpoints_logs_and_resume_matches_an_uninterrupted_run(dataset, tmp_path):
+    data = ["--train", str(dataset / "train.txt"), "--val", str(dataset / "val.txt")]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train", *TINY, *data, "--epochs", "2", "--out", str(straight)]) == 0
+    assert main(["train", *TINY, *data, "--epochs", "1", "--out", str(split)]) == 0
+    # --epochs 2 with --resume: continue the 1-epoch run's schedule to epoch 2 (the model comes from the checkpoint).
+    assert main(["train", *COMMON, *data, "--epochs", "2", "--out", str(split),
+                 "--resume", str(split / "checkpoint.pth")]) == 0
+
+    for run in (straight, split):
+        assert {p.name for p in run.iterdir()} >= {"checkpoint.pth", "best.pth", "log.jsonl", "labels.txt"}
+        epochs = [r for r in _log(run) if r["event"] == "epoch"]
+        assert [r["epoch"] for r in epochs] == [1, 2]
+        assert all({"top1", "top5", "mean_class_acc"} <= set(r["val"]) for r in epochs)
+        assert all(r["clips_per_s"] > 0 and r["skipped"] == 0 for r in epochs)
+        final = _log(run)[-1]
+        assert final["event"] == "final" and final["labels"] == CLASSES
+    a = read_checkpoint(straight / "checkpoint.pth")
+    b = read_checkpoint(split / "checkpoint.pth")
+    assert a["extra"]["epoch"] == b["extra"]["epoch"] == 2
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
+    model = load_model(straight / "best.pth")
+    assert model.cfg.labels == CLASSES and model.cfg.arch["shift_mode"] == "unidirectional"
+    assert model.cfg.input_size == 32 and model.num_segments == 4
+
+
+def test_eval_reports_offline_and_online_protocols(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--train", str(dataset / "train.txt"), "--epochs", "1", "--out", str(run)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--weights", str(run / "checkpoint.pth"), "--val", str(dataset / "val.txt"),
+                 "--num-clips", "2", "--crops", "3", "--twice-sample", "--workers", "0", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "offline (2 clips x 3 crops" in table and "online (step, last frame)" in table
+    result = json.loads(out.read_text())
+    assert result["protocol"]["views"] == 2 * 2 * 3
+    for key in ("offline", "online", "online_avg"):
+        assert result[key]["count"] == 3 and 0 <= result[key]["top1"] <= 1
+        assert {"top5", "mean_class_acc", "confusion"} <= set(result[key])
+
+
+def test_train_skips_unreadable_videos_and_counts_them(dataset, tmp_path):
+    broken = tmp_path / "broken.avi"
+    broken.write_bytes(b"\x00" * 100)
+    ann = tmp_path / "train.txt"
+    ann.write_text((dataset / "train.txt").read_text().replace("videos/", f"{dataset}/videos/")
+                   + f"{broken} 0\n")
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--train", str(ann), "--labels", str(dataset / "labels.txt"), "--epochs", "1",
+                 "--batch-size", "10", "--out", str(run)]) == 0
+    epoch, final = _log(run)[1], _log(run)[-1]
+    assert epoch["skipped"] == 1 and epoch["clips"] == 9
+    assert final["skipped"] == [str(broken)]
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "annotation list not found"),
+    ("labels", "only 2 labels"),
+    ("model", "unknown model"),
+    ("resume", "not found"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(dataset, tmp_path, capsys, case, match):
+    args = ["train", *TINY, "--train", str(dataset / "train.txt"), "--epochs", "1", "--out", str(tmp_path / "r")]
+    if case == "missing":
+        args[args.index("--train") + 1] = str(tmp_path / "nope.txt")
+    elif case == "labels":
+        (tmp_path / "two.txt").write_text("a\nb\n")
+        args += ["--labels", str(tmp_path / "two.txt")]
+    elif case == "model":
+        args[args.index("--model") + 1] = "no_such_model"
+    else:
+        args = ["train", "--train", str(dataset / "train.txt"), "--resume", str(tmp_path / "none.pth")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err
