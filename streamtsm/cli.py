@@ -54,7 +54,8 @@ def _groups_from_args(args: argparse.Namespace):
              for i, src in enumerate(sources)]
     providers = args.providers.split(",") if args.providers else None
     engine = build_engine(model=args.model, weights=args.weights, onnx=args.onnx, labels_file=args.labels,
-                          device=args.device, providers=providers, threads=args.threads)
+                          device=args.device, providers=providers, threads=args.threads,
+                          backend=args.backend, url=args.url, triton_model=args.triton_model)
     return [ModelGroup(engine, specs, clip_stride=args.clip_stride)]
 
 
@@ -137,6 +138,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             publisher.close()
         if display is not None:
             display.close()
+        for group in groups:
+            group.engine.close()  # a Triton engine ends its sequences on the server
     _print_summary(final)
     return 0
 
@@ -202,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", help="registered model name (see `streamtsm models`); default: the shipped demo model")
     m.add_argument("--weights", help="checkpoint (streamtsm, official TSM, mmaction2)")
     m.add_argument("--onnx", help="run an exported .onnx file on onnxruntime (no torch needed)")
+    m.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "triton"], default="auto",
+                   help="auto (default): triton with --url, onnxruntime with --onnx, else torch")
+    m.add_argument("--url", metavar="HOST:PORT", help="Triton server's gRPC endpoint (e.g. localhost:8001)")
+    m.add_argument("--triton-model", metavar="NAME", help="the model's name on the Triton server (see export-triton)")
     m.add_argument("--labels", help="class names, one per line")
     m.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N")
     m.add_argument("--providers", help="onnxruntime providers, comma-separated: tensorrt,cuda,cpu")

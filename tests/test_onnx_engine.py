@@ -19,14 +19,9 @@ from streamtsm.export import export_onnx
 
 from .test_onnx_export import SIZE, TOL, scaled_diff, tiny_clip, tiny_online
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Tiny models: extra threads only add synchronisation, which costs ~1 s per step on a loaded 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,7 @@ SIZE = 32
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Tiny models: extra threads only add synchronisation, which costs ~1 s per step on a loaded 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_online(name: str = "tsm_mobilenetv2_online", seed: int = 0, **kw):

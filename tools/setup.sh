@@ -8,4 +8,4 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,metrics]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,metrics,triton]"

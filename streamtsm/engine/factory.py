@@ -1,5 +1,5 @@
 """Build the engine `streamtsm run` asks for: a registered model (with weights, or the shipped demo model) on
-torch, or an exported .onnx file on onnxruntime (that path never imports torch)."""
+torch, an exported .onnx file on onnxruntime, or a model served by Triton (the last two never import torch)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 
 DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "demo_tsm_mobilenetv2_online.pth"
 DEFAULT_MODEL = "tsm_mobilenetv2_online"
+BACKENDS = ("auto", "torch", "onnxruntime", "triton")
+_BACKEND_ALIASES = {"onnx": "onnxruntime", "ort": "onnxruntime"}
 
 
 def default_threads() -> int:
@@ -26,9 +28,42 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+def _resolve_backend(backend: str | None, onnx: str | None, url: str | None) -> str:
+    """The backend ``backend`` names, or for ``auto``: triton with a url, onnxruntime with a file, else torch."""
+    name = _BACKEND_ALIASES.get((backend or "auto").lower(), (backend or "auto").lower())
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "triton" if url else "onnxruntime" if onnx else "torch"
+    return name
+
+
+def _build_triton(url: str | None, triton_model: str | None, model: str | None, weights: str | None,
+                  onnx: str | None, labels_file: str | None) -> Engine:
+    if model or weights or onnx:
+        raise ConfigError("--backend triton runs the model the server holds; drop --model/--weights/--onnx "
+                          "(name it with --triton-model)")
+    if not url or not triton_model:
+        raise ConfigError("--backend triton needs --url HOST:PORT (the server's gRPC endpoint, e.g. "
+                          "localhost:8001) and --triton-model NAME (the name given to export-triton)")
+    from .triton_engine import TritonOnlineEngine
+
+    engine = TritonOnlineEngine(url, triton_model)
+    if labels_file:
+        from ..labels import read_labels
+
+        try:
+            engine.labels = read_labels(labels_file, num_classes=engine.cfg.num_classes)
+        except BaseException:
+            engine.close()
+            raise
+    return engine
+
+
 def build_engine(*, model: str | None = None, weights: str | None = None, onnx: str | None = None,
                  labels_file: str | None = None, device: str = "cpu", providers: list[str] | None = None,
-                 num_classes: int | None = None, threads: int | None = None) -> Engine:
+                 num_classes: int | None = None, threads: int | None = None, backend: str = "auto",
+                 url: str | None = None, triton_model: str | None = None) -> Engine:
     """Build an engine from CLI-style choices.
 
     Args:
@@ -40,7 +75,20 @@ def build_engine(*, model: str | None = None, weights: str | None = None, onnx: 
         providers: onnxruntime execution providers for ``onnx``.
         num_classes: classifier size when building a registered model without a checkpoint of ours.
         threads: intra-op threads of the backend (default: :func:`default_threads`).
+        backend: ``torch``, ``onnxruntime`` (``onnx``), ``triton``, or ``auto``: triton when ``url`` is given,
+            onnxruntime when ``onnx`` is, torch otherwise.
+        url: ``host:port`` of a Triton server's gRPC endpoint (``triton``).
+        triton_model: the model's name on that server (``triton``).
     """
+    chosen = _resolve_backend(backend, onnx, url)
+    if chosen == "triton":
+        return _build_triton(url, triton_model, model, weights, onnx, labels_file)
+    if url or triton_model:
+        raise ConfigError(f"--url and --triton-model are for --backend triton, not {chosen}")
+    if chosen == "onnxruntime" and not onnx:
+        raise ConfigError("--backend onnxruntime runs an exported file: give --onnx FILE (see export-onnx)")
+    if chosen == "torch" and onnx:
+        raise ConfigError("--onnx files run on onnxruntime; drop --backend torch (or use --backend onnxruntime)")
     threads = threads or default_threads()
     labels = None
     if onnx:

@@ -1,8 +1,10 @@
-"""The ``export-onnx`` and ``quantize`` commands (added to the ``streamtsm`` parser by :func:`add_commands`).
+"""The ``export-onnx``, ``quantize`` and ``export-triton`` commands (added to the ``streamtsm`` parser by
+:func:`add_commands`).
 
     streamtsm export-onnx --model tsm_mobilenetv2_online --weights online.pth.tar --labels jester.txt -o m.onnx
     streamtsm export-onnx --weights run/best.pth --int8 --calib-source clips/door.mp4 -o door.onnx
     streamtsm quantize --onnx m.onnx -o m.int8.onnx --calib-source synthetic
+    streamtsm export-triton --weights run/best.pth -o model_repository/ --name door --max-batch-size 32
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def add_commands(subparsers) -> None:
-    """Add ``export-onnx`` and ``quantize`` to an argparse subparsers object (each sets ``func``)."""
+    """Add ``export-onnx``, ``quantize`` and ``export-triton`` to an argparse subparsers object (each sets
+    ``func``)."""
     p = subparsers.add_parser("export-onnx", help="export a model to a self-describing, verified ONNX file",
                               description="Export a model to ONNX (online models as one step with explicit state, "
                                           "clip models as clip -> logits), verify it against torch with "
@@ -44,6 +47,46 @@ def add_commands(subparsers) -> None:
     _add_calibration_args(p, None)
     p.add_argument("-o", "--output", required=True, help="the int8 .onnx file to write")
     p.set_defaults(func=cmd_quantize)
+
+    _add_triton_command(subparsers)
+
+
+def _add_triton_command(subparsers) -> None:
+    from .triton import DEFAULT_IDLE_TIMEOUT_US, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQUENCES, INSTANCE_KINDS
+
+    p = subparsers.add_parser("export-triton", help="write an online model into a Triton Inference Server "
+                                                    "model repository (server-side state per camera)",
+                              description="Write an online model into a Triton model repository: the ONNX step "
+                                          "graph with Triton's sequence controls, and a config.pbtxt whose "
+                                          "sequence batcher keeps each camera's state on the server (implicit "
+                                          "state, zero initial state) and batches cameras across clients. "
+                                          "Run it with `streamtsm run --backend triton`.")
+    p.add_argument("--model", help="registered model name (optional with a streamtsm checkpoint)")
+    p.add_argument("--weights", help="a streamtsm checkpoint, or foreign weights for --model; without it the model "
+                                     "is exported with fresh weights")
+    p.add_argument("--onnx", help="an existing export-onnx file (fp32 or int8) to serve instead of --model/--weights")
+    p.add_argument("--labels", help="label file, one class per line (count must equal the number of classes)")
+    p.add_argument("--input-size", type=int, help="side of the square frames the graph takes (default: config)")
+    p.add_argument("--num-classes", type=int, help="classifier size for --model (default: the model's)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--no-verify", action="store_true", help="skip the check of the served graph against torch")
+    p.add_argument("-o", "--output", required=True, metavar="REPO_DIR",
+                   help="the model repository (created if missing); REPO_DIR/NAME is replaced")
+    p.add_argument("--name", help="the model's name on the server (default: the model's registry name)")
+    p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                   help=f"most cameras in one execution (default: {DEFAULT_MAX_BATCH_SIZE})")
+    p.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_US / 1e6, metavar="SECONDS",
+                   help="a camera silent this long loses its state on the server (default: "
+                        f"{DEFAULT_IDLE_TIMEOUT_US / 1e6:g})")
+    p.add_argument("--max-sequences", type=int, default=DEFAULT_MAX_SEQUENCES,
+                   help="cameras one model instance serves at once; more wait in Triton's backlog "
+                        f"(default: {DEFAULT_MAX_SEQUENCES})")
+    p.add_argument("--queue-delay", type=float, default=0.0, metavar="MS",
+                   help="how long a request may wait to be batched with other cameras (default: 0)")
+    p.add_argument("--instances", type=int, default=1, help="model instances (default: 1)")
+    p.add_argument("--instance-kind", choices=INSTANCE_KINDS, default="auto",
+                   help="where instances run: auto (GPU when present, else CPU), gpu, cpu (default: auto)")
+    p.set_defaults(func=cmd_export_triton)
 
 
 def _add_calibration_args(p: argparse.ArgumentParser, int8_help: str | None) -> None:
@@ -124,3 +167,44 @@ def _quantize(fp32: Path, out: Path, args: argparse.Namespace) -> None:
           f"{args.calib_source}")
     print(f"top-1 agreement with fp32: {100 * report['top1_agreement']:.1f}% over {report['holdout_predictions']} "
           f"held-out predictions (max abs logit diff {report['max_abs_logit_diff']:.3g}); graph I/O float32")
+
+
+def cmd_export_triton(args: argparse.Namespace) -> int:
+    from ..labels import read_labels
+    from .triton import export_triton
+
+    if args.idle_timeout <= 0 or args.queue_delay < 0:
+        raise ConfigError(f"--idle-timeout must be > 0 and --queue-delay >= 0, got {args.idle_timeout:g} and "
+                          f"{args.queue_delay:g}")
+    if args.onnx:
+        if args.model or args.weights or args.num_classes:
+            raise ConfigError("--onnx serves that file as it is; drop --model/--weights/--num-classes")
+        source, labels, what = args.onnx, None, args.onnx
+        if args.labels:
+            from .onnx import read_metadata
+
+            labels = read_labels(args.labels, read_metadata(args.onnx)["config"]["num_classes"])
+    else:
+        source, labels = _load(args)
+        if args.labels:
+            labels = read_labels(args.labels, source.cfg.num_classes)
+        what = source.cfg.name
+    report = export_triton(source, args.output, name=args.name, max_batch_size=args.max_batch_size,
+                           idle_timeout_us=max(1, round(args.idle_timeout * 1e6)),
+                           max_sequences=args.max_sequences, queue_delay_us=round(args.queue_delay * 1e3),
+                           instances=args.instances, instance_kind=args.instance_kind, input_size=args.input_size,
+                           labels=labels, opset=args.opset, verify=not args.no_verify)
+    print(f"wrote {report.model_dir}: {what} as Triton model {report.name!r} (config.pbtxt, 1/model.onnx"
+          f"{', labels.txt' if report.labels_path else ''}); sequence batching (oldest), max batch "
+          f"{report.max_batch_size}, up to {report.max_sequences} cameras per instance, {report.num_state} state "
+          f"tensors ({report.state_bytes / 1e3:.1f} kB per camera) kept by Triton, idle timeout "
+          f"{report.idle_timeout_us / 1e6:g} s")
+    if report.max_abs_diff is None:
+        print("not verified (--no-verify)")
+    else:
+        print(f"verified the served graph (controls included) against "
+              f"{'the .onnx file' if args.onnx else 'torch'}: max abs diff {report.max_abs_diff:.2e} "
+              f"({report.max_scaled_diff:.2e} of the output scale; {report.verification})")
+    print(f"serve it: tritonserver --model-repository={Path(args.output).resolve()}; run it: streamtsm run "
+          f"--backend triton --url HOST:8001 --triton-model {report.name}")
+    return 0
