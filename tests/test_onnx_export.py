@@ -224,10 +224,21 @@ def test_quantize_int8_keeps_state_io_float_and_reports_agreement(online, tmp_pa
 
 def test_quantize_int8_clip_model(clip, tmp_path):
     _, path, _ = clip
-    frames = np.random.default_rng(0).standard_normal((3, 16, 3, SIZE, SIZE), dtype=np.float32)
+    # tsm_r18 windows are 8 frames 8 apart: 57 consecutive frames each, one window per 60-frame sequence.
+    frames = np.random.default_rng(0).standard_normal((3, 60, 3, SIZE, SIZE), dtype=np.float32)
     report = quantize_int8(path, tmp_path / "clip8.onnx", frames)
-    assert report["holdout_predictions"] == 2 and report["calibration_inputs"] == 4  # 2-frame windows of 8
+    assert report["holdout_predictions"] == 1 and report["calibration_inputs"] == 2
     assert _io_types(report["path"]) == {"clip": onnx.TensorProto.FLOAT, "logits": onnx.TensorProto.FLOAT}
+    with pytest.raises(ConfigError, match=r"8 frames 8 apart \(57 consecutive frames\)"):
+        quantize_int8(path, tmp_path / "short.onnx", frames[:, :40])
+
+
+def test_clip_calibration_windows_are_sampled_like_the_live_ring():
+    # Frame t of sequence n holds the value 100 n + t, so each window shows which frames it took.
+    t = np.arange(20, dtype=np.float32)
+    sequences = (t[None, :] + 100 * np.arange(2, dtype=np.float32)[:, None])[:, :, None, None, None]
+    windows = onnx_export._clips(np.broadcast_to(sequences, (2, 20, 3, 2, 2)), clip_len=3, interval=4)
+    assert windows[:, :, 0, 0, 0].tolist() == [[0, 4, 8], [9, 13, 17], [100, 104, 108], [109, 113, 117]]
 
 
 def test_quantize_rejects_frames_of_another_size_and_int8_input(online, tmp_path):

@@ -90,3 +90,16 @@ def test_unknown_option_is_named():
 def test_bad_architecture_value_is_a_config_error():
     with pytest.raises(ConfigError, match="shift_mode"):
         create("tsm_r50", shift_mode="sideways")
+
+
+@pytest.mark.parametrize("name, overrides, kind", [
+    ("tsm_r18", {"shift_mode": "unidirectional"}, "online"),
+    ("tsm_r18", {"shift_mode": "none"}, "online"),
+    ("tsm_mobilenetv2_online", {"shift_mode": "bidirectional"}, "clip"),
+    ("tsm_r18_online", {"temporal_pool": True}, "clip"),
+    ("tsm_r18_online", {}, "online"),
+])
+def test_kind_follows_whether_the_built_network_has_a_step_form(name, overrides, kind):
+    model = create(name, num_classes=3, width=8, **overrides) if "r18" in name else create(
+        name, num_classes=3, width_mult=0.25, **overrides)
+    assert model.cfg.kind == kind and model.online == (kind == "online")

@@ -65,6 +65,40 @@ def test_train_writes_checkpoints_logs_and_resume_matches_an_uninterrupted_run(d
     assert model.cfg.input_size == 32 and model.num_segments == 4
 
 
+def test_dense_training_records_its_clips_so_run_and_eval_sample_the_same_way(dataset, tmp_path, capsys):
+    dense, segments = tmp_path / "dense", tmp_path / "segments"
+    assert main(["train", *TINY, "--train", str(dataset / "train.txt"), "--epochs", "1", "--sampling", "dense",
+                 "--frame-interval", "2", "--scales", "1", "0.875", "--out", str(dense)]) == 0
+    # --frame-interval means nothing to TSN segment sampling, so it is not recorded there.
+    assert main(["train", *TINY, "--train", str(dataset / "train.txt"), "--epochs", "1", "--frame-interval", "2",
+                 "--out", str(segments)]) == 0
+    model = load_model(dense / "checkpoint.pth")
+    assert model.cfg.frame_interval == 2 and model.cfg.clip_len == 4 and model.cfg.kind == "online"
+    assert load_model(segments / "checkpoint.pth").cfg.frame_interval == 1
+    start = _log(dense)[0]
+    assert start["sampler"] == "DenseSampler" and start["options"]["scales"] == [1.0, 0.875]
+    for run, kind in ((dense, "dense"), (segments, "segments")):
+        capsys.readouterr()
+        assert main(["eval", "--weights", str(run / "best.pth"), "--val", str(dataset / "val.txt"), "--workers", "0",
+                     "--json", "-"]) == 0
+        protocol = json.loads(capsys.readouterr().out.splitlines()[-1])["protocol"]
+        assert protocol["sampling"]["kind"] == kind
+        if kind == "dense":
+            assert (protocol["sampling"]["clip_len"], protocol["sampling"]["frame_interval"]) == (4, 2)
+
+
+def test_resume_with_another_optimizer_is_one_clear_error(dataset, tmp_path, capsys):
+    run = tmp_path / "adamw"
+    data = ["--train", str(dataset / "train.txt")]
+    assert main(["train", *TINY, *data, "--epochs", "1", "--optimizer", "adamw", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["train", *COMMON, *data, "--epochs", "2", "--out", str(run), "--resume",
+                 str(run / "checkpoint.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trained with --optimizer adamw" in err and "(got sgd)" in err
+    assert [r["epoch"] for r in _log(run) if r["event"] == "epoch"] == [1], "nothing was appended to the run"
+
+
 def test_eval_reports_offline_and_online_protocols(dataset, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--train", str(dataset / "train.txt"), "--epochs", "1", "--out", str(run)]) == 0
@@ -100,6 +134,7 @@ def test_train_skips_unreadable_videos_and_counts_them(dataset, tmp_path):
     ("labels", "only 2 labels"),
     ("model", "unknown model"),
     ("resume", "not found"),
+    ("scales", "crop scales must be fractions in (0, 1], got [1.0, 1.5]"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(dataset, tmp_path, capsys, case, match):
     args = ["train", *TINY, "--train", str(dataset / "train.txt"), "--epochs", "1", "--out", str(tmp_path / "r")]
@@ -110,6 +145,8 @@ def test_bad_input_is_one_line_and_exit_code_2(dataset, tmp_path, capsys, case, 
         args += ["--labels", str(tmp_path / "two.txt")]
     elif case == "model":
         args[args.index("--model") + 1] = "no_such_model"
+    elif case == "scales":
+        args += ["--scales", "1", "1.5"]
     else:
         args = ["train", "--train", str(dataset / "train.txt"), "--resume", str(tmp_path / "none.pth")]
     assert main(args) == 2

@@ -1,21 +1,23 @@
-"""Build the shipped demo model: an online TSM (MobileNetV2) that recognizes the motions of the live ``synthetic``
-source, frame by frame.
+"""Build the shipped demo model: an online TSM that recognizes the motions of the live ``synthetic`` source, frame
+by frame.
 
     python tools/make_demo_model.py [--work /tmp/streamtsm_demo] [--seed 0] [--threads 2]
 
-Three steps, all through the library (``streamtsm synth`` and ``streamtsm train`` do the same from the shell):
+Three steps; the first two are the commands a user runs on their own videos, run here in-process:
 
-1. ``write_synthetic_dataset``: scenes rendered at the size the live frames have after preprocessing (320x240 ->
-   short side ``resize_size``), with the motion spread over 60 frames like ``MotionScene``'s segments, so a clip
-   moves as fast per frame as the live source does;
-2. ``train``: ``tsm_mobilenetv2_online`` in its clip form with the uni-directional shift, on dense clips of
-   ``num_segments`` frames every ``--frame-stride`` frames (matched warm-up, AdamW, cosine);
-3. evaluation: the val split (offline and online protocols), then the test that matters: the model stepped frame
-   by frame over ``MotionScene`` (the live source's frames, preprocessed as the pipeline does), each prediction
-   compared with ``motion_at(t)`` after a few frames of warm-up into each segment.
+1. ``streamtsm synth``: scenes rendered at 320x240 (the live source's size) and shrunk to the size the pipeline
+   shrinks live frames to (short side ``resize_size``), with each motion spread over 60 frames like
+   ``MotionScene``'s segments, so a clip moves as fast per frame as the live source does;
+2. ``streamtsm train``: ``tsm_r18_online`` in its clip form (the uni-directional shift), on dense clips of
+   ``num_segments`` frames every ``--frame-stride`` frames (matched warm-up, AdamW, cosine); the checkpoint
+   records the stride, so ``streamtsm run`` feeds it every ``--frame-stride``-th frame;
+3. evaluation: the val split (offline and online protocols), then what a user sees: the model stepped frame by
+   frame over ``MotionScene`` (the live source's frames, preprocessed as the pipeline does), each prediction
+   compared with ``motion_at(t)`` after some warm-up into each segment, and the action events the default
+   post-processing (``streamtsm run``'s smoothing and hold) makes of those predictions.
 
-Writes ``streamtsm/assets/demo_tsm_mobilenetv2_online.pth`` (streamtsm format, labels = MOTIONS) and
-``streamtsm/assets/demo_model.json`` (how it was made and how well it does).
+Writes ``streamtsm/assets/demo_model.pth`` (streamtsm format, labels = MOTIONS) and
+``streamtsm/assets/demo_model.json`` (the commands, seed, timings and accuracies; docs/demo-model.md reads it).
 """
 
 from __future__ import annotations
@@ -35,16 +37,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from streamtsm.cli import main as streamtsm_main  # noqa: E402
+from streamtsm.engine.factory import DEMO_WEIGHTS  # noqa: E402
 from streamtsm.models import load_model, save_checkpoint  # noqa: E402
+from streamtsm.postprocess import StreamPostprocessor  # noqa: E402
 from streamtsm.preprocess import Preprocessor  # noqa: E402
 from streamtsm.synthetic import MOTIONS, MotionScene  # noqa: E402
-from streamtsm.train.data import read_annotations, write_synthetic_dataset  # noqa: E402
+from streamtsm.train.data import read_annotations  # noqa: E402
 from streamtsm.train.evaluate import evaluate  # noqa: E402
-from streamtsm.train.loop import TrainOptions, train  # noqa: E402
 
-ASSETS = ROOT / "streamtsm" / "assets"
-MODEL_FILE = ASSETS / "demo_tsm_mobilenetv2_online.pth"
-INFO_FILE = ASSETS / "demo_model.json"
+MODEL_FILE = DEMO_WEIGHTS
+INFO_FILE = DEMO_WEIGHTS.with_suffix(".json")
 LIVE_SIZE = (320, 240)  # SyntheticSource's default frames
 SEGMENT_FRAMES = 60  # MotionScene's default segment length
 
@@ -93,6 +96,45 @@ def live_scene_accuracy(model, *, seeds=(101, 102, 103), cycles: int = 2, stride
             "scene_seeds": list(seeds), "size": list(LIVE_SIZE), "segment_frames": SEGMENT_FRAMES}
 
 
+def live_events(model, *, seeds=(101, 102, 103), cycles: int = 2, stride: int = 1, smooth: int = 8,
+                hold: int = 3) -> dict:
+    """The action events ``streamtsm run``'s post-processing (``--smooth``, ``--hold`` defaults) makes of the
+    model's frame-by-frame predictions over ``MotionScene``, scored against the scene's segments.
+
+    Returns:
+        ``segment_recall`` (segments in which an onset of their own motion fires), ``onset_precision`` (onsets
+        whose label is the motion on screen at the onset frame), ``onset_delay_s_median`` (seconds from a
+        segment's start to the onset of its motion, at 30 fps), counts.
+    """
+    model.eval()
+    pre = Preprocessor.for_config(model.cfg)
+    recalled, segments, right, onsets, delays = 0, 0, 0, 0, []
+    for seed in seeds:
+        scene = MotionScene(*LIVE_SIZE, seed=seed, segment_frames=SEGMENT_FRAMES)
+        post = StreamPostprocessor(list(MOTIONS), smooth=smooth, hold=hold)
+        state, found = None, set()
+        total = cycles * len(MOTIONS) * SEGMENT_FRAMES
+        with torch.no_grad():
+            for t in range(0, total, stride):
+                logits, state = model.step(torch.from_numpy(pre(scene.render(t)))[None], state)
+                _, events = post.process(logits[0].numpy(), t, t / 30.0)
+                for e in events:
+                    if e["event"] != "onset":
+                        continue
+                    onsets += 1
+                    truth = scene.motion_at(t)
+                    right += e["label"] == truth
+                    segment = t // SEGMENT_FRAMES
+                    if e["label"] == truth and segment not in found:
+                        found.add(segment)
+                        delays.append((t - segment * SEGMENT_FRAMES) / 30.0)
+        recalled += len(found)
+        segments += total // SEGMENT_FRAMES
+    return {"segment_recall": recalled / segments, "onset_precision": right / max(onsets, 1),
+            "onset_delay_s_median": float(np.median(delays)) if delays else None, "segments": segments,
+            "onsets": onsets, "smooth": smooth, "hold": hold, "stride": stride}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/streamtsm_demo", help="dataset and training run folder")
@@ -101,15 +143,14 @@ def main() -> None:
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--clip-frames", type=int, default=44,
                     help="frames per synthetic video: a window of the 60-frame motion, at least 7 x stride + 1")
-    ap.add_argument("--model", default="tsm_r18", choices=["tsm_r18", "tsm_mobilenetv2_online"],
-                    help="built with the uni-directional shift either way (online)")
-    ap.add_argument("--width", type=int, default=16, help="ResNet width (tsm_r18)")
+    ap.add_argument("--model", default="tsm_r18_online", choices=["tsm_r18_online", "tsm_mobilenetv2_online"])
+    ap.add_argument("--width", type=int, default=16, help="ResNet width (tsm_r18_online)")
     ap.add_argument("--width-mult", type=float, default=0.5, help="MobileNetV2 width (tsm_mobilenetv2_online)")
     ap.add_argument("--input-size", type=int, default=64)
     ap.add_argument("--resize-size", type=int, default=73)
-    ap.add_argument("--shift-div", type=int, default=4, help="1/shift_div of the channels shifted each way")
+    ap.add_argument("--shift-div", type=int, default=4, help="1/shift_div of the channels shifted")
     ap.add_argument("--frame-stride", type=int, default=6,
-                    help="train on every k-th frame; the live pipeline then feeds every k-th frame (--frame-stride)")
+                    help="train on every k-th frame; the live pipeline then feeds every k-th frame")
     ap.add_argument("--epochs", type=int, default=18)
     ap.add_argument("--live-warmup", type=int, default=24, help="scene frames into a segment before scoring")
     ap.add_argument("--matched-warmup", type=int, default=2)
@@ -130,58 +171,66 @@ def main() -> None:
 
     # 1. The dataset, at the size live frames have after the pipeline's resize (320x240 -> short side resize_size).
     width = round(LIVE_SIZE[0] * args.resize_size / LIVE_SIZE[1])
-    size = f"{width}x{args.resize_size}"
-    synth = {"out": str(data), "clips_per_class": args.scenes, "frames": args.clip_frames,
-             "motion_frames": SEGMENT_FRAMES, "size": size, "render_size": f"{LIVE_SIZE[0]}x{LIVE_SIZE[1]}",
-             "seed": args.seed, "val_fraction": args.val_fraction}
+    synth = ["synth", "--out", str(data), "--clips-per-class", str(args.scenes), "--frames", str(args.clip_frames),
+             "--motion-frames", str(SEGMENT_FRAMES), "--size", f"{width}x{args.resize_size}",
+             "--render-size", f"{LIVE_SIZE[0]}x{LIVE_SIZE[1]}", "--seed", str(args.seed),
+             "--val-fraction", str(args.val_fraction), "--workers", str(args.workers + 1)]
     if not args.skip_synth:
         t0 = time.perf_counter()
-        write_synthetic_dataset(**synth, workers=args.workers + 1, progress=sys.stderr.isatty())
+        _run(synth)
         logging.info("synthetic dataset in %.0fs", time.perf_counter() - t0)
 
-    # 2. Training.
-    width = {"width": args.width} if args.model == "tsm_r18" else {"width_mult": args.width_mult}
-    options = TrainOptions(
-        model=args.model, train=str(data / "train.txt"), val=str(data / "val.txt"), out=str(run),
-        model_args={**width, "shift_mode": "unidirectional", "input_size": args.input_size,
-                    "resize_size": args.resize_size, "num_segments": 8, "shift_div": args.shift_div,
-                    "frame_interval": args.frame_stride, "dropout": 0.2},
-        epochs=args.epochs, batch_size=args.batch_size, optimizer="adamw", lr=args.lr, weight_decay=1e-4,
-        schedule="cosine", matched_warmup_epochs=args.matched_warmup, frame_loss=args.frame_loss,
-        sampling="dense", scales=(1.0, 0.875),
-        workers=args.workers, device="cpu", seed=args.seed, progress=sys.stderr.isatty())
+    # 2. Training, with the CLI a user would run.
+    arch = ["--width", str(args.width)] if args.model == "tsm_r18_online" else ["--width-mult", str(args.width_mult)]
+    train_cmd = ["train", "--model", args.model, "--train", str(data / "train.txt"), "--val", str(data / "val.txt"),
+                 "--out", str(run), *arch, "--input-size", str(args.input_size), "--resize-size",
+                 str(args.resize_size), "--num-segments", "8", "--model-arg", f"shift_div={args.shift_div}",
+                 "--dropout", "0.2", "--sampling", "dense", "--frame-interval", str(args.frame_stride),
+                 "--scales", "1", "0.875", "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                 "--optimizer", "adamw", "--lr", str(args.lr), "--weight-decay", "1e-4", "--schedule", "cosine",
+                 "--matched-warmup", str(args.matched_warmup), "--frame-loss", str(args.frame_loss),
+                 "--workers", str(args.workers), "--device", "cpu", "--seed", str(args.seed)]
     train_time = None
     if not args.skip_train:
         t0 = time.perf_counter()
-        final = train(options)
+        _run(train_cmd)
         train_time = time.perf_counter() - t0
-        logging.info("trained in %.0fs: best val top-1 %.3f", train_time, final["best_top1"])
+        logging.info("trained in %.0fs", train_time)
 
     # 3. Evaluation: the val split, then the live scene.
     model = load_model(run / "best.pth")
+    if model.cfg.frame_interval != args.frame_stride or not model.online:
+        raise SystemExit(f"trained model records frame_interval {model.cfg.frame_interval} (online: {model.online})")
     val = evaluate(model, read_annotations(data / "val.txt"), num_clips=3, online=True, sampling="dense",
                    workers=args.workers)
     live = {f"stride_{k}": live_scene_accuracy(model, stride=k, warmup=args.live_warmup)
             for k in sorted({1, args.frame_stride})}
+    events = live_events(model, stride=args.frame_stride)
     for name, r in live.items():
         logging.info("live scene %s: frame top-1 %.3f, segment top-1 %.3f", name, r["frame_top1"],
                      r["segment_top1"])
+    logging.info("live events: segment recall %.3f, onset precision %.3f, median delay %s s",
+                 events["segment_recall"], events["onset_precision"], events["onset_delay_s_median"])
 
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, out, labels=list(MOTIONS))
-    command = "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]])
+    tool = "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]])
+    workdir = str(work)
+
+    def shown(argv: list[str]) -> str:
+        return "streamtsm " + " ".join(a.replace(workdir, "<work>") for a in argv)
+
     info = {
         "model": model.cfg.name,
         "online": bool(model.online),
         "file": out.name,
         "size_bytes": out.stat().st_size,
-        "command": command,
+        "command": tool,
+        "steps": [shown(synth), shown(train_cmd)],
         "seed": args.seed,
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "synth": {**synth, "out": "<work>/data"},
-        "train": {k: v for k, v in options.to_json().items()
-                  if k not in ("train", "val", "out", "progress", "resume", "weights")},
         "train_time_s": round(train_time, 1) if train_time is not None else None,
         "total_time_s": round(time.perf_counter() - t_start, 1),
         "frame_stride": args.frame_stride,
@@ -191,12 +240,20 @@ def main() -> None:
         "val": {k: {m: round(val[k][m], 4) for m in ("top1", "top5", "mean_class_acc")}
                 for k in ("offline", "online", "online_avg")} | {"videos": val["offline"]["count"]},
         "live_scene": live,
+        "live_events": events,
     }
-    info_file = out.parent / INFO_FILE.name
-    info_file.write_text(json.dumps(info, indent=2) + "\n")
+    INFO_FILE.with_name(out.with_suffix(".json").name).write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps({"val_top1": info["val"]["offline"]["top1"],
                       "live": {k: (round(v["frame_top1"], 3), round(v["segment_top1"], 3)) for k, v in live.items()},
+                      "events": {k: events[k] for k in ("segment_recall", "onset_precision", "onset_delay_s_median")},
                       "size_bytes": info["size_bytes"], "total_time_s": info["total_time_s"]}))
+
+
+def _run(argv: list[str]) -> None:
+    logging.info("streamtsm %s", " ".join(argv))
+    code = streamtsm_main(argv)
+    if code != 0:
+        raise SystemExit(f"streamtsm {argv[0]} failed with exit code {code}")
 
 
 if __name__ == "__main__":

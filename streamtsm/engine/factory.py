@@ -12,7 +12,7 @@ from .base import Engine
 
 log = logging.getLogger(__name__)
 
-DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "demo_tsm_mobilenetv2_online.pth"
+DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "assets" / "demo_model.pth"
 DEFAULT_MODEL = "tsm_mobilenetv2_online"
 BACKENDS = ("auto", "torch", "onnxruntime", "triton")
 _BACKEND_ALIASES = {"onnx": "onnxruntime", "ort": "onnxruntime"}

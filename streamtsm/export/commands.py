@@ -28,8 +28,9 @@ def add_commands(subparsers) -> None:
                                           "clip models as clip -> logits), verify it against torch with "
                                           "onnxruntime, and optionally quantize it to int8.")
     p.add_argument("--model", help="registered model name (optional with a streamtsm checkpoint)")
-    p.add_argument("--weights", help="a streamtsm checkpoint, or foreign weights (official, mmaction2, plain) for "
-                                     "--model; without it the model is exported with fresh weights")
+    p.add_argument("--weights", help="a streamtsm checkpoint, or foreign weights (official TSM, mmaction2, "
+                                     "pytorchvideo, UniFormer, plain) for --model; without it the model is exported "
+                                     "with fresh weights")
     p.add_argument("--labels", help="label file, one class per line (count must equal the number of classes)")
     p.add_argument("--input-size", type=int, help="side of the square frames the graph takes (default: config)")
     p.add_argument("--num-classes", type=int, help="classifier size for --model (default: the model's)")
@@ -158,9 +159,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _quantize(fp32: Path, out: Path, args: argparse.Namespace) -> None:
     from .onnx import calibration_frames, quantize_int8, read_metadata
 
-    cfg = ModelConfig.from_dict(read_metadata(fp32)["config"])
-    frames = calibration_frames(cfg, args.calib_source, num_frames=args.calib_frames,
-                                sequence_length=min(32, args.calib_frames))
+    meta = read_metadata(fp32)
+    cfg = ModelConfig.from_dict(meta["config"])
+    # Online models: sequences of 32 frames stepped with their state. Clip models: each sequence must hold a whole
+    # window (clip_len frames frame_interval apart), as the live ring samples it.
+    length = min(32, args.calib_frames)
+    if meta["kind"] == "clip":
+        length = (meta["io"]["inputs"]["clip"][1] - 1) * cfg.frame_interval + 1
+    frames = calibration_frames(cfg, args.calib_source, num_frames=max(args.calib_frames, length),
+                                sequence_length=length)
     report = quantize_int8(fp32, out, frames, threads=args.threads)
     print(f"wrote {report['path']}: int8 QDQ (per-channel weights), {_mb(report['size_bytes'])} "
           f"(fp32 {_mb(report['fp32_size_bytes'])}), calibrated on {report['calibration_inputs']} inputs from "

@@ -512,16 +512,21 @@ def _online_feeds(session, sequences: np.ndarray, meta: dict) -> list[dict]:
     return feeds
 
 
-def _clips(sequences: np.ndarray, clip_len: int) -> np.ndarray:
-    """Non-overlapping windows of ``clip_len`` frames from each sequence: ``[M, clip_len, 3, S, S]``."""
+def _clips(sequences: np.ndarray, clip_len: int, interval: int = 1) -> np.ndarray:
+    """Non-overlapping windows of ``clip_len`` frames ``interval`` apart (as the live ring samples them) from each
+    sequence: ``[M, clip_len, 3, S, S]``."""
     n, f = sequences.shape[:2]
-    if f < clip_len:
-        raise ConfigError(f"clip model takes {clip_len}-frame clips; calibration sequences have only {f} frames")
-    k = f // clip_len
-    return sequences[:, : k * clip_len].reshape(n * k, clip_len, *sequences.shape[2:])
+    span = (clip_len - 1) * interval + 1
+    if f < span:
+        raise ConfigError(f"clip model takes {clip_len} frames {interval} apart ({span} consecutive frames); "
+                          f"calibration sequences have only {f} frames")
+    starts = range(0, f - span + 1, span)
+    # [N, W, clip_len, 3, S, S] -> [N * W, clip_len, 3, S, S]
+    windows = np.stack([sequences[:, s : s + span : interval] for s in starts], 1)
+    return windows.reshape(-1, clip_len, *sequences.shape[2:])
 
 
-def _run_logits(session, sequences: np.ndarray, meta: dict, clip_len: int) -> np.ndarray:
+def _run_logits(session, sequences: np.ndarray, meta: dict, clip_len: int, interval: int = 1) -> np.ndarray:
     """Logits at every step (online, streams stepped frame by frame from zero state) or every clip: ``[M, K]``."""
     if meta["kind"] == "online":
         names = ["frame", *(s["name"] for s in meta["state"])]
@@ -531,7 +536,7 @@ def _run_logits(session, sequences: np.ndarray, meta: dict, clip_len: int) -> np
             logits, *state = session.run(None, dict(zip(names, [np.ascontiguousarray(sequences[:, t]), *state])))
             out.append(logits)
         return np.concatenate(out)
-    clips = _clips(sequences, clip_len)
+    clips = _clips(sequences, clip_len, interval)
     return np.concatenate([session.run(None, {"clip": clips[i : i + 4]})[0] for i in range(0, len(clips), 4)])
 
 
@@ -542,7 +547,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
 
     Calibration feeds what the model meets when deployed: online models get (frame, state) pairs collected by
     stepping the fp32 model frame by frame through the calibration sequences; clip models get windows of
-    ``T`` frames. The graph's inputs and outputs (state included) stay float32; only the inside is int8.
+    ``T`` frames ``frame_interval`` apart, as the live ring buffer samples them. The graph's inputs and outputs (state included) stay float32; only the inside is int8.
     Activations are uint8 and weights int8 (the layout x86 VNNI kernels run), calibrated with min/max.
 
     Args:
@@ -577,6 +582,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     cfg = ModelConfig.from_dict(meta["config"])
     size = cfg.input_size
     clip_len = meta["io"]["inputs"]["clip"][1] if meta["kind"] == "clip" else 1
+    interval = cfg.frame_interval if meta["kind"] == "clip" else 1
     frames = _as_sequences(calibration_frames, size, "calibration_frames")
     if holdout_frames is None:
         calib, holdout = _split_holdout(frames, holdout_fraction)
@@ -587,7 +593,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     if meta["kind"] == "online":
         feeds = _online_feeds(fp32, calib, meta)
     else:
-        clips = _clips(calib, clip_len)
+        clips = _clips(calib, clip_len, interval)
         feeds = [{"clip": clips[i : i + 4]} for i in range(0, len(clips), 4)]
     settings = {"format": "QDQ", "per_channel": per_channel, "activations": "uint8", "weights": "int8",
                 "calibration": "minmax", "calibration_inputs": int(sum(len(next(iter(f.values()))) for f in feeds))}
@@ -625,8 +631,8 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
             tmp.unlink(missing_ok=True)
 
     int8 = _cpu_session(out_path, threads)
-    ref = _run_logits(fp32, holdout, meta, clip_len)
-    got = _run_logits(int8, holdout, meta, clip_len)
+    ref = _run_logits(fp32, holdout, meta, clip_len, interval)
+    got = _run_logits(int8, holdout, meta, clip_len, interval)
     diff = np.abs(ref - got)
     report = {
         "path": str(out_path),

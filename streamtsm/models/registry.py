@@ -102,5 +102,8 @@ def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
     if "num_segments" in arch and "clip_len" not in overrides:
         # A segment-based model (TSM, TIN, NL-TSM) classifies windows of exactly num_segments frames.
         cfg_values["clip_len"] = arch["num_segments"]
-    model.cfg = ModelConfig(name=name, kind=spec.kind, num_classes=num_classes, arch=arch, **cfg_values)
+    # The built network decides its kind where it can tell: tsm_r18 built with shift_mode="unidirectional" has a step
+    # form and runs frame by frame, and tsm_mobilenetv2_online built bi-directional has none.
+    kind = spec.kind if not hasattr(model, "online") else ("online" if model.online else "clip")
+    model.cfg = ModelConfig(name=name, kind=kind, num_classes=num_classes, arch=arch, **cfg_values)
     return model.eval()

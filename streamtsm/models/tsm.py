@@ -235,6 +235,9 @@ for _depth in (18, 34, 50, 101):
     _register_tsm(f"tsm_r{_depth}", _tsm_resnet(_depth), kind="clip",
                   description=f"offline TSM, ResNet-{_depth}, bi-directional residual shift, 8 segments",
                   **_KINETICS, **_WINDOW)
+_register_tsm("tsm_r18_online", _tsm_resnet(18), kind="online",
+              description="online TSM, ResNet-18, uni-directional residual shift (the shipped demo model's family)",
+              shift_mode="unidirectional", **_KINETICS)
 _register_tsm("tsm_r50_online", _tsm_resnet(50), kind="online",
               description="online TSM, ResNet-50, uni-directional residual shift", shift_mode="unidirectional",
               **_KINETICS)

@@ -8,6 +8,7 @@ one line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -52,8 +53,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frame-template", default="img_{:05d}.jpg", help="frame file names in frame folders")
     g.add_argument("--start-index", type=int, default=1, help="index of the first frame file (default 1)")
     g.add_argument("--sampling", choices=["auto", "segments", "dense"], default="auto",
-                   help="TSN segments or dense consecutive clips (default: dense for clip models without "
-                        "segments, segments otherwise)")
+                   help="TSN segments or dense consecutive clips (default: for train, dense for clip models without "
+                        "segments and segments otherwise; for eval, as the checkpoint was trained)")
     g.add_argument("--clip-len", type=int, help="frames per dense clip (default: the model's)")
     g.add_argument("--frame-interval", type=int, help="step between frames of a dense clip (default: the model's)")
     g.add_argument("--short", choices=["loop", "repeat_last"], default="loop",
@@ -98,6 +99,8 @@ def add_commands(subparsers) -> None:
     o.add_argument("--matched-warmup", type=int, default=0, metavar="EPOCHS",
                    help="first epochs batch one scene shown in every class (videos sharing a file name across "
                         "class folders, as `streamtsm synth` writes); speeds up learning motion from scratch")
+    o.add_argument("--scales", type=float, nargs="+", default=[1.0, 0.875, 0.75, 0.66],
+                   help="multi-scale crop: crop sides as fractions of the short side (default: 1 .875 .75 .66)")
     o.add_argument("--flip", action="store_true",
                    help="random horizontal flips. Off by default: a mirrored move_left is a move_right, so "
                         "on direction classes use it only with --flip-swap")
@@ -169,7 +172,7 @@ def train_options(args: argparse.Namespace):
         clip_grad=args.clip_grad or None, partial_bn=args.partial_bn,
         matched_warmup_epochs=args.matched_warmup, frame_loss=args.frame_loss, amp=args.amp, workers=args.workers,
         device=args.device, sampling=args.sampling, clip_len=args.clip_len, frame_interval=args.frame_interval,
-        short=args.short, flip=args.flip, flip_swap=args.flip_swap, frame_template=args.frame_template,
+        short=args.short, scales=tuple(args.scales), flip=args.flip, flip_swap=args.flip_swap, frame_template=args.frame_template,
         start_index=args.start_index, list_format=args.list_format, seed=args.seed, resume=args.resume,
         progress=not args.no_progress and sys.stderr.isatty())
 
@@ -196,6 +199,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.num_clips < 1 or args.batch_size < 1 or args.avg_last < 1:
         raise ConfigError("--num-clips, --batch-size and --avg-last must be >= 1")
     model = load_for_eval(args.weights, args.device)
+    sampling = args.sampling
+    if sampling == "auto":
+        # As the model was trained (streamtsm train records it), else the family's usual sampling.
+        from ..models import read_checkpoint
+
+        sampling = (read_checkpoint(args.weights).get("extra") or {}).get("recipe", {}).get("sampling", "auto")
+    overrides = {k: v for k, v in (("clip_len", args.clip_len), ("frame_interval", args.frame_interval)) if v}
+    if overrides:
+        model.cfg = dataclasses.replace(model.cfg, **overrides)
     labels = read_labels(args.labels) if args.labels else model.cfg.labels
     if labels is not None and len(labels) != model.cfg.num_classes:
         raise ConfigError(f"{len(labels)} labels given for a model with {model.cfg.num_classes} classes")
@@ -204,7 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_labels(records, labels, "the val data")
     result = evaluate(model, records, num_clips=args.num_clips, crops=args.crops, twice_sample=args.twice_sample,
                       online=args.online, avg_last=args.avg_last, batch_size=args.batch_size, workers=args.workers,
-                      device=resolve_device(args.device), amp=args.amp, sampling=args.sampling, short=args.short,
+                      device=resolve_device(args.device), amp=args.amp, sampling=sampling, short=args.short,
                       frame_template=args.frame_template, start_index=args.start_index)
     print(f"{model.cfg.name} on {len(records)} videos ({args.val})")
     print(format_table(result))

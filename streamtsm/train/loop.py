@@ -31,15 +31,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, StreamTSMError
 from ..models import create, get_spec, load_checkpoint, load_model, read_checkpoint, save_checkpoint
-from .data import (FRAME_TEMPLATE, ClipDataset, MatchedBatchSampler, TestTransform, TrainTransform, VideoRecord,
+from .data import (FRAME_TEMPLATE, ClipDataset, DenseSampler, MatchedBatchSampler, TestTransform, TrainTransform, VideoRecord,
                    collate_clips, flip_label_map, load_records, mirrored_pairs, read_labels, sampler_for, worker_init)
 from .evaluate import classification_metrics, predict_offline
 
 log = logging.getLogger(__name__)
 
 SCHEDULES = ("step", "cosine")
+
+
+class TrainingError(StreamTSMError):
+    """Training cannot go on (the loss diverged)."""
+
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -286,6 +291,8 @@ def train(options: TrainOptions) -> dict:
         raise ConfigError(f"epochs and batch size must be >= 1, got {o.epochs}, {o.batch_size}")
     if o.lr <= 0 or o.workers < 0 or o.warmup_epochs < 0:
         raise ConfigError("lr must be > 0, workers and warmup epochs >= 0")
+    if not o.scales or not all(0 < float(x) <= 1 for x in o.scales):
+        raise ConfigError(f"crop scales must be fractions in (0, 1], got {list(o.scales)}")
     if o.frame_loss < 0:
         raise ConfigError(f"frame loss frames must be >= 0, got {o.frame_loss}")
     device = resolve_device(o.device)
@@ -297,6 +304,13 @@ def train(options: TrainOptions) -> dict:
     if resume_ckpt is not None and (resume_ckpt.get("format") != "streamtsm" or "extra" not in resume_ckpt
                                     or "optimizer" not in resume_ckpt["extra"]):
         raise CheckpointError(f"{o.resume} is not a training checkpoint of streamtsm train (no optimizer state)")
+
+    if resume_ckpt is not None:
+        saved = resume_ckpt["extra"].get("recipe", {})
+        for key in ("optimizer", "schedule"):
+            if key in saved and saved[key] != getattr(o, key):
+                raise ConfigError(f"{o.resume} was trained with --{key} {saved[key]}; resume it with the same "
+                                  f"--{key} (got {getattr(o, key)})")
 
     label_option = o.labels
     if label_option is None and resume_ckpt is not None:
@@ -341,6 +355,13 @@ def train(options: TrainOptions) -> dict:
     train_set = ClipDataset(train_records, sampler_for(model, train=True, **sampling),
                             TrainTransform.for_config(cfg, scales=o.scales, flip=o.flip, flip_label_map=flip_map),
                             train=True, **common)
+    if isinstance(train_set.sampler, DenseSampler):
+        # The checkpoint records the clips the model learned from, so `streamtsm run` feeds an online model every
+        # frame_interval-th frame and samples a clip model's windows the same way, and `eval` reads it back.
+        model.cfg = dataclasses.replace(cfg, frame_interval=train_set.sampler.frame_interval,
+                                        clip_len=train_set.sampler.clip_len)
+        cfg = model.cfg
+    sampling_used = "dense" if isinstance(train_set.sampler, DenseSampler) else "segments"
     loader_gen = torch.Generator()
     train_loader = DataLoader(train_set, batch_size=o.batch_size, shuffle=True, num_workers=o.workers,
                               collate_fn=collate_clips, worker_init_fn=worker_init, generator=loader_gen,
@@ -432,13 +453,15 @@ def train(options: TrainOptions) -> dict:
             best_epoch = epoch
         record.update(best_top1=best_top1 if val_set is not None else None, best_epoch=best_epoch, is_best=is_best)
         extra = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "recipe": {"optimizer": o.optimizer, "schedule": o.schedule, "sampling": sampling_used},
                  "scaler": scaler.state_dict() if use_amp else {}, "best_top1": best_top1, "best_epoch": best_epoch,
                  "val": last_val or {}}
         model.eval()
         save_checkpoint(model, out / "checkpoint.pth", labels=labels, extra=extra)
         if is_best:
             save_checkpoint(model, out / "best.pth", labels=labels,
-                            extra={"epoch": epoch, "val": last_val or {}, "best_top1": best_top1})
+                            extra={"epoch": epoch, "val": last_val or {}, "best_top1": best_top1,
+                                   "recipe": extra["recipe"]})
         _append(log_path, record)
         msg = (f"epoch {epoch}/{o.epochs}: loss {stats['train_loss']:.4f}, train top-1 "
                f"{100 * stats['train_top1']:.1f}%, {stats['clips_per_s']:.1f} clips/s")
@@ -481,7 +504,8 @@ def _train_epoch(model, loader, optimizer, scheduler, scaler, device, o: TrainOp
                 logits = model(x)
                 loss = nn.functional.cross_entropy(logits.float(), y)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}; lower --lr or keep --clip-grad")
+            raise TrainingError(f"loss is {loss.item()} at epoch {epoch}, batch {i + 1}; lower --lr or keep "
+                                "--clip-grad (checkpoint.pth holds the last finished epoch)")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if o.clip_grad:
