@@ -9,8 +9,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError, StreamTSMError
+
+if TYPE_CHECKING:
+    from .siteconfig import SiteConfig
 
 log = logging.getLogger("streamtsm")
 
@@ -42,6 +46,27 @@ class _AppendSource(argparse.Action):
         namespace.sources = sources
 
 
+# Built-in defaults of `run`'s options. The parser's defaults are None, so that an option given on the command line
+# can be told from one left out: given options win over a site config's values, which win over these.
+_RUN_DEFAULTS = {"publish": "tcp://*:5556", "metrics_addr": "127.0.0.1", "smooth": 8, "topk": 5, "threshold": 0.0,
+                 "hold": 3, "background": (), "stats_interval": 1.0, "device": "cpu", "clip_stride": 1,
+                 "backend": "auto"}
+
+# Options that describe a camera or its model: with --config the file sets them per camera.
+_CAMERA_OPTIONS = {"sources": "--camera/--source", "name": "--name", "model": "--model", "weights": "--weights",
+                   "onnx": "--onnx", "backend": "--backend", "url": "--url", "triton_model": "--triton-model",
+                   "labels": "--labels", "device": "--device", "providers": "--providers",
+                   "frame_stride": "--frame-stride", "clip_stride": "--clip-stride"}
+
+
+def _setting(args: argparse.Namespace, name: str, from_file: dict | None = None):
+    """An option's value: as given on the command line, else as the site config sets it, else the built-in default."""
+    for value in (getattr(args, name), (from_file or {}).get(name)):
+        if value is not None:
+            return value
+    return _RUN_DEFAULTS.get(name)
+
+
 def _groups_from_args(args: argparse.Namespace):
     from .engine.factory import build_engine
     from .pipeline import ModelGroup, StreamSpec
@@ -54,25 +79,36 @@ def _groups_from_args(args: argparse.Namespace):
              for i, src in enumerate(sources)]
     providers = args.providers.split(",") if args.providers else None
     engine = build_engine(model=args.model, weights=args.weights, onnx=args.onnx, labels_file=args.labels,
-                          device=args.device, providers=providers, threads=args.threads,
-                          backend=args.backend, url=args.url, triton_model=args.triton_model)
-    return [ModelGroup(engine, specs, clip_stride=args.clip_stride)]
+                          device=_setting(args, "device"), providers=providers, threads=args.threads,
+                          backend=_setting(args, "backend"), url=args.url, triton_model=args.triton_model)
+    return [ModelGroup(engine, specs, clip_stride=_setting(args, "clip_stride"))]
 
 
-def _groups_from_config(site, threads: int | None):
-    from .engine.factory import build_engine
-    from .pipeline import ModelGroup, StreamSpec
+def _refuse_camera_options(args: argparse.Namespace) -> None:
+    given = [flag for name, flag in _CAMERA_OPTIONS.items() if getattr(args, name) is not None]
+    if given:
+        raise ConfigError(f"--config sets the cameras and their models per camera; drop {', '.join(given)} "
+                          "(or set them in the file's [defaults] or [[camera]] tables)")
 
-    groups: dict[tuple, ModelGroup] = {}
-    for cam in site.cameras:
-        key = cam.model_key() + (cam.clip_stride,)
-        if key not in groups:
-            providers = cam.providers.split(",") if cam.providers else None
-            engine = build_engine(model=cam.model, weights=cam.weights, onnx=cam.onnx, labels_file=cam.labels,
-                                  device=cam.device, providers=providers, threads=threads)
-            groups[key] = ModelGroup(engine, [], clip_stride=cam.clip_stride)
-        groups[key].streams.append(StreamSpec(cam.source, cam.id, frame_stride=cam.frame_stride, crop=cam.crop))
-    return list(groups.values())
+
+def _output_settings(args: argparse.Namespace, site: SiteConfig | None) -> dict:
+    """Publisher, metrics and post-processing settings: the command line's, else the site config's, else the
+    built-in defaults."""
+    if args.publish is not None and args.connect is not None:
+        raise ConfigError(f"give either --publish {args.publish} (bind) or --connect {args.connect} (a broker's "
+                          "frontend), not both")
+    from_file = {}
+    if site is not None:
+        from_file = {**site.options, "metrics_port": site.metrics_port, "metrics_addr": site.metrics_addr}
+        if args.publish is None and args.connect is None:  # bind and connect are one choice: made here or there
+            from_file.update(publish=site.publish, connect=site.connect)
+    values = {name: _setting(args, name, from_file) for name in
+              ("connect", "metrics_port", "metrics_addr", "smooth", "topk", "threshold", "hold", "background")}
+    values["publish"] = None if values["connect"] else _setting(args, "publish", from_file)
+    if args.metrics_addr is not None and values["metrics_port"] is None:
+        raise ConfigError(f"--metrics-addr {args.metrics_addr} needs a port: give --metrics-port PORT"
+                          + (" or set [metrics] port in the config" if site is not None else ""))
+    return values
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -83,45 +119,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline, PipelineOptions
     from .publish import Publisher
 
-    option_values = dict(smooth=args.smooth, topk=args.topk, threshold=args.threshold, hold=args.hold,
-                         background=args.background or [])
-    publish, connect = args.publish, args.connect
-    metrics_port, metrics_addr = args.metrics_port, args.metrics_addr
+    site = None
     if args.config:
         from .siteconfig import load_site_config
 
-        if args.sources or args.model or args.weights or args.onnx:
-            raise ConfigError("--config lists the cameras and models; drop --camera/--source/--model/--weights/--onnx")
+        _refuse_camera_options(args)
         site = load_site_config(args.config)
-        groups = _groups_from_config(site, args.threads)
-        option_values.update(site.options)
-        if not connect:
-            publish, connect = site.publish or "none", site.connect
-        metrics_port = metrics_port if metrics_port is not None else site.metrics_port
-        metrics_addr = site.metrics_addr if args.metrics_port is None else metrics_addr
-    else:
-        groups = _groups_from_args(args)
-    options = PipelineOptions(**option_values, realtime=args.realtime, max_frames=args.max_frames,
-                              duration=args.duration, stats_interval=args.stats_interval)
-    stop = threading.Event()
-    display = None
-    if args.show:
-        from .show import Display
-
-        display = Display(stop)
-    if connect:
-        publisher = Publisher(connect, bind=False)  # into a broker's frontend
-    else:
-        publisher = Publisher(publish, bind=True) if publish != "none" else None
-    sinks = [ConsoleSink(quiet=args.quiet)]
+    out = _output_settings(args, site)
     metrics = None
-    if metrics_port is not None:
-        from .metrics import MetricsSink
+    if out["metrics_port"] is not None:
+        from .metrics import MetricsSink  # before any model is loaded: a missing prometheus-client fails fast
 
         metrics = MetricsSink()
-        metrics.serve(metrics_port, metrics_addr)
-        sinks.append(metrics)
+    if site is not None:
+        from .siteconfig import build_groups
+
+        groups = build_groups(site, args.threads)
+    else:
+        groups = _groups_from_args(args)
+    options = PipelineOptions(smooth=out["smooth"], topk=out["topk"], threshold=out["threshold"], hold=out["hold"],
+                              background=list(out["background"]), realtime=args.realtime, max_frames=args.max_frames,
+                              duration=args.duration, stats_interval=_setting(args, "stats_interval"))
+    stop = threading.Event()
+    display = publisher = None
     try:
+        if args.show:
+            from .show import Display
+
+            display = Display(stop)
+        if out["connect"]:
+            publisher = Publisher(out["connect"], bind=False)  # into a broker's frontend
+        elif out["publish"] != "none":
+            publisher = Publisher(out["publish"], bind=True)
+        sinks = [ConsoleSink(quiet=args.quiet)]
+        if metrics is not None:
+            metrics.serve(out["metrics_port"], out["metrics_addr"])
+            sinks.append(metrics)
         pipeline = Pipeline.from_groups(groups, publisher, options, on_result=display, sinks=sinks)
         if metrics is not None:
             pipeline.step_observers.append(metrics.observe_step)
@@ -190,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["online", "clip"], help="only models of this kind")
     p.set_defaults(func=_cmd_models)
 
+    d = _RUN_DEFAULTS
     p = sub.add_parser("run", help="recognize actions live and publish the results on ZeroMQ",
                        description="Recognize actions live. With no source, runs on the built-in synthetic scene.")
     src = p.add_argument_group("sources (repeatable, in order)")
@@ -200,32 +234,40 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--frame-stride", type=int, metavar="K",
                      help="feed every k-th frame (default: the stride an online model was trained with, else 1)")
     src.add_argument("--realtime", action="store_true", help="play files at their native fps, not as fast as possible")
-    src.add_argument("--config", help="site config (TOML) listing cameras, models and the publisher")
+    src.add_argument("--config", help="site config (TOML) listing cameras, models and the publisher; options "
+                     "given here override its values, camera and model options are refused")
     m = p.add_argument_group("model")
     m.add_argument("--model", help="registered model name (see `streamtsm models`); default: the shipped demo model")
     m.add_argument("--weights", help="checkpoint (streamtsm, official TSM, mmaction2)")
     m.add_argument("--onnx", help="run an exported .onnx file on onnxruntime (no torch needed)")
-    m.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "triton"], default="auto",
+    m.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "triton"],
                    help="auto (default): triton with --url, onnxruntime with --onnx, else torch")
     m.add_argument("--url", metavar="HOST:PORT", help="Triton server's gRPC endpoint (e.g. localhost:8001)")
     m.add_argument("--triton-model", metavar="NAME", help="the model's name on the Triton server (see export-triton)")
     m.add_argument("--labels", help="class names, one per line")
-    m.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N")
+    m.add_argument("--device", help=f"torch device: cpu, cuda, cuda:N (default: {d['device']})")
     m.add_argument("--providers", help="onnxruntime providers, comma-separated: tensorrt,cuda,cpu")
-    m.add_argument("--clip-stride", type=int, default=1, help="clip models: predict every k-th frame")
+    m.add_argument("--clip-stride", type=int, metavar="K",
+                   help=f"clip models: predict every k-th frame (default: {d['clip_stride']})")
     m.add_argument("--threads", type=int, help="model threads (default: all cores but one, leaving one for capture)")
     o = p.add_argument_group("output")
-    o.add_argument("--publish", default="tcp://*:5556", help="ZeroMQ PUB endpoint to bind, or 'none'")
+    o.add_argument("--publish", metavar="ENDPOINT",
+                   help=f"ZeroMQ PUB endpoint to bind, or 'none' (default: {d['publish']})")
     o.add_argument("--connect", metavar="ENDPOINT",
                    help="publish into a broker's frontend (e.g. tcp://broker:5559) instead of binding")
     o.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    o.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port (default: loopback)")
-    o.add_argument("--smooth", type=int, default=8, help="average the last K logits")
-    o.add_argument("--topk", type=int, default=5)
-    o.add_argument("--threshold", type=float, default=0.0, help="minimum smoothed score for an action event")
-    o.add_argument("--hold", type=int, default=3, help="steps a class must hold to start or end an action")
-    o.add_argument("--background", action="append", help="label that never starts an action (repeatable)")
-    o.add_argument("--stats-interval", type=float, default=1.0, help="seconds between stats messages")
+    o.add_argument("--metrics-addr", metavar="ADDR",
+                   help=f"address for --metrics-port (default: {d['metrics_addr']}, loopback)")
+    o.add_argument("--smooth", type=int, metavar="K", help=f"average the last K logits (default: {d['smooth']})")
+    o.add_argument("--topk", type=int, metavar="K", help=f"classes per prediction (default: {d['topk']})")
+    o.add_argument("--threshold", type=float,
+                   help=f"minimum smoothed score for an action event (default: {d['threshold']})")
+    o.add_argument("--hold", type=int, metavar="M",
+                   help=f"steps a class must hold to start or end an action (default: {d['hold']})")
+    o.add_argument("--background", action="append", metavar="LABEL",
+                   help="label that never starts an action (repeatable; given ones replace the config's)")
+    o.add_argument("--stats-interval", type=float, metavar="S",
+                   help=f"seconds between stats messages (default: {d['stats_interval']})")
     o.add_argument("--show", action="store_true", help="show each stream with its labels (q or Esc quits)")
     o.add_argument("--quiet", action="store_true", help="print only the final summary")
     c = p.add_argument_group("run control")

@@ -7,7 +7,15 @@ feed the gauges and counters. Served on its own registry so nothing else of the 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from .errors import ConfigError
+
+try:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+except ModuleNotFoundError as e:
+    if e.name != "prometheus_client":  # a dependency of an installed prometheus-client: not ours to explain
+        raise
+    raise ConfigError("Prometheus metrics (--metrics-port) need prometheus-client, which is not installed: "
+                      "pip install 'streamtsm[metrics]'") from None
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -30,6 +38,7 @@ class MetricsSink:
         self.reconnects = Counter("streamtsm_stream_reconnects", "Source reconnects", ["stream"], registry=r)
         self.latency = Histogram("streamtsm_capture_to_publish_seconds", "Capture to publish latency",
                                  ["stream"], buckets=_LATENCY_BUCKETS_S, registry=r)
+        # Labelled by the model group's key (see Pipeline.stats): two groups of one model stay apart.
         self.step = Histogram("streamtsm_model_step_seconds", "Duration of one batched model call",
                               ["model"], buckets=_LATENCY_BUCKETS_S, registry=r)
         self.publish_dropped = Counter("streamtsm_publish_dropped_messages",
@@ -37,10 +46,18 @@ class MetricsSink:
         self._last: dict[tuple[str, str], float] = {}
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        """Serve ``/metrics`` over HTTP in a daemon thread."""
-        start_http_server(port, addr=addr, registry=self.registry)
+        """Serve ``/metrics`` over HTTP in a daemon thread.
+
+        Raises:
+            ConfigError: the address cannot be bound (in use, not an address of this host).
+        """
+        try:
+            start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as e:
+            raise ConfigError(f"cannot serve metrics on {addr}:{port}: {e.strerror or e}") from None
 
     def observe_step(self, model: str, ms: float) -> None:
+        """Record one batched model call of the group ``model`` (its key: ``name``, ``name#2``, ...)."""
         self.step.labels(model).observe(ms / 1e3)
 
     def __call__(self, topic: str, payload: dict) -> None:

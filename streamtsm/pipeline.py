@@ -112,8 +112,9 @@ class ModelGroup:
 
 
 class _Group:
-    def __init__(self, engine: Engine, clip_stride: int) -> None:
+    def __init__(self, engine: Engine, clip_stride: int, key: str) -> None:
         self.engine = engine
+        self.key = key  # unique among the pipeline's groups: names its stats entry and its step metric
         # Clip engines get rolling windows; anything else is stepped frame by frame with its state.
         if isinstance(engine, ClipEngine):
             self.runner: OnlineRunner | ClipRunner = ClipRunner(engine, clip_stride)
@@ -126,6 +127,7 @@ class _Group:
 
     def stats(self) -> dict:
         return {
+            "model": self.model_name,
             "backend": self.engine.backend,
             "kind": "online" if isinstance(self.runner, OnlineRunner) else "clip",
             "steps": self.steps,
@@ -175,8 +177,8 @@ class Pipeline:
         sinks: further receivers of every message ``(topic, payload)`` besides the publisher (the console).
 
     Attributes:
-        step_observers: callables ``(model_name, milliseconds)`` told the duration of every batched model call
-            (the Prometheus step histogram).
+        step_observers: callables ``(group_key, milliseconds)`` told the duration of every batched model call
+            (the Prometheus step histogram); the key is as in the stats' ``models``.
     """
 
     def __init__(self, engine: Engine, streams: list[StreamSpec], publisher: Publisher | None,
@@ -208,8 +210,16 @@ class Pipeline:
         self._groups: list[_Group] = []
         self._streams: list[_Stream] = []
         ids = set()
+        keys: set[str] = set()
         for g in groups:
-            group = _Group(g.engine, g.clip_stride)
+            # Groups of one model (other weights, device or clip_stride) need distinct keys in the stats and
+            # metrics: the first keeps the model's name, the later ones get "#2", "#3", ... in group order.
+            key, n = g.engine.model_name, 1
+            while key in keys:
+                n += 1
+                key = f"{g.engine.model_name}#{n}"
+            keys.add(key)
+            group = _Group(g.engine, g.clip_stride, key)
             self._groups.append(group)
             for spec in g.streams:
                 sid = spec.name or (stream_name(spec.source) if not isinstance(spec.source, Source) else None)
@@ -364,7 +374,7 @@ class Pipeline:
             ms = (time.perf_counter() - t0) * 1e3
             group.step_latency.add(ms)
             for observe in self.step_observers:
-                observe(group.model_name, ms)
+                observe(group.key, ms)
             group.steps += 1
             group.batched_frames += predicted
         for (s, f), row in zip(batch, results):
@@ -475,7 +485,7 @@ class Pipeline:
             }
         return {
             "streams": streams,
-            "models": {g.model_name: g.stats() for g in self._groups},
+            "models": {g.key: g.stats() for g in self._groups},
             "published": self.publisher.sent if self.publisher else 0,
             "publish_dropped": self.publisher.dropped if self.publisher else 0,
         }

@@ -22,9 +22,14 @@
     id = "yard"
     source = 1
     model = "x3d_s"                    # another model: a second group, run side by side
+    weights = "models/X3D_S.pyth"      # its own weights: the inherited ones are for the model of [defaults]
     clip_stride = 8
 
-Cameras with the same model, weights, onnx file, labels and device share one batched model call.
+A camera takes every key it does not set from ``[defaults]``, one key at a time, so a camera with another model
+names its own ``weights`` (or ``onnx``). A camera served by Triton sets ``backend = "triton"``, ``url`` and
+``triton_model`` and inherits no ``model``, ``weights`` or ``onnx`` (keep those out of ``[defaults]`` then).
+Cameras with the same model, weights, onnx file, labels, device, providers, backend, url, Triton model and
+clip_stride share one batched model call (a group).
 """
 
 from __future__ import annotations
@@ -33,16 +38,22 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import ConfigError
+from .engine.factory import BACKENDS
+from .errors import ConfigError, StreamTSMError
 
-_CAMERA_KEYS = {"id", "source", "model", "weights", "onnx", "labels", "device", "providers", "frame_stride",
-                "crop", "clip_stride"}
+if TYPE_CHECKING:
+    from .pipeline import ModelGroup
+
+_CAMERA_KEYS = {"id", "source", "model", "weights", "onnx", "labels", "device", "providers", "backend", "url",
+                "triton_model", "frame_stride", "crop", "clip_stride"}
 _OPTION_KEYS = {"smooth", "topk", "threshold", "hold", "background"}
 _TOP_KEYS = {"publish", "metrics", "defaults", "camera"}
 _TYPES = {"id": str, "model": str, "weights": str, "onnx": str, "labels": str, "device": str, "providers": str,
-          "frame_stride": int, "clip_stride": int, "smooth": int, "topk": int, "hold": int,
-          "threshold": (int, float)}
+          "backend": str, "url": str, "triton_model": str, "frame_stride": int, "clip_stride": int, "smooth": int,
+          "topk": int, "hold": int, "threshold": (int, float)}
+_CAMERA_HEADER = re.compile(r"^\s*\[\[\s*camera\s*\]\]")
 
 
 @dataclass
@@ -55,23 +66,32 @@ class CameraConfig:
     labels: str | None = None
     device: str = "cpu"
     providers: str | None = None
+    backend: str = "auto"
+    url: str | None = None
+    triton_model: str | None = None
     frame_stride: int | None = None  # None: the model's (see pipeline.effective_frame_stride)
     crop: tuple[int, int, int, int] | None = None
     clip_stride: int = 1
+    line: int | None = field(default=None, compare=False)  # of its [[camera]] header, for errors
 
     def model_key(self) -> tuple:
         """Cameras with equal keys share one engine (and one batched call)."""
-        return (self.model, self.weights, self.onnx, self.labels, self.device, self.providers)
+        return (self.model, self.weights, self.onnx, self.labels, self.device, self.providers, self.backend,
+                self.url, self.triton_model)
 
 
 @dataclass
 class SiteConfig:
+    """A checked site config. The publisher and metrics fields are None where the file leaves them out, so that
+    the command line's defaults apply (see ``streamtsm.cli``)."""
+
     cameras: list[CameraConfig]
-    publish: str | None = "tcp://*:5556"
+    publish: str | None = None
     connect: str | None = None
     metrics_port: int | None = None
-    metrics_addr: str = "127.0.0.1"
+    metrics_addr: str | None = None
     options: dict = field(default_factory=dict)
+    path: Path | None = None
 
 
 class _Locator:
@@ -83,7 +103,7 @@ class _Locator:
     def line(self, key: str, camera: int | None = None, table: str | None = None) -> int | None:
         start, end = 0, len(self.lines)
         if camera is not None or table is not None:
-            header = re.compile(r"^\s*\[\[\s*camera\s*\]\]" if camera is not None else rf"^\s*\[\s*{table}\s*\]")
+            header = _CAMERA_HEADER if camera is not None else re.compile(rf"^\s*\[\s*{table}\s*\]")
             hits = [i for i, ln in enumerate(self.lines) if header.match(ln)]
             idx = camera if camera is not None else 0
             if idx >= len(hits):
@@ -95,6 +115,11 @@ class _Locator:
             if pattern.match(self.lines[i]):
                 return i + 1
         return start if camera is not None else None  # a missing key: point at its [[camera]] header
+
+    def camera_line(self, camera: int) -> int | None:
+        """The line of the ``camera``-th ``[[camera]]`` header (0-based index)."""
+        hits = [i for i, ln in enumerate(self.lines) if _CAMERA_HEADER.match(ln)]
+        return hits[camera] + 1 if camera < len(hits) else None
 
     def error(self, message: str, key: str, camera: int | None = None, table: str | None = None) -> ConfigError:
         line = self.line(key, camera, table)
@@ -125,8 +150,15 @@ def load_site_config(path: str | Path) -> SiteConfig:
                         table="publish")
     metrics = data.get("metrics", {})
     _check_table(loc, metrics, "metrics", {"port", "addr"})
-    if "port" in metrics and not isinstance(metrics["port"], int):
+    if "port" in metrics and (not isinstance(metrics["port"], int) or isinstance(metrics["port"], bool)):
         raise loc.error(f"metrics.port must be an integer, got {metrics['port']!r}", "port", table="metrics")
+    if "addr" in metrics and not isinstance(metrics["addr"], str):
+        raise loc.error(f"metrics.addr must be a string (an address to bind, e.g. \"127.0.0.1\"), "
+                        f"got {metrics['addr']!r}", "addr", table="metrics")
+    for key in ("endpoint", "connect"):
+        if key in publish and not isinstance(publish[key], str):
+            raise loc.error(f"publish.{key} must be a string (a ZeroMQ endpoint), got {publish[key]!r}", key,
+                            table="publish")
 
     defaults = data.get("defaults", {})
     _check_table(loc, defaults, "defaults", (_CAMERA_KEYS - {"id", "source"}) | _OPTION_KEYS)
@@ -157,16 +189,55 @@ def load_site_config(path: str | Path) -> SiteConfig:
         ids.add(merged["id"])
         if "crop" in merged:
             merged["crop"] = tuple(merged["crop"])
-        cameras.append(CameraConfig(**merged))
+        cameras.append(CameraConfig(**merged, line=loc.camera_line(i)))
 
     return SiteConfig(
         cameras=cameras,
-        publish=publish.get("endpoint", None if "connect" in publish else "tcp://*:5556"),
+        publish=publish.get("endpoint"),
         connect=publish.get("connect"),
         metrics_port=metrics.get("port"),
-        metrics_addr=metrics.get("addr", "127.0.0.1"),
+        metrics_addr=metrics.get("addr"),
         options={k: v for k, v in defaults.items() if k in _OPTION_KEYS},
+        path=path,
     )
+
+
+def build_groups(site: SiteConfig, threads: int | None = None) -> list[ModelGroup]:
+    """One :class:`~streamtsm.pipeline.ModelGroup` per distinct model of the site's cameras, in file order.
+
+    Args:
+        site: a config from :func:`load_site_config`.
+        threads: intra-op threads of each engine (default: the engine factory's).
+
+    Raises:
+        StreamTSMError: an engine cannot be built; the same kind of error as the factory's, its message prefixed
+            with the file, the camera's line and id (the factory speaks of command-line options).
+    """
+    from .engine.factory import build_engine
+    from .pipeline import ModelGroup, StreamSpec
+
+    groups: dict[tuple, ModelGroup] = {}
+    try:
+        for cam in site.cameras:
+            key = cam.model_key() + (cam.clip_stride,)
+            if key not in groups:
+                providers = cam.providers.split(",") if cam.providers else None
+                try:
+                    engine = build_engine(model=cam.model, weights=cam.weights, onnx=cam.onnx,
+                                          labels_file=cam.labels, device=cam.device, providers=providers,
+                                          threads=threads, backend=cam.backend, url=cam.url,
+                                          triton_model=cam.triton_model)
+                except StreamTSMError as e:
+                    where = f"{site.path}:{cam.line}" if cam.line else str(site.path)
+                    raise type(e)(f"{where}: camera {cam.id!r}: {e}") from e
+                groups[key] = ModelGroup(engine, [], clip_stride=cam.clip_stride)
+            groups[key].streams.append(StreamSpec(cam.source, cam.id, frame_stride=cam.frame_stride,
+                                                  crop=cam.crop))
+    except BaseException:
+        for group in groups.values():
+            group.engine.close()  # a Triton engine ends its sequences on the server
+        raise
+    return list(groups.values())
 
 
 def _check_table(loc: _Locator, value, name: str, allowed: set[str]) -> None:
@@ -191,5 +262,7 @@ def _check_value(loc: _Locator, key: str, value, camera: int | None = None, tabl
                           or not all(isinstance(v, int) and v >= 0 for v in value) or min(value[2:]) == 0):
         raise loc.error(f"{where}crop must be [x, y, width, height] of non-negative integers, got {value!r}",
                         key, camera, table)
+    if key == "backend" and value not in BACKENDS:
+        raise loc.error(f"{where}backend must be one of {', '.join(BACKENDS)}, got {value!r}", key, camera, table)
     if key == "background" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
         raise loc.error(f"{where}background must be a list of labels, got {value!r}", key, camera, table)

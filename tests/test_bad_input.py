@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 
@@ -73,3 +75,23 @@ def test_names_beyond_the_sources(capsys):
 def test_malformed_synthetic_spec(capsys):
     code, err = _run(capsys, "--source", "synthetic:big", "--model", "tsn_mobilenetv2")
     assert code == 2 and "synthetic:WIDTHxHEIGHT@FPS" in _one_error_line(err)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("camera,message", [
+    ('weights = "{tmp}/nope.pth"', "checkpoint not found"),
+    ('backend = "triton"\nurl = "127.0.0.1:{port}"\ntriton_model = "tiny"', "is unreachable"),
+])
+def test_engine_error_of_a_config_camera_names_the_file_line_and_camera(tmp_path, capsys, camera, message):
+    path = tmp_path / "site.toml"
+    text = f'[[camera]]\nid = "gate"\nsource = "synthetic"\n{camera.format(tmp=tmp_path, port=_free_port())}\n'
+    path.write_text(text)
+    code, err = _run(capsys, "--config", str(path))
+    header = text.splitlines().index("[[camera]]") + 1
+    line = _one_error_line(err)
+    assert code == 2 and line.startswith(f"streamtsm: error: {path}:{header}: camera 'gate': ") and message in line

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import importlib
 import socket
+import sys
 import threading
 import time
 import urllib.request
 
 import pytest
 
+from streamtsm.engine.torch_engine import TorchOnlineEngine
+from streamtsm.errors import ConfigError
 from streamtsm.metrics import MetricsSink
+from streamtsm.models import create
+from streamtsm.pipeline import ModelGroup, Pipeline, PipelineOptions, StreamSpec
 from streamtsm.publish import Publisher, Subscriber
 from streamtsm.publish.broker import run_broker
 from streamtsm.publish.schema import prediction_message, stats_message
+
+from .conftest import randomize_
 
 
 @pytest.fixture
@@ -88,3 +96,43 @@ def test_metrics_are_served_over_http_on_loopback():
                                                               "dropped": 0, "reconnects": 0}}))
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'streamtsm_stream_fps{stream="cam9"} 3.0' in body
+
+
+def test_metrics_without_prometheus_client_is_one_line_naming_the_extra(monkeypatch, capsys):
+    from streamtsm.cli import main
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # `import prometheus_client` now fails
+    monkeypatch.delitem(sys.modules, "streamtsm.metrics")
+    code = main(["run", "--model", "tsn_mobilenetv2", "--publish", "none", "--max-frames", "1",
+                 "--metrics-port", "9100"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "pip install 'streamtsm[metrics]'" in err, err
+    with pytest.raises(ConfigError, match=r"pip install 'streamtsm\[metrics\]'"):
+        importlib.import_module("streamtsm.metrics")
+
+
+def test_metrics_port_in_use_is_a_config_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            MetricsSink().serve(port)
+
+
+def test_two_groups_of_one_model_keep_apart_in_stats_and_step_metrics():
+    def engine(seed):
+        model = create("tsm_mobilenetv2_online", num_classes=3, width_mult=0.25, input_size=32, resize_size=36)
+        return TorchOnlineEngine(randomize_(model, seed=seed))
+
+    groups = [ModelGroup(engine(1), [StreamSpec("synthetic:64x48@30", "a")]),
+              ModelGroup(engine(2), [StreamSpec("synthetic:64x48@30", "b")], clip_stride=2)]
+    sink = MetricsSink()
+    pipeline = Pipeline.from_groups(groups, None, PipelineOptions(max_frames=3), sinks=[sink])
+    pipeline.step_observers.append(sink.observe_step)
+    stats = pipeline.start().run()
+    name = groups[0].engine.model_name
+    assert list(stats["models"]) == [name, f"{name}#2"]  # in group order
+    for key, m in stats["models"].items():
+        assert m["model"] == name and m["steps"] > 0
+        assert sink.registry.get_sample_value("streamtsm_model_step_seconds_count", {"model": key}) == m["steps"]

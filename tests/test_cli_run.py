@@ -116,3 +116,102 @@ def test_run_clip_model_on_rolling_windows(capsys):
     out = capsys.readouterr().out
     assert code == 0 and "synthetic: 47 frames processed" in out
     assert "x3d_xs (torch): 3 model steps" in out  # frames 37, 42, 47
+
+
+# -- run --config beside command-line options ---------------------------------------------------------------
+
+SITE = """\
+[publish]
+endpoint = "{endpoint}"
+{metrics}
+[defaults]
+model = "tsm_mobilenetv2_online"
+smooth = 4
+topk = 2
+
+[[camera]]
+id = "door"
+source = "synthetic:64x48@30"
+"""
+
+
+@pytest.fixture
+def site(tmp_path):
+    def write(endpoint: str = "none", metrics: str = "") -> str:
+        path = tmp_path / "site.toml"
+        path.write_text(SITE.format(endpoint=endpoint, metrics=metrics))
+        return str(path)
+    return write
+
+
+@pytest.fixture
+def resolved(monkeypatch):
+    """What `run` ends up with: the pipeline's options and publisher, and where metrics would be served."""
+    from streamtsm.metrics import MetricsSink
+    from streamtsm.pipeline import Pipeline
+
+    seen: dict = {}
+    from_groups = Pipeline.from_groups
+
+    def record(cls, groups, publisher, options, **kwargs):
+        seen.update(options=options, endpoint=publisher.endpoint if publisher else None)
+        return from_groups(groups, publisher, options, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "from_groups", classmethod(record))
+    monkeypatch.setattr(MetricsSink, "serve", lambda self, port, addr: seen.update(metrics=(port, addr)))
+    return seen
+
+
+@pytest.mark.parametrize("flags", [
+    ["--device", "cpu"], ["--labels", "labels.txt"], ["--providers", "cpu"], ["--frame-stride", "2"],
+    ["--clip-stride", "2"], ["--backend", "torch"], ["--url", "gpu-host:8001"], ["--triton-model", "jester"],
+    ["--source", "synthetic"], ["--camera", "0"], ["--name", "door"], ["--model", "tsn_mobilenetv2"],
+    ["--weights", "w.pth"], ["--onnx", "m.onnx"], ["--device", "cpu", "--frame-stride", "2"],
+])
+def test_run_config_refuses_camera_and_model_options_naming_them(site, capsys, flags):
+    code, err = _run_cli(capsys, "run", "--config", site(), "--max-frames", "1", "--quiet", *flags)
+    assert code == 2 and err.count("\n") == 1 and "sets the cameras and their models per camera" in err, err
+    assert all(f in err for f in flags if f.startswith("--"))
+
+
+def test_run_command_line_options_override_the_config_which_overrides_the_defaults(site, capsys, resolved):
+    from streamtsm.cli import _RUN_DEFAULTS
+
+    port = _free_port()
+    path = site(endpoint=f"tcp://127.0.0.1:{_free_port()}", metrics="[metrics]\nport = 9\naddr = \"127.0.0.2\"\n")
+    code = main(["run", "--config", path, "--max-frames", "2", "--quiet", "--publish", f"tcp://127.0.0.1:{port}",
+                 "--smooth", "6", "--metrics-addr", "127.0.0.3", "--background", "still",
+                 "--stats-interval", "0.5"])
+    assert code == 0, capsys.readouterr().err
+    o = resolved["options"]
+    assert resolved["endpoint"] == f"tcp://127.0.0.1:{port}"  # the command line's
+    assert resolved["metrics"] == (9, "127.0.0.3")  # the file's port, the command line's address
+    assert (o.smooth, o.topk, o.hold) == (6, 2, _RUN_DEFAULTS["hold"])  # command line, file, built in
+    assert o.background == ["still"] and o.stats_interval == 0.5 and o.max_frames == 2
+
+
+def test_run_publish_none_on_the_command_line_overrides_the_config(site, capsys, resolved):
+    assert main(["run", "--config", site(endpoint=f"tcp://127.0.0.1:{_free_port()}"), "--publish", "none",
+                 "--max-frames", "1", "--quiet"]) == 0
+    assert resolved["endpoint"] is None and "publishing on" not in capsys.readouterr().err
+
+
+def test_run_config_values_apply_where_the_command_line_is_silent(site, capsys, resolved):
+    from streamtsm.cli import _RUN_DEFAULTS
+
+    port = _free_port()
+    assert main(["run", "--config", site(endpoint=f"tcp://127.0.0.1:{port}", metrics="[metrics]\nport = 9\n"),
+                 "--max-frames", "1", "--quiet"]) == 0
+    o = resolved["options"]
+    assert resolved["endpoint"] == f"tcp://127.0.0.1:{port}"
+    assert resolved["metrics"] == (9, _RUN_DEFAULTS["metrics_addr"])
+    assert (o.smooth, o.topk, o.threshold) == (4, 2, _RUN_DEFAULTS["threshold"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--publish", "tcp://127.0.0.1:1", "--connect", "tcp://127.0.0.1:2"], "give either --publish"),
+    (["--metrics-addr", "0.0.0.0"], "--metrics-addr 0.0.0.0 needs a port"),
+])
+def test_run_contradictory_output_options_are_one_line_and_exit_2(capsys, argv, message):
+    code, err = _run_cli(capsys, "run", "--model", "tsn_mobilenetv2", "--max-frames", "1", *argv)
+    assert code == 2 and err.count("\n") == 1 and message in err, err

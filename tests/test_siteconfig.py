@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
+import streamtsm.siteconfig
 from streamtsm.cli import main
-from streamtsm.errors import ConfigError
-from streamtsm.siteconfig import load_site_config
+from streamtsm.engine.torch_engine import TorchOnlineEngine
+from streamtsm.errors import CheckpointError, ConfigError
+from streamtsm.models import create, save_checkpoint
+from streamtsm.siteconfig import build_groups, load_site_config
 
 GOOD = """\
 [publish]
@@ -60,6 +64,12 @@ def test_site_config_reads_cameras_defaults_and_publisher(tmp_path):
     ("camera = 3\n", r"site.toml.*no cameras"),
     ("[[camera]\nid = 1\n", r"site.toml: not valid TOML.*line 1"),
     ("[[camera]]\nid = \"a\"\nsource = 0\ncrop = [1, 2]\n", r"site.toml:4: camera 1: crop must be"),
+    ("[metrics]\nport = 9100\naddr = 127\n[[camera]]\nid = \"a\"\nsource = 0\n",
+     r"site.toml:3: metrics.addr must be a string .*got 127"),
+    ("[[camera]]\nid = \"a\"\nsource = 0\nbackend = \"tensorflow\"\n",
+     r"site.toml:4: camera 1: backend must be one of auto, torch, onnxruntime, triton, got 'tensorflow'"),
+    ("[defaults]\nurl = 8001\n[[camera]]\nid = \"a\"\nsource = 0\n", r"site.toml:2: \[defaults\] url must be a string"),
+    ("[[camera]]\nid = \"a\"\nsource = 0\ntriton_model = 3\n", r"site.toml:4: camera 1: triton_model must be a string"),
 ])
 def test_bad_site_config_names_the_line_and_key(tmp_path, text, expected):
     with pytest.raises(ConfigError, match=expected):
@@ -97,7 +107,114 @@ def test_run_with_a_bad_config_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_shipped_example_site_config_is_valid():
-    from pathlib import Path
-
     site = load_site_config(Path(__file__).resolve().parents[1] / "deploy" / "site.example.toml")
     assert [c.id for c in site.cameras] == ["demo", "lobby"] and site.metrics_port == 9100
+    groups = build_groups(site, threads=1)
+    try:  # the example's cameras share one model: one group, one engine built from what the file names
+        assert [[s.name for s in g.streams] for g in groups] == [["demo", "lobby"]]
+    finally:
+        for g in groups:
+            g.engine.close()
+
+
+def _example_in_docstring() -> str:
+    doc = streamtsm.siteconfig.__doc__
+    block = doc[doc.index("::\n") + 3:]
+    lines = block.splitlines()
+    end = next(i for i, ln in enumerate(lines) if ln and not ln.startswith(" "))  # the indented block ends
+    return textwrap.dedent("\n".join(lines[:end]))
+
+
+def test_docstring_example_site_config_builds_every_camera_group(tmp_path, monkeypatch):
+    # The example's checkpoints, tiny, at the paths it names; built from them, each group must load.
+    monkeypatch.chdir(tmp_path)
+    site = load_site_config(_write(tmp_path, _example_in_docstring()))
+    (tmp_path / "models").mkdir()
+    tiny = {"tsm_mobilenetv2_online": dict(width_mult=0.25, input_size=32, resize_size=36),
+            "x3d_s": dict(gamma_w=0.5, gamma_d=0.5, head_width=16, input_size=32, resize_size=36)}
+    for cam in site.cameras:
+        if cam.weights and not Path(cam.weights).exists():
+            save_checkpoint(create(cam.model, num_classes=3, **tiny[cam.model]), cam.weights)
+    groups = build_groups(site, threads=1)
+    try:
+        assert [(g.engine.model_name, [s.name for s in g.streams]) for g in groups] == \
+            [(c.model, [c.id]) for c in site.cameras]
+        assert [g.clip_stride for g in groups] == [c.clip_stride for c in site.cameras]
+    finally:
+        for g in groups:
+            g.engine.close()
+
+
+def test_site_config_reads_triton_keys_and_groups_cameras_by_them(tmp_path):
+    site = load_site_config(_write(tmp_path, """\
+        [defaults]
+        backend = "triton"
+        url = "gpu-host:8001"
+        [[camera]]
+        id = "a"
+        source = 0
+        triton_model = "jester"
+        [[camera]]
+        id = "b"
+        source = 1
+        triton_model = "jester"
+        [[camera]]
+        id = "c"
+        source = 2
+        triton_model = "kinetics"
+        """))
+    a, b, c = site.cameras
+    assert (a.backend, a.url, a.triton_model) == ("triton", "gpu-host:8001", "jester")
+    assert a.model_key() == b.model_key() != c.model_key()
+
+
+def test_site_config_passes_the_backend_url_and_triton_model_to_the_engine(tmp_path, monkeypatch):
+    import streamtsm.engine.factory as factory
+
+    calls = []
+
+    def fake_build_engine(**kwargs):
+        calls.append(kwargs)
+        return TorchOnlineEngine(create("tsm_mobilenetv2_online", num_classes=3, width_mult=0.25, input_size=32,
+                                        resize_size=36))
+
+    monkeypatch.setattr(factory, "build_engine", fake_build_engine)
+    site = load_site_config(_write(tmp_path, """\
+        [[camera]]
+        id = "a"
+        source = 0
+        backend = "triton"
+        url = "gpu-host:8001"
+        triton_model = "jester"
+        [[camera]]
+        id = "b"
+        source = 1
+        """))
+    groups = build_groups(site)
+    assert len(groups) == 2
+    assert [(k["backend"], k["url"], k["triton_model"]) for k in calls] == \
+        [(c.backend, c.url, c.triton_model) for c in site.cameras]
+
+
+def _camera_line(path: Path, camera_id: str) -> int:
+    lines = path.read_text().splitlines()
+    at = lines.index(f'id = "{camera_id}"')
+    return max(i for i in range(at) if lines[i].strip() == "[[camera]]") + 1
+
+
+@pytest.mark.parametrize("camera,error,message", [
+    ('model = "tsn_mobilenetv2"\nweights = "WEIGHTS"', ConfigError, "does not match the checkpoint"),
+    ('weights = "missing.pth"', CheckpointError, "checkpoint not found"),
+    ('backend = "triton"\nurl = "127.0.0.1:1"', ConfigError, "needs --url HOST:PORT"),
+])
+def test_engine_errors_of_a_camera_name_the_file_line_and_camera(tmp_path, monkeypatch, camera, error, message):
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "online.pth"
+    save_checkpoint(create("tsm_mobilenetv2_online", num_classes=3, width_mult=0.25), weights)
+    path = _write(tmp_path, f'[[camera]]\nid = "ok"\nsource = 0\n\n[[camera]]\nid = "door"\nsource = 1\n'
+                            f'{camera.replace("WEIGHTS", str(weights))}\n')
+    with pytest.raises(error) as exc:
+        build_groups(load_site_config(path), threads=1)
+    text = str(exc.value)
+    assert type(exc.value) is error and text.startswith(f"{path}:{_camera_line(path, 'door')}: camera 'door': ")
+    assert message in text

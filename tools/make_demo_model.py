@@ -47,7 +47,6 @@ from streamtsm.train.data import read_annotations  # noqa: E402
 from streamtsm.train.evaluate import evaluate  # noqa: E402
 
 MODEL_FILE = DEMO_WEIGHTS
-INFO_FILE = DEMO_WEIGHTS.with_suffix(".json")
 LIVE_SIZE = (320, 240)  # SyntheticSource's default frames
 SEGMENT_FRAMES = 60  # MotionScene's default segment length
 
@@ -242,7 +241,7 @@ def main() -> None:
         "live_scene": live,
         "live_events": events,
     }
-    INFO_FILE.with_name(out.with_suffix(".json").name).write_text(json.dumps(info, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps({"val_top1": info["val"]["offline"]["top1"],
                       "live": {k: (round(v["frame_top1"], 3), round(v["segment_top1"], 3)) for k, v in live.items()},
                       "events": {k: events[k] for k in ("segment_recall", "onset_precision", "onset_delay_s_median")},
