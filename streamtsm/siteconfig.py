@@ -25,6 +25,7 @@
     weights = "models/X3D_S.pyth"      # its own weights: the inherited ones are for the model of [defaults]
     clip_stride = 8
 
+Relative paths (``weights``, ``onnx``, ``labels``, a file ``source``) are read from the config file's folder.
 A camera takes every key it does not set from ``[defaults]``, one key at a time, so a camera with another model
 names its own ``weights`` (or ``onnx``). A camera served by Triton sets ``backend = "triton"``, ``url`` and
 ``triton_model`` and inherits no ``model``, ``weights`` or ``onnx`` (keep those out of ``[defaults]`` then).
@@ -189,6 +190,9 @@ def load_site_config(path: str | Path) -> SiteConfig:
         ids.add(merged["id"])
         if "crop" in merged:
             merged["crop"] = tuple(merged["crop"])
+        for key in ("weights", "onnx", "labels", "source"):
+            if isinstance(merged.get(key), str):
+                merged[key] = _beside(path, merged[key], must_exist=key == "source")
         cameras.append(CameraConfig(**merged, line=loc.camera_line(i)))
 
     return SiteConfig(
@@ -200,6 +204,18 @@ def load_site_config(path: str | Path) -> SiteConfig:
         options={k: v for k, v in defaults.items() if k in _OPTION_KEYS},
         path=path,
     )
+
+
+def _beside(config: Path, value: str, *, must_exist: bool) -> str:
+    """A relative file path in the config, resolved from the config's folder (as a site's files travel with it);
+    absolute paths, URLs and patterns stay as written. A source is only resolved when that file exists there, since a
+    source string can also be a URL, ``synthetic[...]`` or a device name."""
+    if "://" in value or value.startswith("synthetic") or Path(value).is_absolute():
+        return value
+    candidate = config.resolve().parent / value
+    if must_exist and not candidate.exists():
+        return value
+    return str(candidate)
 
 
 def build_groups(site: SiteConfig, threads: int | None = None) -> list[ModelGroup]:

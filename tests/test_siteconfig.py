@@ -218,3 +218,33 @@ def test_engine_errors_of_a_camera_name_the_file_line_and_camera(tmp_path, monke
     text = str(exc.value)
     assert type(exc.value) is error and text.startswith(f"{path}:{_camera_line(path, 'door')}: camera 'door': ")
     assert message in text
+
+
+def test_relative_paths_in_a_site_config_are_read_from_its_folder(tmp_path, monkeypatch):
+    site_dir = tmp_path / "site"
+    (site_dir / "clips").mkdir(parents=True)
+    (site_dir / "clips" / "door.mp4").write_bytes(b"")
+    (site_dir / "site.toml").write_text(textwrap.dedent("""\
+        [defaults]
+        weights = "models/site.pth"
+        labels = "labels.txt"
+
+        [[camera]]
+        id = "door"
+        source = "clips/door.mp4"
+
+        [[camera]]
+        id = "lobby"
+        source = "rtsp://10.0.0.5/live"
+        weights = "/abs/site.pth"
+
+        [[camera]]
+        id = "gone"
+        source = "missing.mp4"
+        """))
+    monkeypatch.chdir(tmp_path)  # elsewhere than the config: the paths must not depend on where run starts
+    door, lobby, gone = load_site_config("site/site.toml").cameras
+    assert Path(door.source) == site_dir / "clips" / "door.mp4"
+    assert Path(door.weights) == site_dir / "models" / "site.pth" and Path(door.labels) == site_dir / "labels.txt"
+    assert lobby.source == "rtsp://10.0.0.5/live" and lobby.weights == "/abs/site.pth"
+    assert gone.source == "missing.mp4", "a source not found beside the config is left for the capture to report"
