@@ -156,7 +156,9 @@ class _Stream:
         self.rate = RateMeter()
         self.last_status = "starting"
         self.done = False  # reached max_frames, or its source ended and its buffer is drained
-        self.last_frame: Frame | None = None  # the newest processed frame: end-of-stream events refer to it
+        # (index, capture time) of the newest processed frame: end-of-stream events refer to it. Not the frame
+        # itself, whose image would stay alive between steps for nothing.
+        self.last_seen: tuple[int, float] | None = None
         # A capture replaced after a hung read starts counting again; these carry the earlier captures' totals so
         # frame indices and generations keep increasing and the stats stay cumulative.
         self.index_base = 0
@@ -353,7 +355,7 @@ class Pipeline:
         for s, f in batch:
             if f.generation != s.generation:
                 # The source reconnected: the runner resets the state; close any open action first.
-                self._publish_events(s, s.post.reset(), f)
+                self._publish_events(s, s.post.reset(), f.index, f.timestamp)
                 s.generation = f.generation
         t0 = time.perf_counter()
         try:
@@ -364,7 +366,7 @@ class Pipeline:
             for s, f in batch:
                 if s.id in e.stream_ids:
                     s.step_errors += 1
-                    self._publish_events(s, s.post.reset(), f)
+                    self._publish_events(s, s.post.reset(), f.index, f.timestamp)
             if self._consecutive_errors >= _MAX_CONSECUTIVE_STEP_ERRORS:
                 raise
             return
@@ -380,14 +382,14 @@ class Pipeline:
         for (s, f), row in zip(batch, results):
             s.processed += 1
             s.rate.tick()
-            s.last_frame = f
+            s.last_seen = (f.index, f.timestamp)
             if row is not None:
                 topk, events = s.post.process(row, f.index, f.timestamp)
                 if self._sinks:
                     self._emit(topic_for(TOPIC_PRED, s.id), prediction_message(
                         stream_id=s.id, frame_index=f.index, capture_ts=f.timestamp, model=group.model_name,
                         topk=topk, generation=f.generation))
-                self._publish_events(s, events, f)
+                self._publish_events(s, events, f.index, f.timestamp)
                 s.latency.add((time.time() - f.timestamp) * 1e3)
                 if self.on_result is not None:
                     self.on_result(s.id, f, topk)
@@ -398,12 +400,12 @@ class Pipeline:
         for sink in self._sinks:
             sink(topic, payload)
 
-    def _publish_events(self, s: _Stream, events: list[dict], frame: Frame) -> None:
+    def _publish_events(self, s: _Stream, events: list[dict], frame_index: int, capture_ts: float) -> None:
         for ev in events:
             self._emit(topic_for(TOPIC_EVENT, s.id), event_message(
                 stream_id=s.id, model=s.group.model_name, kind=ev["kind"], label=ev["label"],
                 start_frame=ev["start_frame"], start_ts=ev["start_ts"], end_frame=ev["end_frame"],
-                end_ts=ev["end_ts"], score=ev["score"], frame_index=frame.index, capture_ts=frame.timestamp))
+                end_ts=ev["end_ts"], score=ev["score"], frame_index=frame_index, capture_ts=capture_ts))
 
     def _end_stream(self, s: _Stream) -> None:
         if s.done:
@@ -416,8 +418,8 @@ class Pipeline:
     def _flush(self, s: _Stream) -> None:
         """Close a stream's open action (its offset refers to the newest processed frame)."""
         events = s.post.flush()
-        if events and s.last_frame is not None:
-            self._publish_events(s, events, s.last_frame)
+        if events and s.last_seen is not None:
+            self._publish_events(s, events, *s.last_seen)
 
     def _recover_hung(self, s: _Stream) -> bool:
         """Replace the capture of a live stream whose read has hung past ``read_timeout``.

@@ -40,16 +40,29 @@ def os_threads() -> int:
 
 
 class LatencySink:
-    """Collects capture->publish latency of predictions, per sampling interval (thread-safe swap)."""
+    """Collects capture->publish latency of predictions per sampling interval, and the latest stats message.
+
+    It runs in the pipeline's thread, as every sink does, so the stats it keeps are a consistent snapshot; reading
+    ``pipeline.stats()`` from this tool's thread would walk the pipeline's deques while it appends to them.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ms: list[float] = []
+        self._stats: dict | None = None
 
     def __call__(self, topic: str, payload: dict) -> None:
-        if payload.get("type") == "pred":
+        kind = payload.get("type")
+        if kind == "pred":
             with self._lock:
                 self._ms.append(payload["latency_ms"])
+        elif kind == "stats":
+            with self._lock:
+                self._stats = payload
+
+    def latest_stats(self) -> dict | None:
+        with self._lock:
+            return self._stats
 
     def take(self) -> list[float]:
         with self._lock:
@@ -92,7 +105,8 @@ def main() -> None:
     last_totals = {"frames": 0, "dropped": 0}
     while runner.is_alive():
         runner.join(args.sample_seconds)
-        st = pipeline.stats()["streams"].values()
+        snapshot = latency.latest_stats()
+        st = snapshot["streams"].values() if snapshot else []
         frames, dropped = sum(s["frames"] for s in st), sum(s["dropped"] for s in st)
         ms = latency.take()
         elapsed = time.monotonic() - t0
