@@ -148,12 +148,15 @@ def _make_background(width: int, height: int, rng: np.random.Generator) -> np.nd
 
 def _make_path(width: int, height: int, rng: np.random.Generator) -> _Path:
     # The same distributions for every motion: the class must not be guessable from where the shape sits.
+    # Motions are large per segment so that a model stepped every few frames of a 2 s segment still sees them from
+    # one step to the next; a turn stays under 45 degrees per frame even in an 8-frame clip, so a checkered texture
+    # (4-fold symmetric) never appears to turn the other way.
     return _Path(center=(rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height),
                  size=rng.uniform(0.3, 0.5) * min(width, height),
                  angle=rng.uniform(0, 360),
-                 travel=rng.uniform(0.25, 0.45),
-                 zoom=rng.uniform(1.6, 2.2),
-                 turn=rng.uniform(90, 200))
+                 travel=rng.uniform(0.35, 0.55),
+                 zoom=rng.uniform(1.8, 2.6),
+                 turn=rng.uniform(180, 300))
 
 
 def _pose(motion: str, t: int, num_frames: int, path: _Path, width: int,

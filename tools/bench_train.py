@@ -31,16 +31,32 @@ from streamtsm.train.data import VideoRecord, scene_rng, write_synthetic_dataset
 from streamtsm.train.evaluate import evaluate, pair_accuracy  # noqa: E402
 from streamtsm.train.loop import TrainOptions, train  # noqa: E402
 
-DEMO = {"width_mult": 0.5, "input_size": 112, "resize_size": 128, "num_segments": 8, "shift_div": 4,
-        "frame_interval": 3}
 PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7)]
+
+
+def demo_config() -> tuple[str, dict]:
+    """(registry name, create options) of the shipped demo model, read from its checkpoint's config, so the
+    throughput figures are those of the configuration users retrain."""
+    from streamtsm.engine.factory import DEMO_WEIGHTS
+    from streamtsm.models import read_checkpoint
+
+    if DEMO_WEIGHTS.is_file():
+        cfg = read_checkpoint(DEMO_WEIGHTS)["config"]
+        arch = {k: v for k, v in cfg["arch"].items() if k in ("width", "width_mult", "shift_div", "num_segments")}
+        return cfg["name"], {**arch, "input_size": cfg["input_size"], "resize_size": cfg["resize_size"],
+                             "frame_interval": cfg["frame_interval"]}
+    return "tsm_r18_online", {"width": 16, "shift_div": 2, "num_segments": 8, "input_size": 64, "resize_size": 73,
+                              "frame_interval": 3}
+
+
+DEMO_MODEL, DEMO = demo_config()
 
 
 def model_only_throughput(batch: int = 8, steps: int = 10) -> float:
     """Clips/s of forward + backward + AdamW step of the demo model on random clips (no data loading)."""
-    model = create("tsm_mobilenetv2_online", num_classes=len(MOTIONS), **DEMO).train()
+    model = create(DEMO_MODEL, num_classes=len(MOTIONS), **DEMO).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randn(batch, 8, 3, DEMO["input_size"], DEMO["input_size"])
+    x = torch.randn(batch, DEMO.get("num_segments", 8), 3, DEMO["input_size"], DEMO["input_size"])
     y = torch.randint(0, len(MOTIONS), (batch,))
     times = []
     for i in range(steps + 2):
@@ -58,9 +74,12 @@ def pipeline_throughput(work: Path, workers: int) -> dict:
     """Clips/s of a real training epoch of the demo configuration: MJPG decoding, dense sampling, multi-scale
     crops, the model step; on a small dataset shaped like the demo's."""
     data = work / "demo_data"
-    write_synthetic_dataset(data, clips_per_class=24, frames=30, motion_frames=60, size="171x128", seed=0,
-                            val_fraction=0.0, workers=workers + 1)
-    final = train(TrainOptions(model="tsm_mobilenetv2_online", train=str(data / "train.txt"), out=str(work / "r"),
+    short = DEMO["resize_size"]
+    frames = (DEMO.get("num_segments", 8) - 1) * DEMO["frame_interval"] + 3
+    write_synthetic_dataset(data, clips_per_class=24, frames=frames, motion_frames=60,
+                            size=f"{round(short * 4 / 3)}x{short}", render_size="320x240", seed=0, val_fraction=0.0,
+                            workers=workers + 1)
+    final = train(TrainOptions(model=DEMO_MODEL, train=str(data / "train.txt"), out=str(work / "r"),
                                model_args=DEMO, epochs=1, batch_size=8, optimizer="adamw", lr=1e-3,
                                sampling="dense", scales=(1.0, 0.875), workers=workers, device="cpu",
                                progress=False))
@@ -139,10 +158,11 @@ def main() -> None:
         return "-" if v is None else f"{100 * v:.1f}"
 
     lines = [
-        f"Demo configuration (`tsm_mobilenetv2_online`, width 0.5, 112x112, 8 frames, shift_div 4, batch 8, "
+        f"Demo configuration (`{DEMO_MODEL}`, {', '.join(f'{k} {v}' for k, v in DEMO.items())}, batch 8, "
         f"AdamW): **{model_cps:.1f} clips/s** model only (forward, backward, step on random clips), "
-        f"**{pipe['clips_per_s']:.1f} clips/s** as a real training epoch (MJPG decoding of 171x128 videos, dense "
-        f"sampling, multi-scale crops, {pipe['workers']} loader worker), {args.threads} torch threads.",
+        f"**{pipe['clips_per_s']:.1f} clips/s** as a real training epoch (MJPG decoding of "
+        f"{round(DEMO['resize_size'] * 4 / 3)}x{DEMO['resize_size']} videos, dense sampling, multi-scale crops, "
+        f"{pipe['workers']} loader worker), {args.threads} torch threads.",
         "",
         f"Val top-1 on the synthetic motions ({args.scenes} train / {args.val_scenes} val scenes x 9 motions, "
         f"{args.size}x{args.size}, 8 frames; {args.epochs} epochs, AdamW 2e-3 cosine, 2 matched warm-up epochs, "
