@@ -97,3 +97,46 @@ def test_publishers_reach_subscribers_again_after_the_broker_restarts(tmp_path):
         thread.join(5)
         pub.close()
         sub.close()
+
+
+# `streamtsm run` whose model takes 0.6 s a step and says when a step begins (stderr), for signalling mid-step.
+_SLOW_RUN = """
+import sys, time
+from streamtsm.cli import main
+from streamtsm.engine.torch_engine import TorchOnlineEngine
+plain = TorchOnlineEngine.step
+def slow(self, frames, state):
+    print("IN_STEP", file=sys.stderr, flush=True)
+    time.sleep(0.6)
+    return plain(self, frames, state)
+TorchOnlineEngine.step = slow
+sys.exit(main(["run", "--source", "synthetic:64x48@30", "--publish", "none", "--model", "tsm_mobilenetv2_online",
+               "--threads", "1"]))
+"""
+
+
+def test_sigterm_in_the_middle_of_a_step_finishes_it_and_exits_cleanly():
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_RUN], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        steps = 0
+        deadline = time.monotonic() + 60
+        while steps < 2 and time.monotonic() < deadline:  # the second step: the pipeline is in its loop
+            line = proc.stderr.readline()
+            if not line and proc.poll() is not None:
+                pytest.fail(f"run exited early with {proc.returncode}")
+            steps += line.startswith("IN_STEP")
+        time.sleep(0.2)  # well inside the 0.6 s step
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)  # a hang fails here
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "IN_STEP" not in err, "no new step starts after the signal"
+    assert "frames processed" in out and "status stopped" in out

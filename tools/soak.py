@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import pct, write_section  # noqa: E402
 
 from streamtsm.engine.factory import build_engine  # noqa: E402
-from streamtsm.pipeline import Pipeline, PipelineOptions, StreamSpec  # noqa: E402
+from streamtsm.pipeline import Pipeline, PipelineOptions, StreamSpec, effective_frame_stride  # noqa: E402
 from streamtsm.publish import Publisher, Subscriber  # noqa: E402
 
 
@@ -85,7 +85,8 @@ def main() -> None:
     publisher = Publisher("tcp://127.0.0.1:*")
     latency = LatencySink()
     specs = [StreamSpec("synthetic:320x240@30", f"cam{i}") for i in range(args.streams)]
-    pipeline = Pipeline(engine, specs, publisher, PipelineOptions(duration=args.minutes * 60), sinks=[latency])
+    # No duration: the tool stops the pipeline itself after its last sample, so no sample sees the teardown.
+    pipeline = Pipeline(engine, specs, publisher, PipelineOptions(), sinks=[latency])
     stop_sub = threading.Event()
     received = [0]
 
@@ -99,12 +100,17 @@ def main() -> None:
     sub_thread.start()
     rows = []
     pipeline.start()
-    runner = threading.Thread(target=pipeline.run, name="pipeline")
+    stop_pipeline = threading.Event()
+    runner = threading.Thread(target=pipeline.run, args=(stop_pipeline,), name="pipeline")
     runner.start()
     t0 = time.monotonic()
     last_totals = {"frames": 0, "dropped": 0}
-    while runner.is_alive():
-        runner.join(args.sample_seconds)
+    samples = max(1, round(args.minutes * 60 / args.sample_seconds))
+    for k in range(1, samples + 1):
+        # Sample on a fixed clock (k intervals after the start), not after a sleep, so intervals do not drift.
+        runner.join(max(0.0, t0 + k * args.sample_seconds - time.monotonic()))
+        if not runner.is_alive():
+            raise SystemExit(f"the pipeline stopped after {time.monotonic() - t0:.0f} s, before the soak ended")
         snapshot = latency.latest_stats()
         st = snapshot["streams"].values() if snapshot else []
         frames, dropped = sum(s["frames"] for s in st), sum(s["dropped"] for s in st)
@@ -120,11 +126,13 @@ def main() -> None:
         r = rows[-1]
         print(f"{r['t']:6.0f}s rss {r['rss']:.1f} MB threads {r['threads']} p50 {r['p50']:.1f} p99 {r['p99']:.1f} "
               f"ms fps {r['fps']:.1f} dropped {r['dropped']}", flush=True)
+    stop_pipeline.set()
+    runner.join(10)
     stop_sub.set()
     sub_thread.join(2)
     publisher.close()
 
-    steady = rows[1:-1] if len(rows) > 3 else rows  # first interval is warm-up; last may be partial
+    steady = rows[1:] if len(rows) > 2 else rows  # the first interval is warm-up
     base, end = steady[0], steady[-1]
     growth = 100 * (end["rss"] / base["rss"] - 1)
     p99_first = float(np.nanmean([r["p99"] for r in steady[: max(1, len(steady) // 3)]]))
@@ -134,15 +142,26 @@ def main() -> None:
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['t']:.0f} | {r['rss']:.1f} | {r['threads']} | {r['p50']:.1f} | {r['p99']:.1f} | "
               f"{r['fps']:.1f} | {r['dropped']} |" for r in rows]
+    grew = growth <= 5.0
+    leak = steady[-1]["threads"] > steady[0]["threads"]
+    # Drift: the last third's p99 beyond 1.25x the first third's plus 2 ms (one scheduler hiccup on 2 cores).
+    drift = p99_last > 1.25 * p99_first + 2.0
+    stride = effective_frame_stride(specs[0], engine)
     lines += [
         "",
-        f"- RSS growth after warm-up: {growth:+.2f}% ({base['rss']:.1f} -> {end['rss']:.1f} MB; target <= 5%)",
-        f"- OS threads after warm-up: {threads} (a leak would grow)",
-        f"- p99 latency, first third vs last third of the run: {p99_first:.1f} vs {p99_last:.1f} ms",
+        f"- RSS growth after warm-up: {growth:+.2f}% ({base['rss']:.1f} -> {end['rss']:.1f} MB; target <= 5%): "
+        f"{'met' if grew else 'NOT met'}",
+        f"- OS threads after warm-up: {threads}: {'grew (leak)' if leak else 'no leak'}",
+        f"- p99 latency, first third vs last third of the run: {p99_first:.1f} vs {p99_last:.1f} ms: "
+        f"{'drift' if drift else 'no drift'} (drift: last > 1.25 x first + 2 ms)",
+        f"- frames dropped after warm-up: {sum(r['dropped'] for r in steady)}",
         f"- messages received by the subscriber: {received[0]}",
         f"\n{args.streams} synthetic 30 fps streams (320x240), model {engine.model_name} ({engine.backend}), "
-        f"{args.minutes:g} minutes, sampled every {args.sample_seconds:g} s. Frames the model could not keep up "
-        "with are dropped by design (live sources keep only their newest frame).",
+        f"{args.minutes:g} minutes, sampled every {args.sample_seconds:g} s (the first interval is warm-up). "
+        f"fps counts the frames the model processed: one in {stride} (the model's frame stride). "
+        "Latency is capture->publish "
+        "of the predictions published in each interval. Frames the model could not keep up with are dropped by "
+        "design (live sources keep only their newest frame).",
     ]
     body = "\n".join(lines)
     print(body)
