@@ -469,6 +469,7 @@ class Pipeline:
             streams[s.id] = {
                 "source": c["source"],
                 "model": s.group.model_name,
+                "group": s.group.key,  # its entry in "models" (differs from "model" for the 2nd group of a name)
                 "status": "done" if s.done and c["status"] in ("ended", "stopped") else c["status"],
                 "fps": round(s.rate.rate(), 2),
                 "capture_fps": round(c["fps"], 2),

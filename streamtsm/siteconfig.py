@@ -22,13 +22,15 @@
     id = "yard"
     source = 1
     model = "x3d_s"                    # another model: a second group, run side by side
-    weights = "models/X3D_S.pyth"      # its own weights: the inherited ones are for the model of [defaults]
+    weights = "models/X3D_S.pyth"      # another model inherits no weights or labels from [defaults]
     clip_stride = 8
 
 Relative paths (``weights``, ``onnx``, ``labels``, a file ``source``) are read from the config file's folder.
-A camera takes every key it does not set from ``[defaults]``, one key at a time, so a camera with another model
-names its own ``weights`` (or ``onnx``). A camera served by Triton sets ``backend = "triton"``, ``url`` and
-``triton_model`` and inherits no ``model``, ``weights`` or ``onnx`` (keep those out of ``[defaults]`` then).
+A camera takes every key it does not set from ``[defaults]``, except that the keys of a model (``model``,
+``weights``, ``onnx``, ``labels``, ``triton_model``) come as one: a camera that names another model (its own
+``model``, ``onnx``, ``triton_model`` or ``backend``) inherits none of them, so the site's weights and labels are
+never loaded into another network. A camera served by Triton sets ``backend = "triton"``, ``url`` and
+``triton_model``.
 Cameras with the same model, weights, onnx file, labels, device, providers, backend, url, Triton model and
 clip_stride share one batched model call (a group).
 """
@@ -49,6 +51,9 @@ if TYPE_CHECKING:
 
 _CAMERA_KEYS = {"id", "source", "model", "weights", "onnx", "labels", "device", "providers", "backend", "url",
                 "triton_model", "frame_stride", "crop", "clip_stride"}
+# The keys that describe one model: inherited from [defaults] together or not at all (see the module docstring).
+_MODEL_KEYS = {"model", "weights", "onnx", "labels", "triton_model"}
+_MODEL_IDENTITY_KEYS = {"model", "onnx", "triton_model", "backend"}
 _OPTION_KEYS = {"smooth", "topk", "threshold", "hold", "background"}
 _TOP_KEYS = {"publish", "metrics", "defaults", "camera"}
 _TYPES = {"id": str, "model": str, "weights": str, "onnx": str, "labels": str, "device": str, "providers": str,
@@ -178,7 +183,10 @@ def load_site_config(path: str | Path) -> SiteConfig:
         for key in ("id", "source"):
             if key not in raw:
                 raise loc.error(f"camera {i + 1}: missing {key!r}", key, camera=i)
-        merged = {k: v for k, v in defaults.items() if k in _CAMERA_KEYS} | raw
+        inherited = {k: v for k, v in defaults.items() if k in _CAMERA_KEYS}
+        if any(k in raw and raw[k] != defaults.get(k) for k in _MODEL_IDENTITY_KEYS):
+            inherited = {k: v for k, v in inherited.items() if k not in _MODEL_KEYS}
+        merged = inherited | raw
         for key, value in merged.items():
             _check_value(loc, key, value, camera=i if key in raw else None,
                          table=None if key in raw else "defaults")

@@ -133,6 +133,7 @@ def test_two_groups_of_one_model_keep_apart_in_stats_and_step_metrics():
     stats = pipeline.start().run()
     name = groups[0].engine.model_name
     assert list(stats["models"]) == [name, f"{name}#2"]  # in group order
+    assert (stats["streams"]["a"]["group"], stats["streams"]["b"]["group"]) == (name, f"{name}#2")
     for key, m in stats["models"].items():
         assert m["model"] == name and m["steps"] > 0
         assert sink.registry.get_sample_value("streamtsm_model_step_seconds_count", {"model": key}) == m["steps"]

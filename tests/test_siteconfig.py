@@ -248,3 +248,42 @@ def test_relative_paths_in_a_site_config_are_read_from_its_folder(tmp_path, monk
     assert Path(door.weights) == site_dir / "models" / "site.pth" and Path(door.labels) == site_dir / "labels.txt"
     assert lobby.source == "rtsp://10.0.0.5/live" and lobby.weights == "/abs/site.pth"
     assert gone.source == "missing.mp4", "a source not found beside the config is left for the capture to report"
+
+
+def test_a_camera_with_another_model_inherits_none_of_the_default_models_keys(tmp_path):
+    site = load_site_config(_write(tmp_path, """\
+        [defaults]
+        model = "tsm_mobilenetv2_online"
+        weights = "/models/site.pth"
+        labels = "/models/site.txt"
+        frame_stride = 2
+
+        [[camera]]
+        id = "same"
+        source = 0
+
+        [[camera]]
+        id = "reweighted"
+        source = 1
+        weights = "/models/door.pth"
+
+        [[camera]]
+        id = "other"
+        source = 2
+        model = "x3d_s"
+
+        [[camera]]
+        id = "served"
+        source = 3
+        backend = "triton"
+        url = "gpu-host:8001"
+        triton_model = "jester"
+        """))
+    same, reweighted, other, served = site.cameras
+    assert (same.model, same.weights, same.labels) == ("tsm_mobilenetv2_online", "/models/site.pth",
+                                                       "/models/site.txt")
+    assert (reweighted.model, reweighted.weights, reweighted.labels) == ("tsm_mobilenetv2_online",
+                                                                         "/models/door.pth", "/models/site.txt")
+    assert (other.model, other.weights, other.labels) == ("x3d_s", None, None)
+    assert (served.model, served.weights, served.triton_model) == (None, None, "jester")
+    assert {c.frame_stride for c in site.cameras} == {2}, "keys that are not the model's are still inherited"

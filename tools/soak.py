@@ -104,7 +104,7 @@ def main() -> None:
     runner = threading.Thread(target=pipeline.run, args=(stop_pipeline,), name="pipeline")
     runner.start()
     t0 = time.monotonic()
-    last_totals = {"frames": 0, "dropped": 0}
+    last_totals = {"frames": 0, "dropped": 0, "ts": time.time()}
     samples = max(1, round(args.minutes * 60 / args.sample_seconds))
     for k in range(1, samples + 1):
         # Sample on a fixed clock (k intervals after the start), not after a sleep, so intervals do not drift.
@@ -114,15 +114,17 @@ def main() -> None:
         snapshot = latency.latest_stats()
         st = snapshot["streams"].values() if snapshot else []
         frames, dropped = sum(s["frames"] for s in st), sum(s["dropped"] for s in st)
+        snap_ts = snapshot["publish_ts"] if snapshot else time.time()
         ms = latency.take()
         elapsed = time.monotonic() - t0
         rows.append({
             "t": elapsed, "rss": rss_mb(), "threads": os_threads(), "py_threads": threading.active_count(),
             "p50": pct(ms, 50) if ms else float("nan"), "p99": pct(ms, 99) if ms else float("nan"),
-            "fps": (frames - last_totals["frames"]) / args.sample_seconds,
+            # Over the time between the two stats snapshots (published once a second), not the sampling interval.
+            "fps": (frames - last_totals["frames"]) / max(1e-9, snap_ts - last_totals["ts"]),
             "dropped": dropped - last_totals["dropped"],
         })
-        last_totals = {"frames": frames, "dropped": dropped}
+        last_totals = {"frames": frames, "dropped": dropped, "ts": snap_ts}
         r = rows[-1]
         print(f"{r['t']:6.0f}s rss {r['rss']:.1f} MB threads {r['threads']} p50 {r['p50']:.1f} p99 {r['p99']:.1f} "
               f"ms fps {r['fps']:.1f} dropped {r['dropped']}", flush=True)
