@@ -1,6 +1,11 @@
 """Soak test: N live streams for M minutes; RSS, threads, latency and drops over time.
 
-    python tools/soak.py --streams 4 --minutes 10 [--model NAME | --weights W | --onnx F] [--sample-seconds 30]
+    python tools/soak.py --streams 4 --minutes 10 [--model NAME | --weights W | --onnx F | --bench-model int8]
+                         [--sample-seconds 30]
+
+``--bench-model fp32|int8`` builds the 224 MobileNetV2-TSM that tools/bench_streams.py measures (random weights with
+calibrated BN statistics, exported with export_onnx, int8 by quantize_int8) in a temporary folder and soaks it on
+onnxruntime; without a model option the default (the shipped demo model) runs.
 
 Runs the real pipeline (capture threads on synthetic 30 fps scenes, batched online model, ZeroMQ publisher with a
 subscriber reading) and samples the process every interval. Writes a section of docs/benchmarks.md with the
@@ -10,7 +15,9 @@ table and the verdicts: RSS growth after warm-up (first interval) <= 5%, no thre
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -78,9 +85,20 @@ def main() -> None:
     ap.add_argument("--model")
     ap.add_argument("--weights")
     ap.add_argument("--onnx")
+    ap.add_argument("--bench-model", choices=("fp32", "int8"),
+                    help="build and run the 224 MobileNetV2-TSM of tools/bench_streams.py at this precision")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
+    made_by, work = "", None
+    if args.bench_model:
+        from bench_streams import build_models
+
+        work = Path(tempfile.mkdtemp(prefix="soak-"))
+        built = build_models(work, argparse.Namespace(threads=1, precision=args.bench_model, calib_frames=192))
+        args.onnx = built[args.bench_model]
+        made_by = (f" The model: tools/bench_streams.py's 224 MobileNetV2-TSM ({args.bench_model}, random weights "
+                   "with calibrated BN statistics, 27 classes), as built by `--bench-model`.")
     engine = build_engine(model=args.model, weights=args.weights, onnx=args.onnx)
     publisher = Publisher("tcp://127.0.0.1:*")
     latency = LatencySink()
@@ -133,6 +151,9 @@ def main() -> None:
     stop_sub.set()
     sub_thread.join(2)
     publisher.close()
+    engine.close()
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
 
     steady = rows[1:] if len(rows) > 2 else rows  # the first interval is warm-up
     base, end = steady[0], steady[-1]
@@ -163,7 +184,7 @@ def main() -> None:
         f"fps counts the frames the model processed: one in {stride} (the model's frame stride). "
         "Latency is capture->publish "
         "of the predictions published in each interval. Frames the model could not keep up with are dropped by "
-        "design (live sources keep only their newest frame).",
+        "design (live sources keep only their newest frame)." + made_by,
     ]
     body = "\n".join(lines)
     print(body)
