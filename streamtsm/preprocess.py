@@ -32,9 +32,9 @@ class Preprocessor:
         self.resize_size = resize_size
         self.crop = crop
         std = np.asarray(std, np.float32)
-        # (rgb / 255 - mean) / std folded into one multiply-add per element.
-        self._scale = (1.0 / (255.0 * std)).reshape(1, 1, 3)
-        self._bias = (-np.asarray(mean, np.float32) / std).reshape(1, 1, 3)
+        # (rgb / 255 - mean) / std folded into one multiply-add per element; [3, 1, 1] to broadcast over [3, S, S].
+        self._scale = (1.0 / (255.0 * std)).reshape(3, 1, 1)
+        self._bias = (-np.asarray(mean, np.float32) / std).reshape(3, 1, 1)
 
     @classmethod
     def for_config(cls, cfg, crop=None) -> Preprocessor:
@@ -58,6 +58,11 @@ class Preprocessor:
             image = cv2.resize(image, size, interpolation=interp)
         h, w = image.shape[:2]
         top, left = (h - self.input_size) // 2, (w - self.input_size) // 2
-        crop = image[top : top + self.input_size, left : left + self.input_size, ::-1]  # BGR -> RGB
-        out = crop.astype(np.float32) * self._scale + self._bias  # [S, S, 3]
-        return np.ascontiguousarray(out.transpose(2, 0, 1))  # [3, S, S]
+        crop = image[top : top + self.input_size, left : left + self.input_size]  # [S, S, 3] BGR
+        # Reorder while still uint8 (a quarter of the bytes), then one multiply into the float output and one add:
+        # 4x cheaper than converting [S, S, 3] to float first and transposing the floats.
+        rgb = np.ascontiguousarray(crop.transpose(2, 0, 1)[::-1])  # [3, S, S] uint8, BGR -> RGB
+        out = np.empty(rgb.shape, np.float32)
+        np.multiply(rgb, self._scale, out=out, casting="unsafe")
+        out += self._bias
+        return out
