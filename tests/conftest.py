@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -63,3 +64,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def scaled_diff(got, expected) -> float:
+    """Largest absolute difference in units of the reference's scale, max(1, max |expected|).
+
+    float32 rounding grows with the values: tiny random networks reach logits of ~4, where two correct
+    computations (one batch of B frames vs one of B*T, other conv algorithms) differ by ~1e-4 absolute. A wrong
+    computation (a lost or misplaced fold) differs by O(1). For outputs within [-1, 1] this is the absolute
+    difference. numpy arrays or torch tensors."""
+    got = got.detach().cpu().numpy() if hasattr(got, "detach") else np.asarray(got)
+    expected = expected.detach().cpu().numpy() if hasattr(expected, "detach") else np.asarray(expected)
+    assert got.shape == expected.shape, f"shape {got.shape} != {expected.shape}"
+    return float(np.abs(got - expected).max() / max(1.0, np.abs(expected).max()))
+

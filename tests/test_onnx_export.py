@@ -22,7 +22,7 @@ from streamtsm.export.commands import add_commands
 from streamtsm.labels import read_labels
 from streamtsm.models import create, save_checkpoint
 
-from .conftest import randomize_
+from .conftest import randomize_, scaled_diff  # noqa: F401 (scaled_diff: imported from here by others)
 
 SIZE = 32
 # Per output, in units of max(1, max |reference|): see streamtsm.export.onnx.TOLERANCE for why not a bare 1e-4.
@@ -48,10 +48,6 @@ def tiny_clip(seed: int = 0):
 
 def session(path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def scaled_diff(got: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.abs(got - expected).max() / max(1.0, np.abs(expected).max()))
 
 
 @pytest.fixture(scope="module")
