@@ -27,6 +27,7 @@ TINY = {
 
 
 def _build(name: str, num_segments: int):
+    torch.manual_seed(0)  # the same weights whatever ran before (the cache fills in test order)
     if name == "tsm_r18_block":
         return create("tsm_r18", num_classes=7, num_segments=num_segments, shift_mode="unidirectional",
                       shift_place="block", width=8)
@@ -98,8 +99,8 @@ def test_online_step_equals_offline_unidirectional_per_frame_exactly_in_float64(
 @pytest.mark.parametrize("name", sorted(TINY))
 @pytest.mark.parametrize("frames", [1, 8, 33])
 def test_online_step_equals_offline_unidirectional_per_frame_within_1e4_in_float32(name, frames):
-    diff, _ = _compare(name, frames, torch.float32)
-    assert diff <= TOL
+    diff, scale = _compare(name, frames, torch.float32)
+    assert diff <= TOL * max(1.0, scale), f"max abs difference {diff:.2e} on logits up to {scale:.2f}"
 
 
 @settings(max_examples=12, deadline=None)
