@@ -10,6 +10,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MODEL_KINDS = ("online", "clip")
 
 
+def window_span(clip_len: int, frame_interval: int) -> int:
+    """Consecutive frames a window of ``clip_len`` frames taken ``frame_interval`` apart covers."""
+    return (clip_len - 1) * frame_interval + 1
+
+
 @dataclass
 class ModelConfig:
     """What a runtime needs besides the weights: how to feed the model and how to read its output.
@@ -39,6 +44,11 @@ class ModelConfig:
     frame_interval: int = 1
     labels: list[str] | None = None
     arch: dict = field(default_factory=dict)
+
+    @property
+    def window_span(self) -> int:
+        """Consecutive frames one dense clip covers (see :func:`window_span`)."""
+        return window_span(self.clip_len, self.frame_interval)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

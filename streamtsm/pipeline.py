@@ -351,7 +351,10 @@ class Pipeline:
                 self._process_group(group, items)
 
     def _process_group(self, group: _Group, batch: list[tuple[_Stream, Frame]]) -> None:
-        frames = np.stack([s.preprocess(f.image) for s, f in batch])  # [B, 3, S, S], each frame once
+        size = group.engine.cfg.input_size
+        frames = np.empty((len(batch), 3, size, size), np.float32)  # [B, 3, S, S]: each frame preprocessed once,
+        for row, (s, f) in zip(frames, batch):  # straight into its row
+            s.preprocess(f.image, out=row)
         for s, f in batch:
             if f.generation != s.generation:
                 # The source reconnected: the runner resets the state; close any open action first.

@@ -40,7 +40,9 @@ class Preprocessor:
     def for_config(cls, cfg, crop=None) -> Preprocessor:
         return cls(cfg.input_size, cfg.resize_size, cfg.mean, cfg.std, crop=crop)
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
+    def __call__(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Preprocess one frame, into ``out`` (a float32 ``[3, S, S]`` row of a batch) when given, so a batch is
+        filled in place instead of stacked from copies."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected a BGR uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
         if self.crop is not None:
@@ -62,7 +64,8 @@ class Preprocessor:
         # Reorder while still uint8 (a quarter of the bytes), then one multiply into the float output and one add:
         # 4x cheaper than converting [S, S, 3] to float first and transposing the floats.
         rgb = np.ascontiguousarray(crop.transpose(2, 0, 1)[::-1])  # [3, S, S] uint8, BGR -> RGB
-        out = np.empty(rgb.shape, np.float32)
+        if out is None:
+            out = np.empty(rgb.shape, np.float32)
         np.multiply(rgb, self._scale, out=out, casting="unsafe")
         out += self._bias
         return out

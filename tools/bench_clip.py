@@ -49,7 +49,7 @@ def main() -> None:
             ort_engine = load_onnx_engine(path, providers=["cpu"], threads=torch.get_num_threads())
             pre = Preprocessor.for_config(cfg)
             ring = ClipRunner(_NoModel(cfg), clip_stride=1)
-            span = (cfg.clip_len - 1) * cfg.frame_interval + 1
+            span = cfg.window_span
             for t in range(span):  # fill the ring once
                 ring.process(["cam"], [0], pre(raw[t])[None])
             clip = ring._rings["cam"].window(cfg.clip_len, cfg.frame_interval)[None]

@@ -37,6 +37,19 @@ BATCHES = (1, 4, 8, 16)
 LATENCY_BATCHES = (1, 8)
 
 
+def step_cases(engines: dict, frames: np.ndarray) -> dict:
+    """One timed case per engine: a step on ``frames`` ([B, 3, S, S]) with that engine's state fed back."""
+    cases = {}
+    for name, engine in engines.items():
+        state = [engine.zero_state(len(frames))]
+
+        def step(engine=engine, state=state):
+            _, state[0] = engine.step(frames, state[0])
+
+        cases[name] = step
+    return cases
+
+
 def random_but_calibrated(model: nn.Module, sequences: np.ndarray, seed: int = 0) -> nn.Module:
     """BN statistics measured on ``sequences`` [N, 8, 3, S, S] (the offline uni-directional form), a random
     unit-scale classifier: a network whose logits depend on the input, as a trained one's do."""
@@ -105,14 +118,7 @@ def run(args: argparse.Namespace, work: Path) -> str:
     iterations: dict[int, int] = {}
     for batch in BATCHES:
         frames = rng.standard_normal((batch, 3, s, s), dtype=np.float32)
-        cases = {}
-        for name, engine in engines.items():
-            state = [engine.zero_state(batch)]
-
-            def step(engine=engine, state=state):
-                _, state[0] = engine.step(frames, state[0])
-
-            cases[name] = step
+        cases = step_cases(engines, frames)
         with torch.inference_mode():
             t0 = time.perf_counter()
             for fn in cases.values():
@@ -162,8 +168,8 @@ def run(args: argparse.Namespace, work: Path) -> str:
         f"{q['calibration_inputs']} (frame, state) inputs collected by stepping the fp32 model through "
         f"{len(calib)} synthetic sequences of 32 frames; graph I/O (state included) stays float32; file "
         f"{q['size_bytes'] / 1e6:.1f} MB vs {q['fp32_size_bytes'] / 1e6:.1f} MB.  ",
-        f"Agreement at 224: no trained 224 checkpoint ships with streamtsm, so this network is **randomly initialized** "
-        f"(BN statistics measured on synthetic frames, unit-scale random classifier, 27 classes), and the held-out "
+        "Agreement at 224: no trained 224 checkpoint ships with streamtsm, so this network is **randomly "
+        f"initialized** (BN statistics measured on synthetic frames, unit-scale random classifier, 27 classes), and the held-out "
         f"data are {len(holdout)} synthetic sequences of 48 frames (another seed than calibration) stepped frame by "
         f"frame through both models; max abs logit difference {q['max_abs_logit_diff']:.3f}, mean "
         f"{q['mean_abs_logit_diff']:.3f}, against a per-frame logit spread (std over classes) of "
@@ -207,14 +213,7 @@ def trained_agreement(work: Path, threads: int) -> list[str]:
     for batch in (1, 8):
         frames = np.random.default_rng(0).standard_normal((batch, 3, model.cfg.input_size, model.cfg.input_size),
                                                          dtype=np.float32)
-        cases = {}
-        for name, engine in engines.items():
-            state = [engine.zero_state(batch)]
-
-            def step(engine=engine, state=state):
-                _, state[0] = engine.step(frames, state[0])
-
-            cases[name] = step
+        cases = step_cases(engines, frames)
         t = interleaved(cases, 300, warmup=10)
         times[batch] = {name: summary(v)[0] for name, v in t.items()}
     agree = q["top1_agreement"]
@@ -235,7 +234,8 @@ def trained_agreement(work: Path, threads: int) -> list[str]:
         f"Calibration on {q['calibration_inputs']} (frame, state) inputs of the live scene (seed 0); hold-out: "
         f"{len(holdout)} sequences of {holdout.shape[1]} steps (seed 1, each through several motions), every step "
         f"of both models compared; max abs logit difference {q['max_abs_logit_diff']:.3f}, mean "
-        f"{q['mean_abs_logit_diff']:.3f}, per-step logit spread {q['logit_std']:.3f}. Export check {fp32.max_abs_diff:.2e}. "
+        f"{q['mean_abs_logit_diff']:.3f}, per-step logit spread {q['logit_std']:.3f}. "
+        f"Export check {fp32.max_abs_diff:.2e}. "
         f"At this size the step is small and fixed costs weigh more, so the int8 speed-up is smaller than at 224.",
     ]
 

@@ -42,8 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_onnx import random_but_calibrated  # noqa: E402
-from benchlib import pct, write_section  # noqa: E402
-from soak import rss_mb  # noqa: E402
+from benchlib import pct, rss_mb, write_section  # noqa: E402
 
 from streamtsm.capture import SyntheticSource  # noqa: E402
 from streamtsm.config import ModelConfig  # noqa: E402

@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: interleaved timing and writing one section of docs/benchmarks.md."""
+"""Shared by the benchmark scripts: interleaved timing, process memory and threads, and writing one section of
+docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -13,6 +14,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def _proc_status(field: str) -> str | None:
+    """A field of /proc/self/status (Linux), e.g. ``VmRSS``; None elsewhere or when absent."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((ln.split(":", 1)[1].split()[0] for ln in lines if ln.startswith(field + ":")), None)
+
+
+def rss_mb() -> float:
+    """Resident memory of this process, MB (NaN where /proc is missing)."""
+    kb = _proc_status("VmRSS")
+    return int(kb) / 1024 if kb else float("nan")
+
+
+def os_threads() -> int:
+    """OS threads of this process (-1 where /proc is missing)."""
+    n = _proc_status("Threads")
+    return int(n) if n else -1
 
 
 def machine() -> str:

@@ -25,25 +25,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import pct, write_section  # noqa: E402
+from benchlib import os_threads, pct, rss_mb, write_section  # noqa: E402
 
 from streamtsm.engine.factory import build_engine  # noqa: E402
 from streamtsm.pipeline import Pipeline, PipelineOptions, StreamSpec, effective_frame_stride  # noqa: E402
 from streamtsm.publish import Publisher, Subscriber  # noqa: E402
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def os_threads() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    return -1
 
 
 class LatencySink:

@@ -54,7 +54,7 @@ class ClipRunner:
         self.clip_len = engine.cfg.clip_len
         self.interval = engine.cfg.frame_interval
         self.clip_stride = clip_stride
-        self.window_span = (self.clip_len - 1) * self.interval + 1
+        self.window_span = engine.cfg.window_span
         self._rings: dict[str, FrameRing] = {}
         self._generation: dict[str, int] = {}
         self._since: dict[str, int] = {}  # frames since the stream's last prediction

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..config import ModelConfig
+from ..config import ModelConfig, window_span
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def _quantize(fp32: Path, out: Path, args: argparse.Namespace) -> None:
     # window (clip_len frames frame_interval apart), as the live ring samples it.
     length = min(32, args.calib_frames)
     if meta["kind"] == "clip":
-        length = (meta["io"]["inputs"]["clip"][1] - 1) * cfg.frame_interval + 1
+        length = window_span(meta["io"]["inputs"]["clip"][1], cfg.frame_interval)
     frames = calibration_frames(cfg, args.calib_source, num_frames=max(args.calib_frames, length),
                                 sequence_length=length)
     report = quantize_int8(fp32, out, frames, threads=args.threads)

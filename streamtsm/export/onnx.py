@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import MODEL_KINDS, ModelConfig
+from ..config import MODEL_KINDS, ModelConfig, window_span
 from ..errors import ConfigError, StreamTSMError
 
 log = logging.getLogger(__name__)
@@ -516,7 +516,7 @@ def _clips(sequences: np.ndarray, clip_len: int, interval: int = 1) -> np.ndarra
     """Non-overlapping windows of ``clip_len`` frames ``interval`` apart (as the live ring samples them) from each
     sequence: ``[M, clip_len, 3, S, S]``."""
     n, f = sequences.shape[:2]
-    span = (clip_len - 1) * interval + 1
+    span = window_span(clip_len, interval)
     if f < span:
         raise ConfigError(f"clip model takes {clip_len} frames {interval} apart ({span} consecutive frames); "
                           f"calibration sequences have only {f} frames")
@@ -547,7 +547,8 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
 
     Calibration feeds what the model meets when deployed: online models get (frame, state) pairs collected by
     stepping the fp32 model frame by frame through the calibration sequences; clip models get windows of
-    ``T`` frames ``frame_interval`` apart, as the live ring buffer samples them. The graph's inputs and outputs (state included) stay float32; only the inside is int8.
+    ``T`` frames ``frame_interval`` apart, as the live ring buffer samples them. The graph's inputs and outputs
+    (state included) stay float32; only the inside is int8.
     Activations are uint8 and weights int8 (the layout x86 VNNI kernels run), calibrated with min/max.
 
     Args:

@@ -172,8 +172,8 @@ def train_options(args: argparse.Namespace):
         clip_grad=args.clip_grad or None, partial_bn=args.partial_bn,
         matched_warmup_epochs=args.matched_warmup, frame_loss=args.frame_loss, amp=args.amp, workers=args.workers,
         device=args.device, sampling=args.sampling, clip_len=args.clip_len, frame_interval=args.frame_interval,
-        short=args.short, scales=tuple(args.scales), flip=args.flip, flip_swap=args.flip_swap, frame_template=args.frame_template,
-        start_index=args.start_index, list_format=args.list_format, seed=args.seed, resume=args.resume,
+        short=args.short, scales=tuple(args.scales), flip=args.flip, flip_swap=args.flip_swap,
+        frame_template=args.frame_template, start_index=args.start_index, list_format=args.list_format, seed=args.seed, resume=args.resume,
         progress=not args.no_progress and sys.stderr.isatty())
 
 

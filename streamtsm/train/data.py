@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..config import window_span
 from ..errors import ConfigError
 from ..preprocess import Preprocessor
 
@@ -346,6 +347,10 @@ class SegmentSampler:
     def frames_per_clip(self) -> int:
         return self.num_segments
 
+    def describe(self) -> dict:
+        """The sampling, as reports and checkpoints record it."""
+        return {"kind": "segments", "num_segments": self.num_segments}
+
     def views(self, test: bool) -> int:
         return self.num_clips * (2 if self.twice_sample else 1) if test else 1
 
@@ -389,11 +394,15 @@ class DenseSampler:
     def frames_per_clip(self) -> int:
         return self.clip_len
 
+    def describe(self) -> dict:
+        """The sampling, as reports and checkpoints record it."""
+        return {"kind": "dense", "clip_len": self.clip_len, "frame_interval": self.frame_interval}
+
     def views(self, test: bool) -> int:
         return self.num_clips if test else 1
 
     def __call__(self, num_frames: int, train: bool, rng: np.random.Generator) -> list[np.ndarray]:
-        span = (self.clip_len - 1) * self.frame_interval + 1
+        span = window_span(self.clip_len, self.frame_interval)
         steps = np.arange(self.clip_len) * self.frame_interval
         room = max(num_frames - span, 0)
         if train:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .data import ClipDataset, DenseSampler, Skipped, TestTransform, VideoRecord, collate_clips, sampler_for, worker_init
+from .data import ClipDataset, Skipped, TestTransform, VideoRecord, collate_clips, sampler_for, worker_init
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def evaluate(model: torch.nn.Module, records: Sequence[VideoRecord], *, num_clip
     result = {"offline": classification_metrics(scores, labels, k), "online": None, "online_avg": None,
               "protocol": {"num_clips": num_clips, "crops": crops, "twice_sample": twice_sample,
                            "views": offline_set.sampler.views(True) * crops, "avg_last": avg_last,
-                           "sampling": _describe(offline_set.sampler)},
+                           "sampling": offline_set.sampler.describe()},
               "skipped": sorted({s.path for s in skipped})}
     has_step = bool(getattr(model, "online", False))
     if online is None:
@@ -167,12 +167,6 @@ def evaluate(model: torch.nn.Module, records: Sequence[VideoRecord], *, num_clip
     result["scores"] = scores
     result["labels"] = labels
     return result
-
-
-def _describe(sampler) -> dict:
-    if isinstance(sampler, DenseSampler):
-        return {"kind": "dense", "clip_len": sampler.clip_len, "frame_interval": sampler.frame_interval}
-    return {"kind": "segments", "num_segments": sampler.num_segments}
 
 
 def format_table(result: dict, labels: Sequence[str] | None = None) -> str:

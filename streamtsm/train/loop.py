@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError, ConfigError, StreamTSMError
 from ..models import create, get_spec, load_checkpoint, load_model, read_checkpoint, save_checkpoint
-from .data import (FRAME_TEMPLATE, ClipDataset, DenseSampler, MatchedBatchSampler, TestTransform, TrainTransform, VideoRecord,
-                   collate_clips, flip_label_map, load_records, mirrored_pairs, read_labels, sampler_for, worker_init)
+from .data import (FRAME_TEMPLATE, ClipDataset, DenseSampler, MatchedBatchSampler, TestTransform, TrainTransform,
+                   VideoRecord, collate_clips, flip_label_map, load_records, mirrored_pairs, read_labels, sampler_for, worker_init)
 from .evaluate import classification_metrics, predict_offline
 
 log = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ def train(options: TrainOptions) -> dict:
         model.cfg = dataclasses.replace(cfg, frame_interval=train_set.sampler.frame_interval,
                                         clip_len=train_set.sampler.clip_len)
         cfg = model.cfg
-    sampling_used = "dense" if isinstance(train_set.sampler, DenseSampler) else "segments"
+    sampling_used = train_set.sampler.describe()["kind"]
     loader_gen = torch.Generator()
     train_loader = DataLoader(train_set, batch_size=o.batch_size, shuffle=True, num_workers=o.workers,
                               collate_fn=collate_clips, worker_init_fn=worker_init, generator=loader_gen,
