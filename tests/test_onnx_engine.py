@@ -17,7 +17,8 @@ from streamtsm.engine.torch_engine import TorchClipEngine, TorchOnlineEngine
 from streamtsm.errors import ConfigError, StreamTSMError
 from streamtsm.export import export_onnx
 
-from .test_onnx_export import SIZE, TOL, scaled_diff, tiny_clip, tiny_online
+from .conftest import scaled_diff
+from .test_onnx_export import SIZE, TOL, tiny_clip, tiny_online
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -22,7 +22,7 @@ from streamtsm.export.commands import add_commands
 from streamtsm.labels import read_labels
 from streamtsm.models import create, save_checkpoint
 
-from .conftest import randomize_, scaled_diff  # noqa: F401 (scaled_diff: imported from here by others)
+from .conftest import randomize_, scaled_diff
 
 SIZE = 32
 # Per output, in units of max(1, max |reference|): see streamtsm.export.onnx.TOLERANCE for why not a bare 1e-4.

@@ -35,7 +35,8 @@ from streamtsm.models import save_checkpoint
 from streamtsm.publish import Subscriber
 
 from .fake_triton import FakeTriton, check_model
-from .test_onnx_export import SIZE, TOL, cli, scaled_diff, tiny_clip, tiny_online
+from .conftest import scaled_diff
+from .test_onnx_export import SIZE, TOL, cli, tiny_clip, tiny_online
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

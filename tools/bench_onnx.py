@@ -169,9 +169,9 @@ def run(args: argparse.Namespace, work: Path) -> str:
         f"{len(calib)} synthetic sequences of 32 frames; graph I/O (state included) stays float32; file "
         f"{q['size_bytes'] / 1e6:.1f} MB vs {q['fp32_size_bytes'] / 1e6:.1f} MB.  ",
         "Agreement at 224: no trained 224 checkpoint ships with streamtsm, so this network is **randomly "
-        f"initialized** (BN statistics measured on synthetic frames, unit-scale random classifier, 27 classes), and the held-out "
-        f"data are {len(holdout)} synthetic sequences of 48 frames (another seed than calibration) stepped frame by "
-        f"frame through both models; max abs logit difference {q['max_abs_logit_diff']:.3f}, mean "
+        "initialized** (BN statistics measured on synthetic frames, unit-scale random classifier, 27 classes), and "
+        f"the held-out data are {len(holdout)} synthetic sequences of 48 frames (another seed than calibration) "
+        f"stepped frame by frame through both models; max abs logit difference {q['max_abs_logit_diff']:.3f}, mean "
         f"{q['mean_abs_logit_diff']:.3f}, against a per-frame logit spread (std over classes) of "
         f"{q['logit_std']:.3f}. Control: the no-shift network with the same weights, quantized the same way, agrees "
         f"{100 * q_tsn['top1_agreement']:.1f}% (mean abs logit difference {q_tsn['mean_abs_logit_diff']:.3f}), so the "

@@ -167,13 +167,15 @@ def train_options(args: argparse.Namespace):
         model=args.model, train=args.train, val=args.val, out=args.out, data_root=args.data_root,
         labels=args.labels, weights=args.weights, reset_head=args.reset_head,
         allow_shift_mismatch=args.allow_shift_mismatch, model_args=model_args, epochs=args.epochs,
-        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay,
         schedule=args.schedule, lr_steps=args.lr_steps, warmup_epochs=args.warmup_epochs,
         clip_grad=args.clip_grad or None, partial_bn=args.partial_bn,
         matched_warmup_epochs=args.matched_warmup, frame_loss=args.frame_loss, amp=args.amp, workers=args.workers,
         device=args.device, sampling=args.sampling, clip_len=args.clip_len, frame_interval=args.frame_interval,
         short=args.short, scales=tuple(args.scales), flip=args.flip, flip_swap=args.flip_swap,
-        frame_template=args.frame_template, start_index=args.start_index, list_format=args.list_format, seed=args.seed, resume=args.resume,
+        frame_template=args.frame_template, start_index=args.start_index, list_format=args.list_format,
+        seed=args.seed, resume=args.resume,
         progress=not args.no_progress and sys.stderr.isatty())
 
 

@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError, ConfigError, StreamTSMError
 from ..models import create, get_spec, load_checkpoint, load_model, read_checkpoint, save_checkpoint
-from .data import (FRAME_TEMPLATE, ClipDataset, DenseSampler, MatchedBatchSampler, TestTransform, TrainTransform,
-                   VideoRecord, collate_clips, flip_label_map, load_records, mirrored_pairs, read_labels, sampler_for, worker_init)
+from .data import (FRAME_TEMPLATE, ClipDataset, MatchedBatchSampler, TestTransform, TrainTransform, VideoRecord,
+                   collate_clips, flip_label_map, load_records, mirrored_pairs, read_labels, sampler_for,
+                   worker_init)
 from .evaluate import classification_metrics, predict_offline
 
 log = logging.getLogger(__name__)
@@ -355,13 +356,13 @@ def train(options: TrainOptions) -> dict:
     train_set = ClipDataset(train_records, sampler_for(model, train=True, **sampling),
                             TrainTransform.for_config(cfg, scales=o.scales, flip=o.flip, flip_label_map=flip_map),
                             train=True, **common)
-    if isinstance(train_set.sampler, DenseSampler):
+    sampling_used = train_set.sampler.describe()["kind"]
+    if sampling_used == "dense":
         # The checkpoint records the clips the model learned from, so `streamtsm run` feeds an online model every
         # frame_interval-th frame and samples a clip model's windows the same way, and `eval` reads it back.
         model.cfg = dataclasses.replace(cfg, frame_interval=train_set.sampler.frame_interval,
                                         clip_len=train_set.sampler.clip_len)
         cfg = model.cfg
-    sampling_used = train_set.sampler.describe()["kind"]
     loader_gen = torch.Generator()
     train_loader = DataLoader(train_set, batch_size=o.batch_size, shuffle=True, num_workers=o.workers,
                               collate_fn=collate_clips, worker_init_fn=worker_init, generator=loader_gen,
