@@ -14,15 +14,15 @@ that budget the TSM learns the translation and zoom directions (>= 90% on their 
 direction, so here it is held to >= 70% top-1 overall and TSN to chance on every pair. Rotation direction is the
 slow one because no local cue gives it away: zoom shows in the area a shape covers and a move in where its edges go,
 while telling a clockwise turn from an anticlockwise one needs where an edge is on the shape as well as how it
-moves. Measured with this recipe at batch 32 (lr 4e-3) for 24 epochs, about 3 minutes per model: top-1 0.91, cw/ccw
-0.65 (seed 0), and 0.86, 0.60 (seed 1, 40 val scenes) (`python tools/bench_train.py --only online_tsm --scenes 200
---epochs 24 --batch-size 32 --lr 4e-3 --warmup 3 --seed S [--val-scenes 40] --no-write`). In a trial with the turn
-capped at 22.5 degrees per frame (not kept: TIN and X3D-XS then failed to take off in tools/bench_train.py's 6
-epochs), the same 24-epoch recipe gave cw/ccw 0.80, 0.44 and 0.58 for seeds 0, 1 and 2, and 0.61, 0.65 and 0.73 with
-the scenes drawn at 128x128 and shrunk to 64 (top-1 0.87 to 0.92): the rotation direction is learnt late and by
-chance of the seed, not a reliable >= 90% in a test's budget. The >= 90% figure is the shipped demo model's, trained
-by `streamtsm train` on this data and checked on unseen scenes in tests/test_demo_model.py (93% online top-1 there,
-rotations included).
+moves. Measured with this recipe at batch 32 (lr 4e-3) for 24 epochs, about 3 minutes per model, on 40 val scenes:
+top-1 0.897 and 0.864, cw/ccw 0.66 and 0.60 for seeds 0 and 1 (docs/benchmarks.md, "Other training recipes", written
+by `python tools/bench_train.py --only online_tsm --scenes 200 --val-scenes 40 --epochs 24 --batch-size 32 --lr 4e-3
+--warmup 3 --seed 0,1`). In a trial with the turn capped at 22.5 degrees per frame (not kept: TIN and X3D-XS then
+failed to take off in tools/bench_train.py's 6 epochs), the same 24-epoch recipe gave cw/ccw 0.80, 0.44 and 0.58 for
+seeds 0, 1 and 2, and 0.61, 0.65 and 0.73 with the scenes drawn at 128x128 and shrunk to 64 (top-1 0.87 to 0.92):
+the rotation direction is learnt late and by chance of the seed, not a reliable >= 90% in a test's budget. The >=
+90% figure is the shipped demo model's, trained by `streamtsm train` on this data and checked on unseen scenes in
+tests/test_demo_model.py (93% online top-1 there, rotations included).
 """
 
 from __future__ import annotations
