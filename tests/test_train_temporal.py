@@ -1,5 +1,5 @@
 """The proof that the temporal shift is what recognizes motion: on the synthetic motions, whose single frames say
-nothing about the class, a small online TSM trains to high accuracy while the same network without shift (TSN)
+nothing about the class, a small online TSM trains to >= 90% val top-1 while the same network without shift (TSN)
 stays at chance between the two directions of each motion, whatever it learns.
 
 Why TSN cannot: it averages per-frame outputs, so it sees a clip as an unordered set of frames, and a move_left clip
@@ -7,22 +7,18 @@ played backwards is a move_right clip (zoom_in/zoom_out, rotate_cw/rotate_ccw, m
 synthetic scenes render every motion of a scene with the same random draws, so the two clips of a pair hold the
 same frames in opposite order.
 
-Recipe (tuned to take under a minute per model on 2 idle CPU cores): a ResNet-18 of width 8 at 64x64, 8 frames,
-shift_div 4, AdamW with a cosine schedule, and the matched warm-up (batches of one scene shown in all nine motions)
-that lets a TSM trained from scratch pick up motion within a few hundred steps; TSN gets exactly the same recipe. In
-that budget the TSM learns the translation and zoom directions (>= 90% on their pairs) but not yet the rotation
-direction, so here it is held to >= 70% top-1 overall and TSN to chance on every pair. Rotation direction is the
-slow one because no local cue gives it away: zoom shows in the area a shape covers and a move in where its edges go,
-while telling a clockwise turn from an anticlockwise one needs where an edge is on the shape as well as how it
-moves. Measured with this recipe at batch 32 (lr 4e-3) for 24 epochs, about 3 minutes per model, on 40 val scenes:
-top-1 0.897 and 0.864, cw/ccw 0.66 and 0.60 for seeds 0 and 1 (docs/benchmarks.md, "Other training recipes", written
-by `python tools/bench_train.py --only online_tsm --scenes 200 --val-scenes 40 --epochs 24 --batch-size 32 --lr 4e-3
---warmup 3 --seed 0,1`). In a trial with the turn capped at 22.5 degrees per frame (not kept: TIN and X3D-XS then
-failed to take off in tools/bench_train.py's 6 epochs), the same 24-epoch recipe gave cw/ccw 0.80, 0.44 and 0.58 for
-seeds 0, 1 and 2, and 0.61, 0.65 and 0.73 with the scenes drawn at 128x128 and shrunk to 64 (top-1 0.87 to 0.92):
-the rotation direction is learnt late and by chance of the seed, not a reliable >= 90% in a test's budget. The >=
-90% figure is the shipped demo model's, trained by `streamtsm train` on this data and checked on unseen scenes in
-tests/test_demo_model.py (93% online top-1 there, rotations included).
+Recipe (about 80 s per model on 2 idle CPU cores): a ResNet-18 of width 8 at 64x64, 8 frames, shift_div 4, 8
+epochs of AdamW with a cosine schedule, and the matched warm-up (batches of one scene shown in all nine motions) that
+lets a TSM trained from scratch pick up motion within a few hundred steps; TSN gets exactly the same recipe.
+
+The rotation direction is the motion that decides whether this budget is enough: no local cue gives it away (zoom
+shows in the area a shape covers and a move in where its edges go, while telling a clockwise turn from an
+anticlockwise one needs where an edge is on the shape as well as how it moves), and on a full-contrast cluttered
+background the network found it late and by chance of the seed (24 epochs at batch 32: cw/ccw 0.60-0.66). With the
+background's clutter at a quarter of its contrast (synthetic._BACKGROUND_CONTRAST) and shapes of 0.4-0.6 of the
+frame, this recipe finds it on every seed measured: top-1 0.997, 0.978 and 0.983, cw/ccw 0.99, 0.90 and 0.96 for
+seeds 0, 1 and 2 on 40 val scenes (docs/benchmarks.md, "Other training recipes", written by
+`python tools/bench_train.py --only online_tsm --scenes 200 --val-scenes 40 --seed 0,1,2`).
 """
 
 from __future__ import annotations
@@ -41,7 +37,7 @@ from streamtsm.train.loop import TrainOptions, train
 
 SIZE, FRAMES = 64, 8
 TRAIN_SCENES, VAL_SCENES = 200, 20
-EPOCHS = 6
+EPOCHS = 8
 PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7)]  # left/right, up/down, in/out, cw/ccw
 
 
@@ -89,10 +85,10 @@ def test_online_tsm_learns_motion_direction_that_tsn_cannot_tell(data, tmp_path)
     print(report)
 
     assert tsm.online and tsm_final["val"]["top1"] == tsm_result["offline"]["top1"]
-    # Directions of motion: the TSM tells them apart, the TSN is at chance (0.5) on every pair.
-    assert min(tsm_pairs[:3]) >= 0.9, report
+    assert tsm_result["offline"]["top1"] >= 0.9, report
+    # Directions of motion: the TSM tells each pair apart, the TSN is at chance (0.5) on every pair.
+    assert min(tsm_pairs) >= 0.85, report
     assert max(tsn_pairs) <= 0.7, report
-    assert tsm_result["offline"]["top1"] >= 0.7, report
     assert tsm_result["offline"]["top1"] - tsn_result["offline"]["top1"] >= 0.4, report
     # Frame by frame (the online protocol: the output at the last frame only) it still reads motion.
-    assert tsm_result["online"]["top1"] >= 0.5, report
+    assert tsm_result["online"]["top1"] >= 0.7, report
