@@ -149,9 +149,9 @@ def _make_background(width: int, height: int, rng: np.random.Generator) -> np.nd
                              rng.uniform(0.1, 0.25) * scale, rng.uniform(0, 360), width, height)
         background = _blend(background, layer)
     background += rng.normal(0, 5, background.shape).astype(np.float32)
-    background = np.clip(background, 0, 255).astype(np.float32)
+    background = np.clip(background, 0, 255)
     mean = background.mean(axis=(0, 1), keepdims=True)
-    return (mean + _BACKGROUND_CONTRAST * (background - mean)).astype(np.float32)
+    return mean + np.float32(_BACKGROUND_CONTRAST) * (background - mean)
 
 
 def _make_path(width: int, height: int, rng: np.random.Generator) -> _Path:

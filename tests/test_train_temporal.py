@@ -30,8 +30,8 @@ import pytest
 import torch
 
 from streamtsm.models import load_model
-from streamtsm.synthetic import MOTIONS, render_clip
-from streamtsm.train.data import VideoRecord, scene_rng
+from streamtsm.synthetic import MOTIONS
+from streamtsm.train.data import VideoRecord, render_scene_clip
 from streamtsm.train.evaluate import evaluate, pair_accuracy
 from streamtsm.train.loop import TrainOptions, train
 
@@ -42,8 +42,8 @@ PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7)]  # left/right, up/down, in/out, cw/ccw
 
 
 def _scenes(seed: int, first: int, count: int) -> list[VideoRecord]:
-    return [VideoRecord(f"{motion}/scene_{i}", label, frames=render_clip(motion, FRAMES, SIZE, SIZE,
-                                                                          scene_rng(seed, i)), scene=f"scene_{i}")
+    return [VideoRecord(f"{motion}/scene_{i}", label, scene=f"scene_{i}",
+                        frames=render_scene_clip(motion, i, frames=FRAMES, size=(SIZE, SIZE), seed=seed))
             for i in range(first, first + count) for label, motion in enumerate(MOTIONS)]
 
 

@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
@@ -30,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import write_section  # noqa: E402
 
 from streamtsm.models import create, list_models, load_model  # noqa: E402
-from streamtsm.synthetic import MOTIONS, render_clip  # noqa: E402
-from streamtsm.train.data import VideoRecord, scene_rng, write_synthetic_dataset  # noqa: E402
+from streamtsm.synthetic import MOTIONS  # noqa: E402
+from streamtsm.train.data import VideoRecord, render_scene_clip, write_synthetic_dataset  # noqa: E402
 from streamtsm.train.evaluate import evaluate, pair_accuracy  # noqa: E402
 from streamtsm.train.loop import TrainOptions, train  # noqa: E402
 
@@ -90,18 +89,10 @@ def pipeline_throughput(work: Path, workers: int) -> dict:
     return {"clips_per_s": final["last_epoch"]["clips_per_s"], "workers": workers}
 
 
-def scene_clip(motion: str, scene: int, size: int, frames: int, render: int) -> np.ndarray:
-    """One scene's clip of one motion, drawn at render x render and shrunk to size x size (INTER_AREA smooths the
-    textures as ``streamtsm synth --render-size`` does)."""
-    clip = render_clip(motion, frames, render, render, scene_rng(0, scene))
-    if render == size:
-        return clip
-    return np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in clip])
-
-
 def scenes(first: int, count: int, size: int, frames: int, render: int | None = None) -> list[VideoRecord]:
-    return [VideoRecord(f"{m}/scene_{i}", label, frames=scene_clip(m, i, size, frames, render or size),
-                        scene=f"scene_{i}")
+    return [VideoRecord(f"{m}/scene_{i}", label, scene=f"scene_{i}",
+                        frames=render_scene_clip(m, i, frames=frames, size=(size, size),
+                                                 render=(render, render) if render else None))
             for i in range(first, first + count) for label, m in enumerate(MOTIONS)]
 
 
@@ -142,7 +133,8 @@ def main() -> None:
                     "(default: all)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = ap.parse_args()
-    keys = [key for key, *_ in candidates(args.size)]
+    table = candidates(args.size)
+    keys = [key for key, *_ in table]
     only = args.only.split(",") if args.only else keys
     if unknown := sorted(set(only) - set(keys)):
         ap.error(f"--only takes rows among {', '.join(keys)}; got {', '.join(unknown)}")
@@ -160,7 +152,7 @@ def main() -> None:
     train_records = scenes(0, args.scenes, args.size, 8, args.render)
     val_records = scenes(10**6, args.val_scenes, args.size, 8, args.render)
     rows = []
-    runs = [(seed, *c) for c in candidates(args.size) if c[0] in only for seed in seeds]
+    runs = [(seed, *c) for c in table if c[0] in only for seed in seeds]
     for seed, _key, name, registry_name, options in runs:
         if len(seeds) > 1:
             name = f"{name}, seed {seed}"

@@ -764,17 +764,32 @@ def _write_video(path: Path, frames: np.ndarray, fps: float) -> None:
         writer.release()
 
 
-def _render_one(job: tuple) -> str:
+def render_scene_clip(motion: str, scene: int, *, frames: int, size: tuple[int, int], seed: int = 0,
+                      motion_frames: int | None = None, render: tuple[int, int] | None = None) -> np.ndarray:
+    """Scene ``scene``'s clip of ``motion``, as ``streamtsm synth`` writes it: [frames, H, W, 3] uint8 BGR.
+
+    ``size`` and ``render`` are (width, height). ``motion_frames`` (default ``frames``) spreads the motion over
+    more frames than the clip keeps; ``render`` (default ``size``) draws larger frames and shrinks them to ``size``
+    with INTER_AREA.
+    """
     from ..synthetic import render_clip
 
-    path, motion, index, frames, motion_frames, width, height, render, seed, fps = job
-    clip = render_clip(motion, motion_frames, render[0], render[1], scene_rng(seed, index))
+    motion_frames = motion_frames or frames
+    render = render or size
+    clip = render_clip(motion, motion_frames, render[0], render[1], scene_rng(seed, scene))
     if motion_frames > frames:
         # The same window for every motion of the scene (its own generator: the scene's draws stay the same).
-        start = int(np.random.default_rng([seed, index, 1]).integers(0, motion_frames - frames + 1))
+        start = int(np.random.default_rng([seed, scene, 1]).integers(0, motion_frames - frames + 1))
         clip = clip[start : start + frames]
-    if render != (width, height):
-        clip = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_AREA) for f in clip])
+    if tuple(render) != tuple(size):
+        clip = np.stack([cv2.resize(f, tuple(size), interpolation=cv2.INTER_AREA) for f in clip])
+    return clip
+
+
+def _render_one(job: tuple) -> str:
+    path, motion, index, frames, motion_frames, width, height, render, seed, fps = job
+    clip = render_scene_clip(motion, index, frames=frames, size=(width, height), seed=seed,
+                             motion_frames=motion_frames, render=render)
     _write_video(Path(path), clip, fps)
     return path
 
