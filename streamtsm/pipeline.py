@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -44,6 +44,7 @@ from .publish.schema import (
     stats_message,
     topic_for,
 )
+from .settings import RUN_DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -81,20 +82,30 @@ def effective_frame_stride(spec: StreamSpec, engine: Engine) -> int:
 
 @dataclass
 class PipelineOptions:
-    """Post-processing and run-control settings (see ``streamtsm run --help``)."""
+    """Post-processing and run-control settings (see ``streamtsm run --help``); defaults from
+    :data:`~streamtsm.settings.RUN_DEFAULTS`."""
 
-    smooth: int = 8
-    topk: int = 5
-    threshold: float = 0.0
-    hold: int = 3
-    background: list[str] = field(default_factory=list)
-    realtime: bool = False
-    max_frames: int | None = None
-    duration: float | None = None
-    stats_interval: float = 1.0
-    startup_timeout: float = 15.0
-    read_timeout: float = 5.0
-    backoff: tuple[float, float] = (0.5, 8.0)
+    smooth: int = RUN_DEFAULTS["smooth"]
+    topk: int = RUN_DEFAULTS["topk"]
+    threshold: float = RUN_DEFAULTS["threshold"]
+    hold: int = RUN_DEFAULTS["hold"]
+    background: list[str] = field(default_factory=lambda: list(RUN_DEFAULTS["background"]))
+    realtime: bool = RUN_DEFAULTS["realtime"]
+    max_frames: int | None = RUN_DEFAULTS["max_frames"]
+    duration: float | None = RUN_DEFAULTS["duration"]
+    stats_interval: float = RUN_DEFAULTS["stats_interval"]
+    startup_timeout: float = RUN_DEFAULTS["startup_timeout"]
+    read_timeout: float = RUN_DEFAULTS["read_timeout"]
+    backoff: tuple[float, float] = RUN_DEFAULTS["backoff"]
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> PipelineOptions:
+        """The options among merged run settings (see :func:`~streamtsm.settings.merge_settings`); the names it
+        lacks keep their defaults, the others are ignored."""
+        values = {f.name: settings[f.name] for f in fields(cls) if settings.get(f.name) is not None}
+        if "background" in values:
+            values["background"] = list(values["background"])
+        return cls(**values)
 
 
 @dataclass
