@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -44,7 +44,7 @@ from .publish.schema import (
     stats_message,
     topic_for,
 )
-from .settings import RUN_DEFAULTS
+from .settings import PipelineOptions
 
 log = logging.getLogger(__name__)
 
@@ -78,34 +78,6 @@ def effective_frame_stride(spec: StreamSpec, engine: Engine) -> int:
     if spec.frame_stride is not None:
         return spec.frame_stride
     return 1 if engine.cfg.kind == "clip" else max(1, int(engine.cfg.frame_interval))
-
-
-@dataclass
-class PipelineOptions:
-    """Post-processing and run-control settings (see ``streamtsm run --help``); defaults from
-    :data:`~streamtsm.settings.RUN_DEFAULTS`."""
-
-    smooth: int = RUN_DEFAULTS["smooth"]
-    topk: int = RUN_DEFAULTS["topk"]
-    threshold: float = RUN_DEFAULTS["threshold"]
-    hold: int = RUN_DEFAULTS["hold"]
-    background: list[str] = field(default_factory=lambda: list(RUN_DEFAULTS["background"]))
-    realtime: bool = RUN_DEFAULTS["realtime"]
-    max_frames: int | None = RUN_DEFAULTS["max_frames"]
-    duration: float | None = RUN_DEFAULTS["duration"]
-    stats_interval: float = RUN_DEFAULTS["stats_interval"]
-    startup_timeout: float = RUN_DEFAULTS["startup_timeout"]
-    read_timeout: float = RUN_DEFAULTS["read_timeout"]
-    backoff: tuple[float, float] = RUN_DEFAULTS["backoff"]
-
-    @classmethod
-    def from_settings(cls, settings: dict) -> PipelineOptions:
-        """The options among merged run settings (see :func:`~streamtsm.settings.merge_settings`); the names it
-        lacks keep their defaults, the others are ignored."""
-        values = {f.name: settings[f.name] for f in fields(cls) if settings.get(f.name) is not None}
-        if "background" in values:
-            values["background"] = list(values["background"])
-        return cls(**values)
 
 
 @dataclass
@@ -441,12 +413,7 @@ class Pipeline:
                 "capture_fps": round(c["fps"], 2),
                 "frames": s.processed,
                 "captured": c["frames_read"],
-                "dropped": c["dropped"],
-                "skipped": c["skipped"],
-                "bad_frames": c["bad_frames"],
-                "reconnects": c["reconnects"],
-                "generation": c["generation"],
-                "stalled": c["stalled"],
+                **{key: c[key] for key in ("dropped", "skipped", "bad_frames", "reconnects", "generation", "stalled")},
                 "step_errors": s.step_errors,
                 "latency_p50_ms": _round(s.latency.percentile(50)),
                 "latency_p99_ms": _round(s.latency.percentile(99)),

@@ -6,8 +6,8 @@ A setting comes from one of three places, the first that gives it winning::
 
 "Gives" means "is not None": the command line's parser leaves every option it was not given at None, and a site
 file has no None (TOML cannot write one), so None always means "not said here". The CLI, the site config (a
-camera's keys over its ``[defaults]``) and the pipeline's options all take their values through
-:func:`merge_settings` and their defaults from :data:`RUN_DEFAULTS`.
+camera's keys over its ``[defaults]``) and the pipeline's options (:class:`PipelineOptions`, built from the merged
+settings) all take their values through :func:`merge_settings` and their defaults from :data:`RUN_DEFAULTS`.
 
 This module imports nothing of the package, so any part of it can use it.
 """
@@ -15,6 +15,7 @@ This module imports nothing of the package, so any part of it can use it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
@@ -63,3 +64,31 @@ def merge_settings(*layers: Mapping[str, Any] | None, names: Iterable[str] | Non
     for name in names:
         merged[name] = next((layer[name] for layer in given if layer.get(name) is not None), defaults.get(name))
     return merged
+
+
+@dataclass
+class PipelineOptions:
+    """The pipeline's post-processing and run-control settings (see ``streamtsm run --help``); defaults from
+    :data:`RUN_DEFAULTS`."""
+
+    smooth: int = RUN_DEFAULTS["smooth"]
+    topk: int = RUN_DEFAULTS["topk"]
+    threshold: float = RUN_DEFAULTS["threshold"]
+    hold: int = RUN_DEFAULTS["hold"]
+    background: list[str] = field(default_factory=lambda: list(RUN_DEFAULTS["background"]))
+    realtime: bool = RUN_DEFAULTS["realtime"]
+    max_frames: int | None = RUN_DEFAULTS["max_frames"]
+    duration: float | None = RUN_DEFAULTS["duration"]
+    stats_interval: float = RUN_DEFAULTS["stats_interval"]
+    startup_timeout: float = RUN_DEFAULTS["startup_timeout"]
+    read_timeout: float = RUN_DEFAULTS["read_timeout"]
+    backoff: tuple[float, float] = RUN_DEFAULTS["backoff"]
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> PipelineOptions:
+        """The options among merged run settings (see :func:`merge_settings`); the names it
+        lacks keep their defaults, the others are ignored."""
+        values = {f.name: settings[f.name] for f in fields(cls) if settings.get(f.name) is not None}
+        if "background" in values:
+            values["background"] = list(values["background"])
+        return cls(**values)

@@ -6,8 +6,8 @@ lag; a file ``wait`` with room for four, so every frame is processed in order), 
 
 ::
 
-    poll() ──► thread stalled past read_timeout, live source, re-makeable? ──► abandon it, open a new source,
-                                                                               start a new thread + buffer
+    poll() ──► reader stalled past read_timeout, live source, re-makeable? ──► abandon it; new source,
+                                                                               new thread and buffer
     pop()  ──► frame of the current thread, its index and generation shifted by the abandoned threads' totals
 
 An OpenCV read cannot be interrupted, so the hung thread is left behind (a daemon; it exits if its read ever
