@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError, StreamTSMError
+from .settings import RUN_DEFAULTS, merge_settings
 
 if TYPE_CHECKING:
     from .siteconfig import SiteConfig
@@ -46,12 +47,6 @@ class _AppendSource(argparse.Action):
         namespace.sources = sources
 
 
-# Built-in defaults of `run`'s options. The parser's defaults are None, so that an option given on the command line
-# can be told from one left out: given options win over a site config's values, which win over these.
-_RUN_DEFAULTS = {"publish": "tcp://*:5556", "metrics_addr": "127.0.0.1", "smooth": 8, "topk": 5, "threshold": 0.0,
-                 "hold": 3, "background": (), "stats_interval": 1.0, "device": "cpu", "clip_stride": 1,
-                 "backend": "auto"}
-
 # Options that describe a camera or its model: with --config the file sets them per camera.
 _CAMERA_OPTIONS = {"sources": "--camera/--source", "name": "--name", "model": "--model", "weights": "--weights",
                    "onnx": "--onnx", "backend": "--backend", "url": "--url", "triton_model": "--triton-model",
@@ -59,15 +54,7 @@ _CAMERA_OPTIONS = {"sources": "--camera/--source", "name": "--name", "model": "-
                    "frame_stride": "--frame-stride", "clip_stride": "--clip-stride"}
 
 
-def _setting(args: argparse.Namespace, name: str, from_file: dict | None = None):
-    """An option's value: as given on the command line, else as the site config sets it, else the built-in default."""
-    for value in (getattr(args, name), (from_file or {}).get(name)):
-        if value is not None:
-            return value
-    return _RUN_DEFAULTS.get(name)
-
-
-def _groups_from_args(args: argparse.Namespace):
+def _groups_from_args(args: argparse.Namespace, settings: dict):
     from .engine.factory import build_engine
     from .pipeline import ModelGroup, StreamSpec
 
@@ -79,9 +66,9 @@ def _groups_from_args(args: argparse.Namespace):
              for i, src in enumerate(sources)]
     providers = args.providers.split(",") if args.providers else None
     engine = build_engine(model=args.model, weights=args.weights, onnx=args.onnx, labels_file=args.labels,
-                          device=_setting(args, "device"), providers=providers, threads=args.threads,
-                          backend=_setting(args, "backend"), url=args.url, triton_model=args.triton_model)
-    return [ModelGroup(engine, specs, clip_stride=_setting(args, "clip_stride"))]
+                          device=settings["device"], providers=providers, threads=args.threads,
+                          backend=settings["backend"], url=args.url, triton_model=args.triton_model)
+    return [ModelGroup(engine, specs, clip_stride=settings["clip_stride"])]
 
 
 def _refuse_camera_options(args: argparse.Namespace) -> None:
@@ -92,8 +79,9 @@ def _refuse_camera_options(args: argparse.Namespace) -> None:
 
 
 def _output_settings(args: argparse.Namespace, site: SiteConfig | None) -> dict:
-    """Publisher, metrics and post-processing settings: the command line's, else the site config's, else the
-    built-in defaults."""
+    """Every setting of `run` (output, post-processing, model and run control; see :mod:`streamtsm.settings`): the
+    command line's, else the site config's, else the built-in defaults. The publisher is one choice, bind or
+    connect: made on the command line or in the file."""
     if args.publish is not None and args.connect is not None:
         raise ConfigError(f"give either --publish {args.publish} (bind) or --connect {args.connect} (a broker's "
                           "frontend), not both")
@@ -102,9 +90,9 @@ def _output_settings(args: argparse.Namespace, site: SiteConfig | None) -> dict:
         from_file = {**site.options, "metrics_port": site.metrics_port, "metrics_addr": site.metrics_addr}
         if args.publish is None and args.connect is None:  # bind and connect are one choice: made here or there
             from_file.update(publish=site.publish, connect=site.connect)
-    values = {name: _setting(args, name, from_file) for name in
-              ("connect", "metrics_port", "metrics_addr", "smooth", "topk", "threshold", "hold", "background")}
-    values["publish"] = None if values["connect"] else _setting(args, "publish", from_file)
+    values = merge_settings(vars(args), from_file)
+    if values["connect"]:
+        values["publish"] = None
     if args.metrics_addr is not None and values["metrics_port"] is None:
         raise ConfigError(f"--metrics-addr {args.metrics_addr} needs a port: give --metrics-port PORT"
                           + (" or set [metrics] port in the config" if site is not None else ""))
@@ -136,10 +124,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         groups = build_groups(site, args.threads)
     else:
-        groups = _groups_from_args(args)
-    options = PipelineOptions(smooth=out["smooth"], topk=out["topk"], threshold=out["threshold"], hold=out["hold"],
-                              background=list(out["background"]), realtime=args.realtime, max_frames=args.max_frames,
-                              duration=args.duration, stats_interval=_setting(args, "stats_interval"))
+        groups = _groups_from_args(args, out)
+    options = PipelineOptions.from_settings(out)
     stop = threading.Event()
     display = publisher = None
     try:
@@ -223,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["online", "clip"], help="only models of this kind")
     p.set_defaults(func=_cmd_models)
 
-    d = _RUN_DEFAULTS
+    d = RUN_DEFAULTS
     p = sub.add_parser("run", help="recognize actions live and publish the results on ZeroMQ",
                        description="Recognize actions live. With no source, runs on the built-in synthetic scene.")
     src = p.add_argument_group("sources (repeatable, in order)")

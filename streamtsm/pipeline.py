@@ -11,9 +11,10 @@
                           StreamPostprocessor (smoothing, top-k, events) ─► Publisher (pred / event / stats)
 
 Streams are grouped by model: streams sharing a model are batched together, groups of different models run side by
-side in the same loop. Everything after the buffers runs in the caller's thread. Live sources use the ``drop_oldest`` policy with room for
-one frame, so a slow model makes the pipeline skip frames (counted) instead of building lag; files use ``wait``, so
-every frame is processed in order.
+side in the same loop. Everything after the buffers runs in the caller's thread. Each stream's capture is a
+:class:`~streamtsm.capture.StreamCapture`, which picks the buffer policy (live sources skip frames rather than build
+lag, files give every frame), replaces a hung reader and keeps the stream's counters; the pipeline polls it once per
+loop.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import numpy as np
 
-from .capture import CaptureThread, Frame, FrameBuffer, Source, open_source, stream_name
-from .engine.base import ClipEngine, Engine
+from .capture import Frame, Source, StreamCapture, StreamStatus, stream_name
+from .engine.base import Engine
 from .engine.clip import ClipRunner
 from .engine.online import OnlineRunner, StepError
 from .errors import ConfigError, SourceError
@@ -43,6 +44,7 @@ from .publish.schema import (
     stats_message,
     topic_for,
 )
+from .settings import PipelineOptions
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ class StreamSpec:
         source: camera index, path, URL, image-sequence pattern, ``"synthetic[:WxH@FPS]"``, a
             :class:`~streamtsm.capture.Source` object (not opened yet), or a function returning a new one. A
             source given as an object cannot be replaced when its read hangs; the others can (see
-            ``Pipeline._recover_hung``).
+            :class:`~streamtsm.capture.StreamCapture`).
         name: stream id (derived from the source when None); used in topics.
         frame_stride: process every k-th frame; None takes the model's: an online model trained on every k-th frame
             (``cfg.frame_interval`` = k) must be fed every k-th frame live too, or every motion looks k times slower
@@ -75,25 +77,7 @@ def effective_frame_stride(spec: StreamSpec, engine: Engine) -> int:
     """The stride a stream is captured with: its own, else its online model's ``frame_interval``, else 1."""
     if spec.frame_stride is not None:
         return spec.frame_stride
-    return max(1, int(engine.cfg.frame_interval)) if not isinstance(engine, ClipEngine) else 1
-
-
-@dataclass
-class PipelineOptions:
-    """Post-processing and run-control settings (see ``streamtsm run --help``)."""
-
-    smooth: int = 8
-    topk: int = 5
-    threshold: float = 0.0
-    hold: int = 3
-    background: list[str] = field(default_factory=list)
-    realtime: bool = False
-    max_frames: int | None = None
-    duration: float | None = None
-    stats_interval: float = 1.0
-    startup_timeout: float = 15.0
-    read_timeout: float = 5.0
-    backoff: tuple[float, float] = (0.5, 8.0)
+    return 1 if engine.cfg.kind == "clip" else max(1, int(engine.cfg.frame_interval))
 
 
 @dataclass
@@ -115,8 +99,8 @@ class _Group:
     def __init__(self, engine: Engine, clip_stride: int, key: str) -> None:
         self.engine = engine
         self.key = key  # unique among the pipeline's groups: names its stats entry and its step metric
-        # Clip engines get rolling windows; anything else is stepped frame by frame with its state.
-        if isinstance(engine, ClipEngine):
+        # Clip models get rolling windows; online ones are stepped frame by frame with their state.
+        if engine.cfg.kind == "clip":
             self.runner: OnlineRunner | ClipRunner = ClipRunner(engine, clip_stride)
         else:
             self.runner = OnlineRunner(engine)
@@ -129,7 +113,7 @@ class _Group:
         return {
             "model": self.model_name,
             "backend": self.engine.backend,
-            "kind": "online" if isinstance(self.runner, OnlineRunner) else "clip",
+            "kind": self.runner.kind,
             "steps": self.steps,
             "step_p50_ms": _round(self.step_latency.percentile(50)),
             "step_p99_ms": _round(self.step_latency.percentile(99)),
@@ -140,13 +124,12 @@ class _Group:
 class _Stream:
     """Everything the pipeline keeps for one stream."""
 
-    def __init__(self, stream_id: str, spec: StreamSpec, group: _Group, capture: CaptureThread,
-                 buffer: FrameBuffer, preprocess: Preprocessor, post: StreamPostprocessor) -> None:
+    def __init__(self, stream_id: str, spec: StreamSpec, group: _Group, capture: StreamCapture,
+                 preprocess: Preprocessor, post: StreamPostprocessor) -> None:
         self.id = stream_id
         self.group = group
         self.spec = spec
         self.capture = capture
-        self.buffer = buffer
         self.preprocess = preprocess
         self.post = post
         self.generation = 0
@@ -154,16 +137,10 @@ class _Stream:
         self.step_errors = 0
         self.latency = LatencyTracker()
         self.rate = RateMeter()
-        self.last_status = "starting"
         self.done = False  # reached max_frames, or its source ended and its buffer is drained
         # (index, capture time) of the newest processed frame: end-of-stream events refer to it. Not the frame
         # itself, whose image would stay alive between steps for nothing.
         self.last_seen: tuple[int, float] | None = None
-        # A capture replaced after a hung read starts counting again; these carry the earlier captures' totals so
-        # frame indices and generations keep increasing and the stats stay cumulative.
-        self.index_base = 0
-        self.generation_base = 0
-        self.totals_base = {"frames_read": 0, "dropped": 0, "skipped": 0, "bad_frames": 0, "reconnects": 0}
 
 
 class Pipeline:
@@ -233,25 +210,15 @@ class Pipeline:
                 self._streams.append(self._make_stream(sid, spec, group))
 
     def _make_stream(self, sid: str, spec: StreamSpec, group: _Group) -> _Stream:
-        capture, buffer = self._make_capture(sid, spec, effective_frame_stride(spec, group.engine))
-        o, labels = self.options, group.engine.labels
+        o = self.options
+        capture = StreamCapture(spec.source, sid, frame_stride=effective_frame_stride(spec, group.engine),
+                                realtime=o.realtime, read_timeout=o.read_timeout, backoff=o.backoff,
+                                notify=self._notify)
+        labels = group.engine.labels
         post = StreamPostprocessor(labels, smooth=o.smooth, topk=o.topk, threshold=o.threshold, hold=o.hold,
                                    background=[b for b in o.background if b in labels])
         preprocess = Preprocessor.for_config(group.engine.cfg, crop=spec.crop)
-        return _Stream(sid, spec, group, capture, buffer, preprocess, post)
-
-    def _make_capture(self, sid: str, spec: StreamSpec, frame_stride: int) -> tuple[CaptureThread, FrameBuffer]:
-        if isinstance(spec.source, Source):
-            source = spec.source
-        elif callable(spec.source):
-            source = spec.source()
-        else:
-            source = open_source(spec.source)
-        # Live sources keep only the newest frame (no lag); files keep a few and never drop.
-        buffer = FrameBuffer(1, "drop_oldest", self._notify) if source.is_live else FrameBuffer(4, "wait", self._notify)
-        capture = CaptureThread(source, sid, buffer, frame_stride=frame_stride, realtime=self.options.realtime,
-                                read_timeout=self.options.read_timeout, backoff=self.options.backoff)
-        return capture, buffer
+        return _Stream(sid, spec, group, capture, preprocess, post)
 
     @property
     def stream_ids(self) -> list[str]:
@@ -269,9 +236,9 @@ class Pipeline:
             s.capture.start()
         deadline = time.monotonic() + self.options.startup_timeout
         for s in self._streams:
-            while s.capture.status == "starting" and time.monotonic() < deadline:
+            while s.capture.status is StreamStatus.STARTING and time.monotonic() < deadline:
                 self._notify.wait(0.05)
-            if s.capture.status == "failed" and s.capture.error is not None and s.processed == 0:
+            if s.capture.status is StreamStatus.FAILED and s.capture.error is not None and s.processed == 0:
                 self.stop()
                 err = s.capture.error
                 raise err if isinstance(err, SourceError) else SourceError(f"{s.id}: {err}")
@@ -333,14 +300,11 @@ class Pipeline:
         for s in self._streams:
             if s.done:
                 continue
-            frame = s.buffer.pop()
+            frame = s.capture.pop()
             if frame is None:
-                if s.buffer.finished:
+                if s.capture.finished:
                     self._end_stream(s)
                 continue
-            if s.index_base or s.generation_base:
-                frame = replace(frame, index=frame.index + s.index_base,
-                                generation=frame.generation + s.generation_base)
             batch.append((s, frame))
         return batch
 
@@ -414,7 +378,7 @@ class Pipeline:
         if s.done:
             return
         s.done = True
-        s.capture.stop()
+        s.capture.finish()
         self._flush(s)
         s.group.runner.remove(s.id)
 
@@ -424,41 +388,12 @@ class Pipeline:
         if events and s.last_seen is not None:
             self._publish_events(s, events, *s.last_seen)
 
-    def _recover_hung(self, s: _Stream) -> bool:
-        """Replace the capture of a live stream whose read has hung past ``read_timeout``.
-
-        An OpenCV read cannot be interrupted, so the stuck thread is left behind (a daemon; it exits if the read
-        ever returns) and a new capture opens a new source object. The stream's state resets (new generation).
-        Returns True when the capture was replaced.
-        """
-        c = s.capture
-        if s.done or not c.stalled or not c.source.is_live or isinstance(s.spec.source, Source):
-            return False
-        stats = c.stats()
-        log.warning("stream %s: a read hung for more than %.1f s; abandoning that capture and reopening %s",
-                    s.id, self.options.read_timeout, c.source.name)
-        c.stop()
-        for key in s.totals_base:
-            s.totals_base[key] += stats[key]
-        s.totals_base["reconnects"] += 1
-        s.index_base += stats["frames_read"]
-        s.generation_base += stats["generation"] + 1
-        s.capture, s.buffer = self._make_capture(s.id, s.spec, effective_frame_stride(s.spec, s.group.engine))
-        s.capture.start()
-        return True
-
     def _check_status_changes(self) -> None:
         changed = False
         for s in self._streams:
-            if self._recover_hung(s):
+            if s.capture.poll():
                 changed = True
-            status = s.capture.status
-            if status != s.last_status:
-                log.info("stream %s: %s -> %s%s", s.id, s.last_status, status,
-                         f" ({s.capture.stats()['last_error']})" if status in ("reconnecting", "failed") else "")
-                s.last_status = status
-                changed = True
-                if status == "failed":
+                if s.capture.status is StreamStatus.FAILED:
                     self._end_stream(s)
         if changed:
             self.publish_stats()  # a stream going down or coming back is news; do not wait for the next tick
@@ -468,22 +403,17 @@ class Pipeline:
     def stats(self) -> dict:
         streams = {}
         for s in self._streams:
-            c = s.capture.stats()
+            c = s.capture.stats()  # cumulative over the stream's replaced readers
             streams[s.id] = {
                 "source": c["source"],
                 "model": s.group.model_name,
                 "group": s.group.key,  # its entry in "models" (differs from "model" for the 2nd group of a name)
-                "status": "done" if s.done and c["status"] in ("ended", "stopped") else c["status"],
+                "status": c["status"],
                 "fps": round(s.rate.rate(), 2),
                 "capture_fps": round(c["fps"], 2),
                 "frames": s.processed,
-                "captured": c["frames_read"] + s.totals_base["frames_read"],
-                "dropped": c["dropped"] + s.totals_base["dropped"],
-                "skipped": c["skipped"] + s.totals_base["skipped"],
-                "bad_frames": c["bad_frames"] + s.totals_base["bad_frames"],
-                "reconnects": c["reconnects"] + s.totals_base["reconnects"],
-                "generation": c["generation"] + s.generation_base,
-                "stalled": c["stalled"],
+                "captured": c["frames_read"],
+                **{key: c[key] for key in ("dropped", "skipped", "bad_frames", "reconnects", "generation", "stalled")},
                 "step_errors": s.step_errors,
                 "latency_p50_ms": _round(s.latency.percentile(50)),
                 "latency_p99_ms": _round(s.latency.percentile(99)),

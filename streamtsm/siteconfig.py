@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 
 from .engine.factory import BACKENDS
 from .errors import ConfigError, StreamTSMError
+from .settings import RUN_DEFAULTS, merge_settings
 
 if TYPE_CHECKING:
     from .pipeline import ModelGroup
@@ -70,14 +71,14 @@ class CameraConfig:
     weights: str | None = None
     onnx: str | None = None
     labels: str | None = None
-    device: str = "cpu"
+    device: str = RUN_DEFAULTS["device"]
     providers: str | None = None
-    backend: str = "auto"
+    backend: str = RUN_DEFAULTS["backend"]
     url: str | None = None
     triton_model: str | None = None
     frame_stride: int | None = None  # None: the model's (see pipeline.effective_frame_stride)
     crop: tuple[int, int, int, int] | None = None
-    clip_stride: int = 1
+    clip_stride: int = RUN_DEFAULTS["clip_stride"]
     line: int | None = field(default=None, compare=False)  # of its [[camera]] header, for errors
 
     def model_key(self) -> tuple:
@@ -186,7 +187,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
         inherited = {k: v for k, v in defaults.items() if k in _CAMERA_KEYS}
         if any(k in raw and raw[k] != defaults.get(k) for k in _MODEL_IDENTITY_KEYS):
             inherited = {k: v for k, v in inherited.items() if k not in _MODEL_KEYS}
-        merged = inherited | raw
+        # The camera's own keys beat [defaults]; what neither sets takes CameraConfig's defaults (RUN_DEFAULTS).
+        merged = merge_settings(raw, inherited, names=dict.fromkeys([*inherited, *raw]), defaults={})
         for key, value in merged.items():
             _check_value(loc, key, value, camera=i if key in raw else None,
                          table=None if key in raw else "defaults")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 from pathlib import Path
@@ -12,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamtsm.capture import CameraSource, CaptureThread, Frame, FrameBuffer, Source, VideoSource
+from streamtsm.capture import (STATUSES, TRANSITIONS, CameraSource, CaptureThread, Frame, FrameBuffer, Source,
+                               StatusTransitionError, StreamCapture, StreamStatus, VideoSource, check_transition)
 from streamtsm.errors import ConfigError, SourceError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -450,3 +452,144 @@ def test_capture_thread_stats_report_counters_and_fps():
 def test_capture_thread_rejects_bad_options(kwargs):
     with pytest.raises(ConfigError):
         CaptureThread(FakeCamera(), "cam", FrameBuffer(), **kwargs)
+
+
+# -- StreamCapture (supervised) and StreamStatus --------------------------------------------------------------------
+
+
+def _pop_all(capture: StreamCapture, until, poll: bool = True) -> list[Frame]:
+    """Pops (and polls) until ``until(frames)`` holds or the time-out passes."""
+    frames: list[Frame] = []
+    deadline = time.monotonic() + WAIT_S
+    while not until(frames) and time.monotonic() < deadline:
+        if poll:
+            capture.poll()
+        frame = capture.pop()
+        if frame is None:
+            time.sleep(0.002)
+        else:
+            frames.append(frame)
+    return frames
+
+
+def test_stream_capture_file_waits_for_the_consumer_and_gives_every_frame_in_order():
+    images = [np.full((4, 4, 3), i, np.uint8) for i in range(12)]
+    capture = StreamCapture(FakeFile(images), "f").start()
+    time.sleep(0.05)  # a slow consumer: the file's reader must wait, not drop
+    frames = _pop_all(capture, lambda _: capture.finished)
+    capture.join(WAIT_S)
+    assert [f.index for f in frames] == list(range(12))
+    stats = capture.stats()
+    assert stats["dropped"] == 0 and stats["status"] == "ended" and capture.status is StreamStatus.ENDED
+
+
+def test_stream_capture_live_source_keeps_only_the_newest_frame():
+    capture = StreamCapture(FakeCamera(), "cam").start()
+    assert _wait_for(lambda: capture.stats()["frames_read"] >= 20)
+    read = capture.stats()["frames_read"]  # frame read - 1 may still be on its way into the buffer
+    first = capture.pop()
+    capture.stop()
+    capture.join(WAIT_S)
+    assert capture.stats()["dropped"] >= 10, "room for one frame: the rest were dropped"
+    assert first is not None and first.index >= read - 2, "the frame held is the newest"
+
+
+def test_stream_capture_replaces_a_hung_live_reader_and_keeps_counting():
+    release = threading.Event()
+    made: list[FakeCamera] = []
+
+    class HangingCamera(FakeCamera):
+        def read(self):
+            if self.reads == 5:
+                release.wait(WAIT_S)  # never returns before the test ends
+                return None
+            return super().read()
+
+    may_open = threading.Event()
+
+    def factory() -> Source:
+        made.append(HangingCamera() if not made else FakeCamera())
+        if len(made) == 2:
+            made[-1].on_open = lambda: may_open.wait(WAIT_S)  # hold the new reader in its open
+        return made[-1]
+
+    capture = StreamCapture(factory, "cam", read_timeout=0.2, backoff=(0.01, 0.02)).start()
+    try:
+        frames = _pop_all(capture, lambda _: len(made) == 2)
+        assert capture.status is StreamStatus.RECONNECTING, "a replacement reader opening is a reconnect"
+        may_open.set()
+        frames += _pop_all(capture, lambda fs: fs and fs[-1].generation == 1 and len(fs) >= 10)
+        stats = capture.stats()
+    finally:
+        release.set()
+        may_open.set()
+        capture.stop()
+        capture.join(WAIT_S)
+    assert len(made) == 2
+    indices = [f.index for f in frames]
+    assert indices == sorted(set(indices)), "indices keep increasing across the replaced reader"
+    assert frames[0].generation == 0 and frames[-1].generation == 1
+    assert min(f.index for f in frames if f.generation == 1) >= 5, "the new reader counts on from the old one"
+    assert stats["reconnects"] == 1 and stats["generation"] == 1 and stats["frames_read"] >= 5 + 5
+    assert stats["status"] == "running"
+
+
+def test_stream_capture_does_not_replace_a_source_given_as_an_object():
+    release = threading.Event()
+
+    class HangingCamera(FakeCamera):
+        def read(self):
+            if self.reads == 3:
+                release.wait(WAIT_S)
+                return None
+            return super().read()
+
+    capture = StreamCapture(HangingCamera(), "cam", read_timeout=0.1).start()
+    try:
+        assert _wait_for(lambda: capture.stats()["stalled"])
+        assert not capture.poll() or capture.stats()["generation"] == 0
+        assert not capture.poll() and capture.stats()["reconnects"] == 0
+    finally:
+        release.set()
+        capture.stop()
+        capture.join(WAIT_S)
+
+
+def test_stream_capture_status_is_done_once_finished_and_stopped():
+    capture = StreamCapture(FakeCamera(), "cam").start()
+    assert _wait_for(lambda: capture.status is StreamStatus.RUNNING)
+    assert capture.poll(), "starting -> running is news"
+    capture.finish()
+    capture.join(WAIT_S)
+    assert capture.status is StreamStatus.DONE and capture.stats()["status"] == "done"
+    assert capture.poll() and not capture.poll()
+
+
+def test_stream_capture_missing_camera_fails_with_the_error():
+    capture = StreamCapture(CameraSource(99), "cam99", backoff=(30.0, 60.0)).start()
+    capture.join(WAIT_S)
+    assert capture.status is StreamStatus.FAILED and capture.finished
+    assert isinstance(capture.error, SourceError) and capture.stats()["last_error"] == str(capture.error)
+
+
+def test_stream_status_values_are_the_thread_statuses_and_done():
+    assert {s.value for s in StreamStatus} == set(STATUSES) | {"done"}
+    assert set(TRANSITIONS) == set(StreamStatus)
+    assert StreamStatus.RUNNING == "running" and json.dumps({"s": StreamStatus.DONE.value}) == '{"s": "done"}'
+
+
+@pytest.mark.parametrize("old,new", [
+    ("starting", "running"), ("running", "reconnecting"), ("reconnecting", "running"), ("starting", "ended"),
+    ("running", "done"), ("ended", "done"), ("stopped", "done"), ("reconnecting", "failed"), ("failed", "failed"),
+])
+def test_stream_status_transition_allowed(old, new):
+    check_transition(StreamStatus(old), StreamStatus(new))
+
+
+@pytest.mark.parametrize("old,new", [
+    ("failed", "running"), ("done", "running"), ("done", "failed"), ("ended", "running"), ("stopped", "running"),
+    ("running", "starting"), ("reconnecting", "starting"), ("ended", "failed"),
+])
+def test_stream_status_illegal_transition_raises_naming_both(old, new):
+    with pytest.raises(StatusTransitionError, match=f"from '{old}' to '{new}'"):
+        check_transition(StreamStatus(old), StreamStatus(new))

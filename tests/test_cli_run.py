@@ -175,7 +175,7 @@ def test_run_config_refuses_camera_and_model_options_naming_them(site, capsys, f
 
 
 def test_run_command_line_options_override_the_config_which_overrides_the_defaults(site, capsys, resolved):
-    from streamtsm.cli import _RUN_DEFAULTS
+    from streamtsm.settings import RUN_DEFAULTS
 
     port = _free_port()
     path = site(endpoint=f"tcp://127.0.0.1:{_free_port()}", metrics="[metrics]\nport = 9\naddr = \"127.0.0.2\"\n")
@@ -186,7 +186,7 @@ def test_run_command_line_options_override_the_config_which_overrides_the_defaul
     o = resolved["options"]
     assert resolved["endpoint"] == f"tcp://127.0.0.1:{port}"  # the command line's
     assert resolved["metrics"] == (9, "127.0.0.3")  # the file's port, the command line's address
-    assert (o.smooth, o.topk, o.hold) == (6, 2, _RUN_DEFAULTS["hold"])  # command line, file, built in
+    assert (o.smooth, o.topk, o.hold) == (6, 2, RUN_DEFAULTS["hold"])  # command line, file, built in
     assert o.background == ["still"] and o.stats_interval == 0.5 and o.max_frames == 2
 
 
@@ -197,15 +197,15 @@ def test_run_publish_none_on_the_command_line_overrides_the_config(site, capsys,
 
 
 def test_run_config_values_apply_where_the_command_line_is_silent(site, capsys, resolved):
-    from streamtsm.cli import _RUN_DEFAULTS
+    from streamtsm.settings import RUN_DEFAULTS
 
     port = _free_port()
     assert main(["run", "--config", site(endpoint=f"tcp://127.0.0.1:{port}", metrics="[metrics]\nport = 9\n"),
                  "--max-frames", "1", "--quiet"]) == 0
     o = resolved["options"]
     assert resolved["endpoint"] == f"tcp://127.0.0.1:{port}"
-    assert resolved["metrics"] == (9, _RUN_DEFAULTS["metrics_addr"])
-    assert (o.smooth, o.topk, o.threshold) == (4, 2, _RUN_DEFAULTS["threshold"])
+    assert resolved["metrics"] == (9, RUN_DEFAULTS["metrics_addr"])
+    assert (o.smooth, o.topk, o.threshold) == (4, 2, RUN_DEFAULTS["threshold"])
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -47,6 +47,8 @@ class ClipRunner:
         clip_stride: predict every this many frames per stream (1: every frame).
     """
 
+    kind = "clip"  # the model kind it runs, as in ModelConfig.kind and the stats' "models"
+
     def __init__(self, engine: ClipEngine, clip_stride: int = 1) -> None:
         if clip_stride < 1:
             raise ConfigError(f"clip_stride must be >= 1, got {clip_stride}")

@@ -29,6 +29,8 @@ class OnlineRunner:
     reconnected or restarted), after :meth:`reset`, and after a failed step.
     """
 
+    kind = "online"  # the model kind it runs, as in ModelConfig.kind and the stats' "models"
+
     def __init__(self, engine: OnlineEngine) -> None:
         self.engine = engine
         self._generation: dict[str, int] = {}
