@@ -146,5 +146,5 @@ def test_online_runner_state_of_gives_a_streams_named_state_without_unbatching(e
     state = runner.state_of("b")
     assert list(state) == list(engine.state_names) and all(v.shape[0] == 1 for v in state.values())
     _, alone = engine.step(_frames(1, 1)[0], engine.zero_state(1))
-    assert all(torch.allclose(state[n], alone[n], atol=1e-5) for n in engine.state_names)
+    assert max(scaled_diff(state[n].numpy(), alone[n].numpy()) for n in engine.state_names) <= 1e-4
     assert logits.shape == (2, 4)

@@ -140,15 +140,22 @@ class OnlineEngine(Engine):
             ValueError: naming the state tensor, the expected and the given shape.
         """
         for spec, value in zip(self.state_spec, state.values()):
-            shape = getattr(value, "shape", None)
-            if shape is None or len(shape) != len(spec.shape) + 1:
-                got = tuple(shape) if shape is not None else type(value).__name__
-                raise ValueError(f"state {spec.name!r} must be a [B, {', '.join(map(str, spec.shape))}] array, "
-                                 f"got {got}")
-            if shape[0] != batch:
-                raise ValueError(f"state {spec.name!r} holds {shape[0]} streams but the frame batch has {batch}")
-            if tuple(shape[1:]) != spec.shape:
-                raise ValueError(f"state {spec.name!r} must have shape {(batch, *spec.shape)}, got {tuple(shape)}")
+            try:
+                shape = value.shape
+                if shape[0] == batch and shape[1:] == spec.shape:  # torch.Size compares equal to a tuple
+                    continue
+            except (AttributeError, IndexError, TypeError):
+                shape = None
+            _raise_state_shape_error(spec, shape if shape is not None else value, batch)
+
+
+def _raise_state_shape_error(spec: StateSpec, shape: Any, batch: int) -> None:
+    if not isinstance(shape, tuple) or len(shape) != len(spec.shape) + 1:
+        got = tuple(shape) if isinstance(shape, tuple) else type(shape).__name__
+        raise ValueError(f"state {spec.name!r} must be a [B, {', '.join(map(str, spec.shape))}] array, got {got}")
+    if shape[0] != batch:
+        raise ValueError(f"state {spec.name!r} holds {shape[0]} streams but the frame batch has {batch}")
+    raise ValueError(f"state {spec.name!r} must have shape {(batch, *spec.shape)}, got {tuple(shape)}")
 
 
 class ClipEngine(Engine):
