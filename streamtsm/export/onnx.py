@@ -93,8 +93,10 @@ def _io_spec(kind: str, size: int, num_classes: int, state_shapes: list[tuple[in
     logits = {LOGITS: [BATCH, num_classes]}
     if kind == "clip":
         return {"inputs": {CLIP: [BATCH, clip_len, 3, size, size]}, "outputs": logits}, []
-    state = [{"name": name, "output": output, "shape": list(s)}
-             for (name, output), s in zip(map(state_names, range(len(state_shapes))), state_shapes)]
+    state = []
+    for i, shape in enumerate(state_shapes):
+        name, output = state_names(i)
+        state.append({"name": name, "output": output, "shape": list(shape)})
     inputs = {FRAME: [BATCH, 3, size, size], **{s["name"]: [BATCH, *s["shape"]] for s in state}}
     outputs = {**logits, **{s["output"]: [BATCH, *s["shape"]] for s in state}}
     return {"inputs": inputs, "outputs": outputs}, state
