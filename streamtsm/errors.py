@@ -23,3 +23,10 @@ class SourceError(StreamTSMError):
 
 class PublishError(StreamTSMError):
     """A ZeroMQ endpoint cannot be bound or connected."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when empty), at most 300 characters: what a one-line
+    user-facing message quotes of a library's error."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]

@@ -60,9 +60,9 @@ def resolve_labels(num_classes: int, *, labels_file: str | os.PathLike | None = 
     """
     if labels_file is not None:
         return read_labels(labels_file, num_classes)
-    for names, what in ((given, "names given"), (saved, "names saved with the model")):
+    for names, what in ((given, "labels given"), (saved, "labels saved with the model")):
         if names:
             if len(names) != num_classes:
-                raise ConfigError(f"{len(names)} {what} but the model has {num_classes} classes")
+                raise ConfigError(f"{len(names)} {what} for a model with {num_classes} classes")
             return list(names)
     return numbered_labels(num_classes)

@@ -66,6 +66,25 @@ def test_clip_runner_batches_due_streams_and_restarts_a_reconnected_one():
     assert list(out[0]) == [200, 201]
 
 
+def test_clip_runner_window_of_is_the_window_the_next_prediction_classifies():
+    runner = ClipRunner(RecordingEngine(clip_len=3, frame_interval=2), clip_stride=100)
+    for t in range(4):
+        runner.process(["a"], [0], _frame(t))
+        assert runner.window_of("a") is None  # not a full window yet (span 5)
+    for t in range(4, 7):
+        runner.process(["a"], [0], _frame(t))
+    assert list(runner.window_of("a")[:, 0, 0, 0]) == [2, 4, 6] and runner.window_of("b") is None
+
+
+def test_torch_clip_engine_rejects_clips_of_another_layout_or_dtype():
+    engine = TorchClipEngine(create("tsm_r18", num_classes=3, width=8, input_size=32, resize_size=32))
+    with pytest.raises(ValueError, match=r"clips must be a float32 \[B, T, 3, H, W\] array with H = W = 32, got "
+                                         r"float32 \(8, 3, 32, 32\)"):
+        engine.predict(np.zeros((8, 3, 32, 32), np.float32))
+    with pytest.raises(ValueError, match="got float64"):
+        engine.predict(np.zeros((1, 8, 3, 32, 32)))
+
+
 def test_clip_runner_rejects_a_bad_stride():
     with pytest.raises(ValueError, match="clip_stride"):
         ClipRunner(RecordingEngine(2, 1), clip_stride=0)

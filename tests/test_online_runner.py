@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from streamtsm.engine.base import StateSpec
 from streamtsm.engine.online import OnlineRunner, StepError
 from streamtsm.engine.torch_engine import TorchOnlineEngine
 from streamtsm.models import create
@@ -94,8 +95,56 @@ def test_failed_step_resets_only_the_streams_in_it(engine):
 def test_torch_engine_stack_and_split_are_inverse(engine):
     states = [engine.zero_state(1) for _ in range(3)]
     for i, s in enumerate(states):
-        for t in s:
+        for t in s.values():
             t.fill_(i + 1)
     parts = engine.split(engine.stack(states), 3)
     for got, want in zip(parts, states):
-        assert all(torch.equal(g, w) for g, w in zip(got, want))
+        assert list(got) == list(want) == list(engine.state_names)
+        assert all(torch.equal(got[name], want[name]) for name in engine.state_names)
+
+
+def test_torch_engine_state_spec_names_every_state_tensor_as_the_onnx_graph_does(engine):
+    s = SIZE
+    shapes = engine.model.state_shapes(s, s)
+    assert engine.state_spec == tuple(StateSpec(f"state_{i}", tuple(shape)) for i, shape in enumerate(shapes))
+    state = engine.zero_state(2)
+    assert list(state) == [spec.name for spec in engine.state_spec]
+    assert all(tuple(v.shape) == (2, *spec.shape) for v, spec in zip(state.values(), engine.state_spec))
+    _, new_state = engine.step(_frames(0, 2)[:, 0], state)
+    assert list(new_state) == list(state)
+
+
+def test_torch_engine_step_rejects_a_state_with_other_names_or_shapes(engine):
+    x = _frames(0, 1)[0]
+    state = engine.zero_state(1)
+    with pytest.raises(ValueError, match=r"missing \['state_0'\], unexpected \['fold_0'\]"):
+        engine.step(x, {"fold_0" if k == "state_0" else k: v for k, v in state.items()})
+    with pytest.raises(ValueError, match="state must be a mapping name -> array .* got list"):
+        engine.step(x, list(state.values()))
+    with pytest.raises(ValueError, match="'state_0' holds 2 streams but the frame batch has 1"):
+        engine.step(x, engine.zero_state(2))
+    fold, h, w = engine.state_spec[1].shape
+    wrong = dict(state, state_1=torch.zeros(1, fold + 1, h, w))
+    with pytest.raises(ValueError, match=r"'state_1' must have shape \(1, "):
+        engine.step(x, wrong)
+    reordered = dict(reversed(list(state.items())))
+    logits, _ = engine.step(x, reordered)  # the same names in another order: accepted
+    assert scaled_diff(logits, engine.step(x, state)[0]) == 0
+
+
+def test_torch_engine_step_rejects_frames_of_another_dtype_or_size(engine):
+    with pytest.raises(ValueError, match=r"float32 \[B, 3, H, W\] array with H = W = 32, got float64 \(1, 3, 32, 32\)"):
+        engine.step(np.zeros((1, 3, SIZE, SIZE)), engine.zero_state(1))
+    with pytest.raises(ValueError, match=r"got float32 \(1, 3, 64, 64\)"):
+        engine.step(np.zeros((1, 3, 64, 64), np.float32), engine.zero_state(1))
+
+
+def test_online_runner_state_of_gives_a_streams_named_state_without_unbatching(engine):
+    runner = OnlineRunner(engine)
+    assert runner.state_of("a") is None
+    logits = runner.step(["a", "b"], [0, 0], np.concatenate([_frames(0, 1)[0], _frames(1, 1)[0]]))
+    state = runner.state_of("b")
+    assert list(state) == list(engine.state_names) and all(v.shape[0] == 1 for v in state.values())
+    _, alone = engine.step(_frames(1, 1)[0], engine.zero_state(1))
+    assert max(scaled_diff(state[n].numpy(), alone[n].numpy()) for n in engine.state_names) <= 1e-4
+    assert logits.shape == (2, 4)

@@ -85,9 +85,9 @@ def test_ort_online_engine_matches_torch_engine_through_stack_split_and_zero_sta
 def test_ort_online_engine_state_is_numpy_on_cpu(online):
     engine = OrtOnlineEngine(online[1], providers="cpu")
     state = engine.zero_state(2)
-    assert all(isinstance(s, np.ndarray) and s.dtype == np.float32 for s in state)
+    assert all(isinstance(s, np.ndarray) and s.dtype == np.float32 for s in state.values())
     logits, new_state = engine.step(frames(2, 0), state)
-    assert logits.shape == (2, 5) and [s.shape for s in new_state] == [s.shape for s in state]
+    assert logits.shape == (2, 5) and [s.shape for s in new_state.values()] == [s.shape for s in state.values()]
     assert engine.backend == "onnxruntime" and engine.precision == "fp32" and engine.model_name == online[0].cfg.name
 
 
@@ -98,7 +98,32 @@ def test_ort_online_engine_rejects_bad_frames_and_state(online):
     with pytest.raises(ValueError, match="holds 1 streams but the frame batch has 2"):
         engine.step(frames(2, 0), engine.zero_state(1))
     with pytest.raises(ValueError, match="one per shifted block"):
-        engine.step(frames(1, 0), engine.zero_state(1)[:-1])
+        engine.step(frames(1, 0), dict(list(engine.zero_state(1).items())[:-1]))
+
+
+@pytest.mark.parametrize("io_binding", [False, True], ids=["numpy", "iobinding"])
+def test_ort_online_engine_state_spec_is_the_graphs_state_inputs_and_the_torch_engines(online, io_binding):
+    model, path = online
+    engine = OrtOnlineEngine(path, providers="cpu", io_binding=io_binding)
+    graph_inputs = [i.name for i in engine.session.get_inputs()][1:]
+    assert list(engine.state_names) == graph_inputs == [s["name"] for s in engine.meta["state"]]
+    assert engine.state_spec == TorchOnlineEngine(model).state_spec
+    state = engine.zero_state(3)
+    assert list(state) == graph_inputs
+    _, new_state = engine.step(frames(3, 0), state)
+    assert list(new_state) == graph_inputs
+    assert [list(part) for part in engine.split(new_state, 3)] == [graph_inputs] * 3
+    with pytest.raises(ValueError, match=r"missing \['state_0'\], unexpected \['new_state_0'\]"):
+        engine.step(frames(3, 1), {("new_state_0" if k == "state_0" else k): v for k, v in new_state.items()})
+
+
+def test_ort_engines_reject_frames_that_are_not_float32(online, clip):
+    engine = OrtOnlineEngine(online[1], providers="cpu")
+    with pytest.raises(ValueError, match=r"frames must be a float32 \[B, 3, H, W\] array .* got float64"):
+        engine.step(frames(1, 0).astype(np.float64), engine.zero_state(1))
+    clips = np.zeros((1, 8, 3, SIZE, SIZE), np.float16)
+    with pytest.raises(ValueError, match=r"clips must be a float32 \[B, T, 3, H, W\] array .* got float16"):
+        OrtClipEngine(clip[1], providers="cpu").predict(clips)
 
 
 def test_load_onnx_engine_picks_the_engine_by_kind_and_matches_torch_clip_engine(online, clip):
@@ -158,10 +183,10 @@ def test_cuda_engine_keeps_state_on_the_device_and_matches_cpu(online):
     sg, sc = gpu.zero_state(2), cpu.zero_state(2)
     for t in range(4):
         (lg, sg), (lc, sc) = gpu.step(frames(2, t), sg), cpu.step(frames(2, t), sc)
-        assert all(s.device_name().lower() == "cuda" for s in sg)
+        assert all(s.device_name().lower() == "cuda" for s in sg.values())
         assert np.abs(lg - lc).max() <= 1e-3
     rows = gpu.split(sg, 2)
-    assert gpu.stack(rows)[0] is sg[0]  # the same rows back in order: no copy
+    assert gpu.stack(rows)["state_0"] is sg["state_0"]  # the same rows back in order: no copy
 
 
 # -- bad files ----------------------------------------------------------------------------------------------

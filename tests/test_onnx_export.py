@@ -18,6 +18,7 @@ from streamtsm.engine.onnxruntime_engine import load_onnx_engine
 from streamtsm.errors import ConfigError
 from streamtsm.export import ExportError, calibration_frames, export_onnx, quantize_int8, read_metadata, verify_onnx
 from streamtsm.export import onnx as onnx_export
+from streamtsm.export.quantize import clip_windows
 from streamtsm.export.commands import add_commands
 from streamtsm.labels import read_labels
 from streamtsm.models import create, save_checkpoint
@@ -215,7 +216,7 @@ def test_quantize_int8_keeps_state_io_float_and_reports_agreement(online, tmp_pa
     assert meta["state"] == fp32_meta["state"] and meta["quantization"]["weights"] == "int8"
     engine = load_onnx_engine(report["path"])
     logits, state = engine.step(frames[0, :2], engine.zero_state(2))
-    assert logits.shape == (2, 5) and all(s.dtype == np.float32 for s in state)
+    assert logits.shape == (2, 5) and all(s.dtype == np.float32 for s in state.values())
 
 
 def test_quantize_int8_clip_model(clip, tmp_path):
@@ -233,7 +234,7 @@ def test_clip_calibration_windows_are_sampled_like_the_live_ring():
     # Frame t of sequence n holds the value 100 n + t, so each window shows which frames it took.
     t = np.arange(20, dtype=np.float32)
     sequences = (t[None, :] + 100 * np.arange(2, dtype=np.float32)[:, None])[:, :, None, None, None]
-    windows = onnx_export._clips(np.broadcast_to(sequences, (2, 20, 3, 2, 2)), clip_len=3, interval=4)
+    windows = clip_windows(np.broadcast_to(sequences, (2, 20, 3, 2, 2)), clip_len=3, interval=4)
     assert windows[:, :, 0, 0, 0].tolist() == [[0, 4, 8], [9, 13, 17], [100, 104, 108], [109, 113, 117]]
 
 

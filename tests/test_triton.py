@@ -27,10 +27,11 @@ from streamtsm.config import ModelConfig
 from streamtsm.engine.online import OnlineRunner, StepError
 from streamtsm.engine.onnxruntime_engine import OrtOnlineEngine
 from streamtsm.engine.torch_engine import TorchOnlineEngine
-from streamtsm.engine.triton_engine import SequenceToken, TritonError, TritonOnlineEngine
+from streamtsm.engine.triton_engine import SEQUENCE_STATE, SequenceToken, TritonError, TritonOnlineEngine
 from streamtsm.errors import ConfigError
 from streamtsm.export import ExportError, export_onnx
-from streamtsm.export.triton import _torch_reference, export_triton, verify_served_graph
+from streamtsm.export.triton import export_triton, torch_reference, verify_served_graph
+from streamtsm.formats import read_metadata
 from streamtsm.models import save_checkpoint
 from streamtsm.publish import Subscriber
 
@@ -164,13 +165,11 @@ def test_served_graph_matches_torch_with_start_end_and_corrid_at_work(repo, mode
         assert scaled_diff(logits, expected) <= TOL
         assert echoed.dtype == np.uint64 and np.array_equal(echoed, corrid)
         if t < 3:
-            assert max(scaled_diff(a, b.numpy()) for a, b in zip(state, reference)) <= TOL
+            assert max(scaled_diff(a, b.numpy()) for a, b in zip(state, reference.values())) <= TOL
     assert all(not s.any() for s in state)  # END: nothing of the camera stays in the buffers
 
 
 def test_verification_catches_a_served_graph_whose_start_guard_is_missing(repo, model, tmp_path):
-    from streamtsm.export.onnx import read_metadata
-
     path = repo[0] / "tiny" / "1" / "model.onnx"
     broken = onnx.load(str(path))
     for node in broken.graph.node:
@@ -179,9 +178,9 @@ def test_verification_catches_a_served_graph_whose_start_guard_is_missing(repo, 
     out = tmp_path / "broken.onnx"
     onnx.save(broken, str(out))
     meta = read_metadata(path)
-    assert verify_served_graph(_torch_reference(model), path, meta)["max_scaled_diff"] <= TOL
+    assert verify_served_graph(torch_reference(model), path, meta)["max_scaled_diff"] <= TOL
     with pytest.raises(ExportError, match="differs from the reference"):
-        verify_served_graph(_torch_reference(model), out, meta)
+        verify_served_graph(torch_reference(model), out, meta)
 
 
 def test_export_triton_refuses_clip_models_and_bad_settings(tmp_path):
@@ -236,7 +235,7 @@ def test_triton_engine_matches_onnxruntime_and_torch_engines_across_resets(fake,
             held[name].update(zip(ids, engine.split(new_state, len(ids))))
             out[name] = logits
         for sid in ids:
-            seq = held["triton"][sid][0].sequence_id
+            seq = held["triton"][sid][SEQUENCE_STATE][0].sequence_id
             if triton_ids.setdefault(sid, [])[-1:] != [seq]:
                 triton_ids[sid].append(seq)
         assert out["triton"].shape == (len(ids), 5) and out["triton"].dtype == np.float32
@@ -286,16 +285,17 @@ def test_triton_engine_builds_its_config_and_labels_from_the_server(fake, model,
         assert (engine.cfg.input_size, engine.cfg.num_classes, engine.cfg.mean, engine.cfg.std) == (
             SIZE, 5, model.cfg.mean, model.cfg.std)
         assert engine.labels == LABELS and engine.idle_timeout_s == 5.0 and engine.max_batch_size == 8
-        tokens = engine.zero_state(3)
+        tokens = engine.zero_state(3)[SEQUENCE_STATE]
         assert all(isinstance(t, SequenceToken) and t.start for t in tokens)
         assert len({t.sequence_id for t in tokens}) == 3 and all(0 < t.sequence_id < 2**63 for t in tokens)
-        assert engine.split(engine.stack([tokens[:1], tokens[1:]]), 3) == [[t] for t in tokens]
+        parts = [{SEQUENCE_STATE: tokens[:1]}, {SEQUENCE_STATE: tokens[1:]}]
+        assert engine.split(engine.stack(parts), 3) == [{SEQUENCE_STATE: [t]} for t in tokens]
         with pytest.raises(ValueError, match=r"\[B, 3, H, W\] array with H = W = 32"):
             engine.step(np.zeros((1, 3, 64, 64), np.float32), engine.zero_state(1))
         with pytest.raises(ValueError, match="holds 1 streams but the frame batch has 2"):
             engine.step(frames(2, 0), engine.zero_state(1))
         with pytest.raises(ValueError, match="appears twice"):
-            engine.step(frames(2, 0), tokens[:1] * 2)
+            engine.step(frames(2, 0), {SEQUENCE_STATE: tokens[:1] * 2})
     finally:
         engine.close()
     assert TritonOnlineEngine(fake.url, "tiny", labels=list("vwxyz")).labels == list("vwxyz")
@@ -303,13 +303,28 @@ def test_triton_engine_builds_its_config_and_labels_from_the_server(fake, model,
         TritonOnlineEngine(fake.url, "tiny", labels=["a", "b"])
 
 
+def test_triton_engine_state_is_named_and_the_server_state_has_the_onnx_graphs_names(fake, plain_onnx):
+    engine = TritonOnlineEngine(fake.url, "tiny")
+    try:
+        assert engine.state_names == (SEQUENCE_STATE,) and list(engine.zero_state(2)) == [SEQUENCE_STATE]
+        assert engine.server_state_spec == OrtOnlineEngine(plain_onnx, providers="cpu").state_spec
+        with pytest.raises(ValueError, match=r"missing \['sequence'\], unexpected \['state_0'\]"):
+            engine.step(frames(1, 0), {"state_0": engine.zero_state(1)[SEQUENCE_STATE]})
+        with pytest.raises(ValueError, match=r"float32 \[B, 3, H, W\] array with H = W = 32, got float64"):
+            engine.step(frames(1, 0).astype(np.float64), engine.zero_state(1))
+    finally:
+        engine.close()
+
+
 def test_triton_engine_restarts_a_sequence_the_server_has_idled_out(fake, model):
     engine = TritonOnlineEngine(fake.url, "short_idle")  # the config's idle timeout: 0.3 s
     reference = TorchOnlineEngine(model)
     try:
-        _, tokens = engine.step(frames(1, 0), engine.zero_state(1))
+        _, state = engine.step(frames(1, 0), engine.zero_state(1))
+        tokens = state[SEQUENCE_STATE]
         time.sleep(0.35)
-        logits, new_tokens = engine.step(frames(1, 1), tokens)
+        logits, new_state = engine.step(frames(1, 1), state)
+        new_tokens = new_state[SEQUENCE_STATE]
         expected, _ = reference.step(frames(1, 1), reference.zero_state(1))  # a fresh stream's answer
         assert new_tokens[0].sequence_id != tokens[0].sequence_id
         assert scaled_diff(logits, expected) <= TOL
@@ -326,7 +341,7 @@ def test_a_sequence_lost_on_the_server_is_an_error_naming_it_and_the_runner_reco
         runner = OnlineRunner(engine)
         try:
             runner.step(["cam"], [0], frames(1, 0))
-            (token,) = runner._batch_state
+            (token,) = runner.state_of("cam")[SEQUENCE_STATE]
             time.sleep(0.3)
             with pytest.raises(StepError) as failure:
                 runner.step(["cam"], [0], frames(1, 1))

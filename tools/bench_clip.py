@@ -52,7 +52,7 @@ def main() -> None:
             span = cfg.window_span
             for t in range(span):  # fill the ring once
                 ring.process(["cam"], [0], pre(raw[t])[None])
-            clip = ring._rings["cam"].window(cfg.clip_len, cfg.frame_interval)[None]
+            clip = ring.window_of("cam")[None]
             counter = [span]
 
             def ring_step():

@@ -46,10 +46,10 @@ from benchlib import pct, rss_mb, write_section  # noqa: E402
 
 from streamtsm.capture import SyntheticSource  # noqa: E402
 from streamtsm.config import ModelConfig  # noqa: E402
-from streamtsm.engine.base import default_labels  # noqa: E402
 from streamtsm.engine.factory import default_threads  # noqa: E402
 from streamtsm.engine.onnxruntime_engine import OrtOnlineEngine  # noqa: E402
 from streamtsm.export import calibration_frames, export_onnx, quantize_int8, read_metadata  # noqa: E402
+from streamtsm.labels import numbered_labels  # noqa: E402
 from streamtsm.models import create  # noqa: E402
 from streamtsm.pipeline import Pipeline, PipelineOptions, StreamSpec  # noqa: E402
 from streamtsm.postprocess import LatencyTracker, RateMeter, StreamPostprocessor  # noqa: E402
@@ -449,7 +449,7 @@ def main() -> None:
         meta = read_metadata(models["fp32"])
         cfg = ModelConfig.from_dict(meta["config"])
         costs = per_frame_costs(cfg)
-        python_bytes = python_side_bytes(list(cfg.labels or default_labels(cfg.num_classes)), PipelineOptions())
+        python_bytes = python_side_bytes(list(cfg.labels or numbered_labels(cfg.num_classes)), PipelineOptions())
         for precision in args.precision:
             # A fresh process per precision: memory the previous one freed would otherwise be reused and hide
             # this one's growth in RSS.

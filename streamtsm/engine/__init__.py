@@ -3,6 +3,6 @@
 Backends are imported lazily so the onnxruntime path never imports torch.
 """
 
-from .base import ClipEngine, Engine, OnlineEngine, default_labels
+from .base import ClipEngine, Engine, OnlineEngine, State, StateSpec, check_frames
 
-__all__ = ["ClipEngine", "Engine", "OnlineEngine", "default_labels"]
+__all__ = ["ClipEngine", "Engine", "OnlineEngine", "State", "StateSpec", "check_frames"]

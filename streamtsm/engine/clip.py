@@ -70,6 +70,14 @@ class ClipRunner:
             self._rings[stream_id].reset()
         self._since[stream_id] = 0
 
+    def window_of(self, stream_id: str) -> np.ndarray | None:
+        """The stream's newest window ``[clip_len, 3, S, S]`` (what its next prediction would classify), None until
+        its ring holds a full window."""
+        ring = self._rings.get(stream_id)
+        if ring is None or ring.count < self.window_span:
+            return None
+        return ring.window(self.clip_len, self.interval)
+
     def process(self, stream_ids: Sequence[str], generations: Sequence[int],
                 frames: np.ndarray) -> list[np.ndarray | None]:
         """Push one frame of each stream; return logits ``[K]`` for the streams predicted now, None for the others.
@@ -93,7 +101,7 @@ class ClipRunner:
         out: list[np.ndarray | None] = [None] * len(stream_ids)
         if not due:
             return out
-        clips = np.stack([self._rings[stream_ids[i]].window(self.clip_len, self.interval) for i in due])
+        clips = np.stack([self.window_of(stream_ids[i]) for i in due])
         try:
             logits = self.engine.predict(clips)  # [D, K]
         except Exception as e:

@@ -1,5 +1,8 @@
 """The online runner: one batched step for the newest frame of every ready stream, each with its own state.
 
+A state is the engine's mapping name -> array (see :class:`~streamtsm.engine.base.OnlineEngine`); the runner never
+looks inside it, it only hands states to the engine to zero, stack, step and split.
+
 Streams join and leave at any time. A stream's state is kept between steps as a single-stream state (batch 1) and
 stacked with the others' for the batched call. When the set of streams in a step is the same as in the previous
 step, the batched state is reused as it is, so the steady state costs no stacking or splitting.
@@ -41,6 +44,16 @@ class OnlineRunner:
     @property
     def streams(self) -> list[str]:
         return list(self._generation)
+
+    def state_of(self, stream_id: str) -> State | None:
+        """The stream's current state (batch 1, keyed as the engine's ``state_spec``), None when it has none yet.
+
+        Reading it leaves the runner as it was: the steady batch is not split.
+        """
+        if stream_id in self._batch_ids:
+            row = self._batch_ids.index(stream_id)
+            return self.engine.split(self._batch_state, len(self._batch_ids))[row]
+        return self._single.get(stream_id)
 
     def reset(self, stream_id: str) -> None:
         """Forget a stream's state (it starts from zeros at its next step)."""

@@ -1,7 +1,8 @@
 """The onnxruntime backend: runs a file from ``streamtsm export-onnx`` with nothing but that file (no torch).
 
 Everything the engine needs (config, labels, kind, state names and shapes) comes from the file's streamtsm
-metadata (see :mod:`streamtsm.export.onnx`), and the graph's inputs and outputs are checked against it on load.
+metadata (see :mod:`streamtsm.formats`), and the graph's inputs and outputs are checked against it on load. The
+state is a mapping keyed by the graph's state input names (``state_i``), so it feeds the graph as it is.
 
 Execution providers: by default TensorRT, then CUDA, then CPU, among those onnxruntime offers and only when a CUDA
 device is present (onnxruntime-gpu lists the GPU providers on machines without a GPU too); an explicit list
@@ -34,9 +35,10 @@ import numpy as np
 import onnxruntime as ort
 
 from ..config import ModelConfig
-from ..errors import ConfigError
-from ..export.onnx import BATCH, read_metadata
-from .base import ClipEngine, Engine, OnlineEngine, State, default_labels
+from ..errors import ConfigError, first_line
+from ..formats import BATCH, CLIP, FRAME, LOGITS, read_metadata
+from ..labels import resolve_labels
+from .base import ClipEngine, Engine, OnlineEngine, State, StateSpec, check_frames
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +99,6 @@ def default_providers() -> list[str]:
     return [*gpu, "CPUExecutionProvider"]
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
-
-
 def _open_session(path: Path, providers: str | Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
     requested = resolve_providers(providers)
     chosen = requested or default_providers()
@@ -113,7 +110,7 @@ def _open_session(path: Path, providers: str | Sequence[str] | None, threads: in
     try:
         session = ort.InferenceSession(str(path), options, providers=chosen)
     except Exception as e:  # onnxruntime raises its own pybind types (Fail, InvalidGraph, NotImplemented, ...)
-        raise ConfigError(f"onnxruntime cannot load {path}: {_first_line(e)}") from None
+        raise ConfigError(f"onnxruntime cannot load {path}: {first_line(e)}") from None
     used = session.get_providers()
     if requested is not None and not set(requested) & set(used):
         raise ConfigError(f"none of the requested execution providers {requested} could be used for {path}; "
@@ -159,27 +156,18 @@ def _check_graph(path: Path, meta: dict, session: ort.InferenceSession) -> None:
 class _OrtModel:
     """What both engines load: metadata, config, labels, the checked session."""
 
-    def __init__(self, path: str | os.PathLike, kind: str, providers, labels, threads) -> None:
+    def __init__(self, path: str | os.PathLike, kind: str, providers, labels, labels_file, threads) -> None:
         self.path = Path(path)
         self.meta = read_metadata(self.path)
         if self.meta["kind"] != kind:
             raise ConfigError(f"{self.path} holds a {self.meta['kind']} model; use load_onnx_engine() or the "
                               f"{'OrtOnlineEngine' if self.meta['kind'] == 'online' else 'OrtClipEngine'}")
         self.cfg = ModelConfig.from_dict(self.meta["config"])
-        if labels is not None and len(labels) != self.cfg.num_classes:
-            raise ConfigError(f"{len(labels)} labels given for a model with {self.cfg.num_classes} classes")
-        self.labels = list(labels or self.cfg.labels or default_labels(self.cfg.num_classes))
+        self.labels = resolve_labels(self.cfg.num_classes, labels_file=labels_file, given=labels,
+                                     saved=self.cfg.labels)
         self.session = _open_session(self.path, providers, threads)
         _check_graph(self.path, self.meta, self.session)
         self.providers = self.session.get_providers()
-
-
-def _check_frames(frames: np.ndarray, size: int, what: str, rank: int) -> np.ndarray:
-    if not isinstance(frames, np.ndarray) or frames.ndim != rank or frames.shape[-3:] != (3, size, size):
-        shape = frames.shape if isinstance(frames, np.ndarray) else type(frames).__name__
-        layout = "[B, 3, H, W]" if rank == 4 else "[B, T, 3, H, W]"
-        raise ValueError(f"{what} must be a float32 {layout} array with H = W = {size}, got {shape}")
-    return np.ascontiguousarray(frames, dtype=np.float32)
 
 
 # -- engines ------------------------------------------------------------------------------------------------
@@ -191,7 +179,8 @@ class OrtOnlineEngine(OnlineEngine):
     Args:
         path: an .onnx file written by ``streamtsm export-onnx`` (fp32 or int8).
         providers: execution providers in order of preference (short or full names); automatic when None.
-        labels: class names (the file's, else ``class_i``, when None).
+        labels, labels_file: class names, or a file of them; the file's own when neither is given, else numbered
+            (see :func:`streamtsm.labels.resolve_labels`).
         threads: onnxruntime intra-op threads (onnxruntime's default when None).
         io_binding: keep the state in device memory with IOBinding; None turns it on when the CUDA or TensorRT
             provider runs the model. True on CPU runs the same path with host OrtValues (what the tests do).
@@ -200,57 +189,52 @@ class OrtOnlineEngine(OnlineEngine):
     backend = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, providers: str | Sequence[str] | None = None,
-                 labels: list[str] | None = None, *, threads: int | None = None,
-                 io_binding: bool | None = None) -> None:
-        model = _OrtModel(path, "online", providers, labels, threads)
+                 labels: Sequence[str] | None = None, *, threads: int | None = None, io_binding: bool | None = None,
+                 labels_file: str | os.PathLike | None = None) -> None:
+        model = _OrtModel(path, "online", providers, labels, labels_file, threads)
         self.path, self.meta, self.cfg, self.labels = model.path, model.meta, model.cfg, model.labels
         self.session, self.providers = model.session, model.providers
         self.precision = self.meta["precision"]
-        self._state_inputs = [s["name"] for s in self.meta["state"]]
-        self._state_outputs = [s["output"] for s in self.meta["state"]]
-        self._shapes = [tuple(s["shape"]) for s in self.meta["state"]]
-        self._outputs = ["logits", *self._state_outputs]
+        self.state_spec = tuple(StateSpec(s["name"], tuple(s["shape"])) for s in self.meta["state"])
+        self._outputs = [LOGITS, *(s["output"] for s in self.meta["state"])]
         on_device = self.providers[0] in _DEVICE_PROVIDERS
         if io_binding is None:
             io_binding = on_device
-        self._device = _DeviceState(self.session, self._state_inputs, self._outputs, self._shapes,
+        self._device = _DeviceState(self.session, self.state_spec, self._outputs,
                                     "cuda" if on_device else "cpu") if io_binding else None
 
     @property
     def num_state(self) -> int:
-        return len(self._shapes)
+        return len(self.state_spec)
 
     def zero_state(self, batch: int) -> State:
         if self._device is not None:
             return self._device.zeros(batch)
-        return [np.zeros((batch, *shape), np.float32) for shape in self._shapes]
+        return {spec.name: np.zeros((batch, *spec.shape), np.float32) for spec in self.state_spec}
 
     def step(self, frames: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        frames = _check_frames(frames, self.cfg.input_size, "frames", 4)
-        if len(state) != len(self._shapes):
-            raise ValueError(f"state must hold {len(self._shapes)} arrays (one per shifted block), got {len(state)}")
+        frames = check_frames(frames, self.cfg.input_size)
+        state = self.check_state(state)
         if self._device is not None:
             return self._device.step(frames, state)
-        for i, s in enumerate(state):
-            if s.shape[0] != frames.shape[0]:
-                raise ValueError(f"state[{i}] holds {s.shape[0]} streams but the frame batch has {frames.shape[0]}")
-        feeds = {"frame": frames, **dict(zip(self._state_inputs, state))}
-        logits, *new_state = self.session.run(self._outputs, feeds)
-        return logits, new_state
+        self.check_state_shapes(state, frames.shape[0])
+        # The state's names are the graph's state inputs: it feeds the session as it is.
+        logits, *new_state = self.session.run(self._outputs, {FRAME: frames, **state})
+        return logits, dict(zip(self.state_names, new_state))
 
     def stack(self, states: Sequence[State]) -> State:
         if len(states) == 1:
             return states[0]
         if self._device is not None:
             return self._device.stack(states)
-        return [np.concatenate(parts, 0) for parts in zip(*states)]
+        return {name: np.concatenate([s[name] for s in states], 0) for name in self.state_names}
 
     def split(self, state: State, batch: int) -> list[State]:
         if batch == 1:
             return [state]
         if self._device is not None:
             return self._device.split(state, batch)
-        return [[s[i : i + 1] for s in state] for i in range(batch)]
+        return [{name: s[i : i + 1] for name, s in state.items()} for i in range(batch)]
 
     def close(self) -> None:
         self.session = None
@@ -266,25 +250,25 @@ class OrtClipEngine(ClipEngine):
     backend = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, providers: str | Sequence[str] | None = None,
-                 labels: list[str] | None = None, *, threads: int | None = None) -> None:
-        model = _OrtModel(path, "clip", providers, labels, threads)
+                 labels: Sequence[str] | None = None, *, threads: int | None = None,
+                 labels_file: str | os.PathLike | None = None) -> None:
+        model = _OrtModel(path, "clip", providers, labels, labels_file, threads)
         self.path, self.meta, self.cfg, self.labels = model.path, model.meta, model.cfg, model.labels
         self.session, self.providers = model.session, model.providers
         self.precision = self.meta["precision"]
-        self.clip_len = int(self.meta["io"]["inputs"]["clip"][1])
+        self.clip_len = int(self.meta["io"]["inputs"][CLIP][1])
 
     def predict(self, clips: np.ndarray) -> np.ndarray:
-        clips = _check_frames(clips, self.cfg.input_size, "clips", 5)
-        if clips.shape[1] != self.clip_len:
-            raise ValueError(f"clips must have T = {self.clip_len} frames, got {clips.shape[1]}")
-        return self.session.run(["logits"], {"clip": clips})[0]
+        clips = check_frames(clips, self.cfg.input_size, what="clips", clip_len=self.clip_len)
+        return self.session.run([LOGITS], {CLIP: clips})[0]
 
     def close(self) -> None:
         self.session = None
 
 
 def load_onnx_engine(path: str | os.PathLike, providers: str | Sequence[str] | None = None,
-                     labels: list[str] | None = None, *, threads: int | None = None) -> Engine:
+                     labels: Sequence[str] | None = None, *, threads: int | None = None,
+                     labels_file: str | os.PathLike | None = None) -> Engine:
     """An :class:`OrtOnlineEngine` or :class:`OrtClipEngine`, as the file's metadata says.
 
     Raises:
@@ -293,7 +277,7 @@ def load_onnx_engine(path: str | os.PathLike, providers: str | Sequence[str] | N
     """
     kind = read_metadata(path)["kind"]
     engine = OrtOnlineEngine if kind == "online" else OrtClipEngine
-    return engine(path, providers, labels, threads=threads)
+    return engine(path, providers, labels, threads=threads, labels_file=labels_file)
 
 
 # -- device-resident state (CUDA / TensorRT) ----------------------------------------------------------------
@@ -321,21 +305,21 @@ class _DeviceState:
     order, copies nothing but frames in and logits out.
     """
 
-    def __init__(self, session: ort.InferenceSession, inputs: list[str], outputs: list[str],
-                 shapes: list[tuple[int, ...]], device: str, device_id: int = 0) -> None:
+    def __init__(self, session: ort.InferenceSession, spec: tuple[StateSpec, ...], outputs: list[str], device: str,
+                 device_id: int = 0) -> None:
         self.session = session
-        self.inputs = inputs
-        self.outputs = outputs  # logits first, then the new state
-        self.shapes = shapes
+        self.spec = spec
+        self.names = tuple(s.name for s in spec)
+        self.outputs = outputs  # logits first, then the new state in spec order
         self.device = device
         self.device_id = device_id
 
     def _upload(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, np.float32), self.device, self.device_id)
 
-    def zeros(self, batch: int) -> list[ort.OrtValue]:
+    def zeros(self, batch: int) -> dict[str, ort.OrtValue]:
         # Uploaded rather than allocated: ortvalue_from_shape_and_type leaves device memory uninitialized.
-        return [self._upload(np.zeros((batch, *shape), np.float32)) for shape in self.shapes]
+        return {s.name: self._upload(np.zeros((batch, *s.shape), np.float32)) for s in self.spec}
 
     def _batch_of(self, parts: list) -> ort.OrtValue:
         """One device tensor of the rows ``parts`` (OrtValues or _Rows), copying only if they are not one."""
@@ -356,25 +340,30 @@ class _DeviceState:
 
         return self._upload(np.concatenate([host(p) for p in parts], 0))
 
-    def step(self, frames: np.ndarray, state: list) -> tuple[np.ndarray, list[ort.OrtValue]]:
-        state = [self._batch_of([s]) if isinstance(s, _Row) else s for s in state]
-        for i, s in enumerate(state):
+    def _whole(self, state: dict) -> dict[str, ort.OrtValue]:
+        """``state`` with every _Row made an OrtValue of its own."""
+        return {name: self._batch_of([s]) if isinstance(s, _Row) else s for name, s in state.items()}
+
+    def step(self, frames: np.ndarray, state: dict) -> tuple[np.ndarray, dict[str, ort.OrtValue]]:
+        state = self._whole(state)
+        for name, s in state.items():
             if s.shape()[0] != frames.shape[0]:
-                raise ValueError(f"state[{i}] holds {s.shape()[0]} streams but the frame batch has {frames.shape[0]}")
+                raise ValueError(f"state {name!r} holds {s.shape()[0]} streams but the frame batch has "
+                                 f"{frames.shape[0]}")
         binding = self.session.io_binding()
-        binding.bind_cpu_input("frame", frames)
-        for name, value in zip(self.inputs, state):
+        binding.bind_cpu_input(FRAME, frames)
+        for name, value in state.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output(self.outputs[0], "cpu")  # logits: the only thing copied back each step
         for name in self.outputs[1:]:
             binding.bind_output(name, self.device, self.device_id)
         self.session.run_with_iobinding(binding)
         logits, *new_state = binding.get_outputs()
-        return logits.numpy(), new_state
+        return logits.numpy(), dict(zip(self.names, new_state))
 
-    def stack(self, states: Sequence[list]) -> list[ort.OrtValue]:
-        return [self._batch_of(list(parts)) for parts in zip(*states)]
+    def stack(self, states: Sequence[dict]) -> dict[str, ort.OrtValue]:
+        return {name: self._batch_of([s[name] for s in states]) for name in self.names}
 
-    def split(self, state: list, batch: int) -> list[list[_Row]]:
-        state = [self._batch_of([s]) if isinstance(s, _Row) else s for s in state]
-        return [[_Row(s, i) for s in state] for i in range(batch)]
+    def split(self, state: dict, batch: int) -> list[dict[str, _Row]]:
+        state = self._whole(state)
+        return [{name: _Row(s, i) for name, s in state.items()} for i in range(batch)]

@@ -1,8 +1,9 @@
 """The Triton backend: an online model served by Triton Inference Server, which keeps each stream's state.
 
-The server holds the folds (implicit state of a model written by ``streamtsm export-triton``), so the engine's
-"state" of a stream is a small client-side token: the stream's Triton sequence id and whether its next request
-starts the sequence::
+The server holds the folds (implicit state of a model written by ``streamtsm export-triton``, named as the ONNX
+graph's state inputs: :attr:`TritonOnlineEngine.server_state_spec`), so the engine's state of a stream is a small
+client-side token: the stream's Triton sequence id and whether its next request starts the sequence. The state
+mapping has one entry, ``"sequence"`` (:data:`SEQUENCE_STATE`), a list of one token per stream::
 
     zero_state(B)   B fresh tokens (new random 63-bit sequence ids, start=True); nothing is sent
     step(frames)    one request per row, sequence_id = the row's token, all B in flight at once (async_infer), so
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -45,9 +47,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..config import ModelConfig
-from ..errors import ConfigError, StreamTSMError
-from ..export.triton import FRAME, LOGITS, PARAM_CONFIG, PARAM_KIND, PARAM_TRITON, SEQUENCE_ID
-from .base import OnlineEngine, State, default_labels
+from ..errors import ConfigError, StreamTSMError, first_line
+from ..formats import FRAME, LOGITS, PARAM_CONFIG, PARAM_KIND, PARAM_TRITON, SEQUENCE_ID
+from ..labels import resolve_labels
+from .base import OnlineEngine, State, StateSpec, check_frames
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 # otherwise race Triton's own timeout.
 IDLE_MARGIN = 0.9
 DEFAULT_IDLE_TIMEOUT_S = 1.0  # Triton's default when the config leaves max_sequence_idle_microseconds at 0
+SEQUENCE_STATE = "sequence"  # the one entry of the engine's state: a list of SequenceTokens, one per stream
 
 
 class TritonError(StreamTSMError):
@@ -94,11 +98,6 @@ def _grpc():
     return grpcclient, InferenceServerException
 
 
-def _message(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
-
-
 def _check_url(url: str) -> str:
     url = (url or "").strip()
     host, sep, port = url.rpartition(":")
@@ -113,7 +112,8 @@ class TritonOnlineEngine(OnlineEngine):
     Args:
         url: ``host:port`` of the server's gRPC endpoint (Triton's default port is 8001).
         model_name: the model's name in the server's repository.
-        labels: class names (the config's when None).
+        labels, labels_file: class names, or a file of them; the config's when neither is given, else numbered
+            (see :func:`streamtsm.labels.resolve_labels`).
         timeout_s: longest wait for one step (all rows), and each request's gRPC deadline.
         connect_timeout_s: longest wait for each of the checks made when the engine is built.
         model_version: a version to pin, or "" for the server's choice.
@@ -124,8 +124,10 @@ class TritonOnlineEngine(OnlineEngine):
     """
 
     backend = "triton"
+    state_spec = (StateSpec(SEQUENCE_STATE, (), "object"),)
 
-    def __init__(self, url: str, model_name: str, *, labels: list[str] | None = None, timeout_s: float = 10.0,
+    def __init__(self, url: str, model_name: str, *, labels: Sequence[str] | None = None,
+                 labels_file: str | os.PathLike | None = None, timeout_s: float = 10.0,
                  connect_timeout_s: float = 5.0, model_version: str = "") -> None:
         grpcclient, server_error = _grpc()
         self._grpc, self._server_error = grpcclient, server_error
@@ -141,16 +143,15 @@ class TritonOnlineEngine(OnlineEngine):
         try:
             self._client = grpcclient.InferenceServerClient(self.url)
         except Exception as e:  # tritonclient raises its own exception or ValueError for a bad target
-            raise ConfigError(f"cannot connect to Triton at {self.url}: {_message(e)}") from None
+            raise ConfigError(f"cannot connect to Triton at {self.url}: {first_line(e)}") from None
         try:
             self._load_config(connect_timeout_s)
-            if labels is not None and len(labels) != self.cfg.num_classes:
-                raise ConfigError(f"{len(labels)} labels given for a model with {self.cfg.num_classes} classes")
+            self.labels = resolve_labels(self.cfg.num_classes, labels_file=labels_file, given=labels,
+                                         saved=self.cfg.labels)
         except BaseException:
             self._client.close()
             self._client = None
             raise
-        self.labels = list(labels or self.cfg.labels or default_labels(self.cfg.num_classes))
 
     # -- the model's config, from the server ------------------------------------------------------------------
 
@@ -159,20 +160,20 @@ class TritonOnlineEngine(OnlineEngine):
         try:
             live = self._client.is_server_live(client_timeout=timeout)
         except self._server_error as e:
-            raise ConfigError(f"{where} is unreachable: {_message(e)}") from None
+            raise ConfigError(f"{where} is unreachable: {first_line(e)}") from None
         if not live:
             raise ConfigError(f"{where} answers but is not live")
         name = self.triton_model
         try:
             ready = self._client.is_model_ready(name, self.model_version, client_timeout=timeout)
         except self._server_error as e:
-            raise ConfigError(f"{where}: cannot ask whether model {name!r} is ready: {_message(e)}") from None
+            raise ConfigError(f"{where}: cannot ask whether model {name!r} is ready: {first_line(e)}") from None
         if not ready:
             raise ConfigError(f"{where} has no ready model {name!r}{self._available(timeout)}")
         try:
             config = self._client.get_model_config(name, self.model_version, client_timeout=timeout).config
         except self._server_error as e:
-            raise ConfigError(f"{where}: cannot read the config of model {name!r}: {_message(e)}") from None
+            raise ConfigError(f"{where}: cannot read the config of model {name!r}: {first_line(e)}") from None
         self.config = config
         params = {key: value.string_value for key, value in config.parameters.items()}
         not_ours = (f"model {name!r} on {where} is not an online streamtsm model written by `streamtsm "
@@ -184,7 +185,7 @@ class TritonOnlineEngine(OnlineEngine):
             self.cfg = ModelConfig.from_dict(json.loads(params[PARAM_CONFIG]))
             triton_meta = json.loads(params.get(PARAM_TRITON, "{}"))
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"{not_ours}: unreadable streamtsm parameters ({_message(e)})") from None
+            raise ConfigError(f"{not_ours}: unreadable streamtsm parameters ({first_line(e)})") from None
         if kind != "online" or not config.HasField("sequence_batching") or not config.sequence_batching.state:
             raise ConfigError(f"{not_ours}: it is a {kind} model"
                               + ("" if config.HasField("sequence_batching") else " without sequence batching"))
@@ -196,6 +197,8 @@ class TritonOnlineEngine(OnlineEngine):
                               f"[{self.cfg.num_classes}], found inputs {inputs} and outputs {outputs}")
         if config.max_batch_size < 1:
             raise ConfigError(f"{not_ours}: max_batch_size is {config.max_batch_size}, expected >= 1")
+        # What the server keeps per sequence, named as the ONNX graph's state inputs (see streamtsm.formats).
+        self.server_state_spec = tuple(StateSpec(s.input_name, tuple(s.dims)) for s in config.sequence_batching.state)
         self._echo = triton_meta.get("sequence_id_output", SEQUENCE_ID) if SEQUENCE_ID in outputs else None
         idle_us = config.sequence_batching.max_sequence_idle_microseconds
         self.idle_timeout_s = idle_us / 1e6 if idle_us else DEFAULT_IDLE_TIMEOUT_S
@@ -220,7 +223,7 @@ class TritonOnlineEngine(OnlineEngine):
     def zero_state(self, batch: int) -> State:
         if batch < 0:
             raise ValueError(f"batch must be >= 0, got {batch}")
-        return [SequenceToken(new_sequence_id()) for _ in range(batch)]
+        return {SEQUENCE_STATE: [SequenceToken(new_sequence_id()) for _ in range(batch)]}
 
     def _current(self, token, now: float) -> SequenceToken:
         if not isinstance(token, SequenceToken):
@@ -264,7 +267,7 @@ class TritonOnlineEngine(OnlineEngine):
                 continue
             error = future.exception()
             if error is not None:
-                failures.append(f"row {b} (sequence {token.sequence_id}): {_message(error)}")
+                failures.append(f"row {b} (sequence {token.sequence_id}): {first_line(error)}")
                 continue
             results.append(future.result())
         if failures:
@@ -273,15 +276,12 @@ class TritonOnlineEngine(OnlineEngine):
         return results
 
     def step(self, frames: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        size = self.cfg.input_size
-        if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[1:] != (3, size, size):
-            shape = frames.shape if isinstance(frames, np.ndarray) else type(frames).__name__
-            raise ValueError(f"frames must be a float32 [B, 3, H, W] array with H = W = {size}, got {shape}")
-        frames = np.ascontiguousarray(frames, dtype=np.float32)
+        frames = check_frames(frames, self.cfg.input_size)
+        state = self.check_state(state)[SEQUENCE_STATE]
         if len(state) != frames.shape[0]:
             raise ValueError(f"state holds {len(state)} streams but the frame batch has {frames.shape[0]}")
         if not len(state):
-            return np.zeros((0, self.cfg.num_classes), np.float32), []
+            return np.zeros((0, self.cfg.num_classes), np.float32), {SEQUENCE_STATE: []}
         now = time.monotonic()
         tokens = [self._current(t, now) for t in state]
         ids = [t.sequence_id for t in tokens]
@@ -308,15 +308,16 @@ class TritonOnlineEngine(OnlineEngine):
                     del self._live[sid]  # the server has dropped it: nothing to end at close
             self._live.update((sid, done) for sid in ids)
         return (np.concatenate(logits).astype(np.float32, copy=False),
-                [replace(t, start=False, last_step=done) for t in tokens])
+                {SEQUENCE_STATE: [replace(t, start=False, last_step=done) for t in tokens]})
 
     def stack(self, states: Sequence[State]) -> State:
-        return [token for state in states for token in state]
+        return {SEQUENCE_STATE: [token for state in states for token in state[SEQUENCE_STATE]]}
 
     def split(self, state: State, batch: int) -> list[State]:
-        if len(state) != batch:
-            raise ValueError(f"state holds {len(state)} streams, cannot split it into {batch}")
-        return [[token] for token in state]
+        tokens = state[SEQUENCE_STATE]
+        if len(tokens) != batch:
+            raise ValueError(f"state holds {len(tokens)} streams, cannot split it into {batch}")
+        return [{SEQUENCE_STATE: [token]} for token in tokens]
 
     def close(self) -> None:
         """END every sequence the server may still hold (a zero frame each, briefly), then close the channel."""

@@ -157,7 +157,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _quantize(fp32: Path, out: Path, args: argparse.Namespace) -> None:
-    from .onnx import calibration_frames, quantize_int8, read_metadata
+    from ..formats import read_metadata
+    from .quantize import calibration_frames, quantize_int8
 
     meta = read_metadata(fp32)
     cfg = ModelConfig.from_dict(meta["config"])
@@ -188,7 +189,7 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
             raise ConfigError("--onnx serves that file as it is; drop --model/--weights/--num-classes")
         source, labels, what = args.onnx, None, args.onnx
         if args.labels:
-            from .onnx import read_metadata
+            from ..formats import read_metadata
 
             labels = read_labels(args.labels, read_metadata(args.onnx)["config"]["num_classes"])
     else:

@@ -62,27 +62,13 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from .onnx import (BATCH, META_CONFIG, META_FORMAT_VERSION, META_KIND, META_PRECISION, META_STATE, TOLERANCE,
-                   ExportError, ExportReport, _cpu_session, _is_online, _write_metadata, export_onnx, read_metadata)
+from ..formats import (BATCH, CORRID, END, FRAME, LOGITS, META_CONFIG, META_TRITON, PARAM_CONFIG,
+                       PARAM_FORMAT_VERSION, PARAM_KIND, PARAM_PRECISION, PARAM_STATE, PARAM_TRITON, SEQUENCE_ID,
+                       START, TRITON_FORMAT_VERSION, add_metadata, read_metadata, write_metadata)
+from .onnx import TOLERANCE, ExportError, ExportReport, cpu_session, export_onnx, is_online, save_checked
 
 log = logging.getLogger(__name__)
 
-# Tensor names of the served graph and of its config.
-FRAME = "frame"
-LOGITS = "logits"
-START = "START"
-END = "END"
-CORRID = "CORRID"
-SEQUENCE_ID = "sequence_id"  # CORRID echoed back
-# Config parameters (JSON strings): the ONNX metadata keys, so one name means one thing everywhere.
-PARAM_CONFIG = META_CONFIG
-PARAM_KIND = META_KIND
-PARAM_STATE = META_STATE
-PARAM_PRECISION = META_PRECISION
-PARAM_FORMAT_VERSION = META_FORMAT_VERSION
-META_TRITON = "streamtsm.triton"  # the controls and the echo output, in model.onnx and in the config
-PARAM_TRITON = META_TRITON
-TRITON_FORMAT_VERSION = 1
 LABELS_FILE = "labels.txt"
 INSTANCE_KINDS = ("auto", "gpu", "cpu")
 DEFAULT_IDLE_TIMEOUT_US = 5_000_000
@@ -234,15 +220,17 @@ def _write_served_graph(plain: Path, out: Path) -> dict:
     meta = read_metadata(plain)
     model = onnx.load(str(plain))
     add_sequence_controls(model, meta["state"])
-    _write_metadata(out, {META_TRITON: _triton_meta()}, check=True, base=model)
+    add_metadata(model, {META_TRITON: _triton_meta()})
+    save_checked(model, out)
     return meta
 
 
 # -- verification -------------------------------------------------------------------------------------------
 
 
-def _torch_reference(model):
-    """``step(frames, state) -> (logits, new_state)`` in numpy through the torch model."""
+def torch_reference(model):
+    """``step(frames, state) -> (logits, new_state)`` in numpy through the torch model, the state a list in the
+    order of the graph's state inputs: the reference :func:`verify_served_graph` compares the served graph with."""
     import torch
 
     device = next(model.parameters()).device
@@ -256,9 +244,9 @@ def _torch_reference(model):
     return step
 
 
-def _onnx_reference(path: Path, meta: dict):
+def onnx_reference(path: Path, meta: dict):
     """``step(frames, state) -> (logits, new_state)`` through the export-onnx file on onnxruntime (CPU)."""
-    session = _cpu_session(path)
+    session = cpu_session(path)
     names = [FRAME, *(s["name"] for s in meta["state"])]
     outputs = [LOGITS, *(s["output"] for s in meta["state"])]
 
@@ -290,7 +278,7 @@ def verify_served_graph(reference, path: str | os.PathLike, meta: dict, *, steps
     Raises:
         ExportError: a difference exceeds ``tolerance``, a guard or the echo does not hold.
     """
-    session = _cpu_session(path)
+    session = cpu_session(path)
     cfg = ModelConfig.from_dict(meta["config"])
     size = cfg.input_size
     shapes = [tuple(s["shape"]) for s in meta["state"]]
@@ -485,7 +473,7 @@ def export_triton(model_or_onnx, repo_dir: str | os.PathLike, *, name: str | Non
                               f"frames; re-export it with export-onnx --input-size {input_size}")
         model_name = meta["config"]["name"]
     else:
-        if not _is_online(model_or_onnx):
+        if not is_online(model_or_onnx):
             raise ConfigError(f"{model_or_onnx.cfg.name} is a clip model; export-triton serves online models "
                               f"(Triton keeps their state per camera). Use export-onnx for clip models")
         model_name = model_or_onnx.cfg.name
@@ -508,14 +496,14 @@ def export_triton(model_or_onnx, repo_dir: str | os.PathLike, *, name: str | Non
                 cfg = ModelConfig.from_dict(meta["config"])
                 if len(labels) != cfg.num_classes:
                     raise ConfigError(f"{len(labels)} labels given for a model with {cfg.num_classes} classes")
-                _write_metadata(plain, {META_CONFIG: {**meta["config"], "labels": list(labels)}})
+                write_metadata(plain, {META_CONFIG: {**meta["config"], "labels": list(labels)}})
             else:
                 plain = source
-            reference = _onnx_reference(plain, read_metadata(plain)) if verify else None
+            reference = onnx_reference(plain, read_metadata(plain)) if verify else None
         else:
             onnx_report = export_onnx(model_or_onnx, plain, input_size=input_size, opset=opset, verify=verify,
                                       labels=labels)
-            reference = _torch_reference(model_or_onnx) if verify else None
+            reference = torch_reference(model_or_onnx) if verify else None
         model_dir = work / "model"
         (model_dir / "1").mkdir(parents=True)
         served = model_dir / "1" / "model.onnx"
@@ -553,6 +541,5 @@ def export_triton(model_or_onnx, repo_dir: str | os.PathLike, *, name: str | Non
     return report
 
 
-__all__ = ["CONTROLS", "CORRID", "END", "FRAME", "LOGITS", "SEQUENCE_ID", "START", "TritonExportReport",
-           "add_sequence_controls", "build_config", "export_triton", "read_config", "verify_served_graph",
-           "write_config"]
+__all__ = ["CONTROLS", "TritonExportReport", "add_sequence_controls", "build_config", "export_triton",
+           "onnx_reference", "read_config", "torch_reference", "verify_served_graph", "write_config"]
