@@ -31,7 +31,7 @@ from .engine.base import ClipEngine, Engine
 from .engine.clip import ClipRunner
 from .engine.online import OnlineRunner, StepError
 from .errors import ConfigError, SourceError
-from .postprocess import LatencyTracker, RateMeter, StreamPostprocessor
+from .postprocess import ActionEvent, LatencyTracker, RateMeter, StreamPostprocessor
 from .preprocess import Preprocessor
 from .publish import Publisher
 from .publish.schema import (
@@ -403,12 +403,10 @@ class Pipeline:
         for sink in self._sinks:
             sink(topic, payload)
 
-    def _publish_events(self, s: _Stream, events: list[dict], frame_index: int, capture_ts: float) -> None:
-        for ev in events:
+    def _publish_events(self, s: _Stream, events: list[ActionEvent], frame_index: int, capture_ts: float) -> None:
+        for event in events:
             self._emit(topic_for(TOPIC_EVENT, s.id), event_message(
-                stream_id=s.id, model=s.group.model_name, kind=ev["kind"], label=ev["label"],
-                start_frame=ev["start_frame"], start_ts=ev["start_ts"], end_frame=ev["end_frame"],
-                end_ts=ev["end_ts"], score=ev["score"], frame_index=frame_index, capture_ts=capture_ts))
+                stream_id=s.id, model=s.group.model_name, event=event, frame_index=frame_index, capture_ts=capture_ts))
 
     def _end_stream(self, s: _Stream) -> None:
         if s.done:
