@@ -103,9 +103,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from .console import ConsoleSink
     from .pipeline import Pipeline, PipelineOptions
     from .publish import Publisher
+    from .sinks import ConsoleSink
 
     site = None
     if args.config:
@@ -116,7 +116,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = _output_settings(args, site)
     metrics = None
     if out["metrics_port"] is not None:
-        from .metrics import MetricsSink  # before any model is loaded: a missing prometheus-client fails fast
+        from .sinks.metrics import MetricsSink  # before any model is loaded: a missing prometheus-client fails fast
 
         metrics = MetricsSink()
     if site is not None:
@@ -128,22 +128,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     options = PipelineOptions.from_settings(out)
     stop = threading.Event()
     display = publisher = None
+    sinks = []  # closed in the finally below, in the order made
     try:
-        if args.show:
-            from .show import Display
-
-            display = Display(stop)
         if out["connect"]:
             publisher = Publisher(out["connect"], bind=False)  # into a broker's frontend
         elif out["publish"] != "none":
             publisher = Publisher(out["publish"], bind=True)
-        sinks = [ConsoleSink(quiet=args.quiet)]
+        if publisher is not None:
+            sinks.append(publisher)
+        sinks.append(ConsoleSink(quiet=args.quiet))
         if metrics is not None:
             metrics.serve(out["metrics_port"], out["metrics_addr"])
             sinks.append(metrics)
-        pipeline = Pipeline.from_groups(groups, publisher, options, on_result=display, sinks=sinks)
-        if metrics is not None:
-            pipeline.step_observers.append(metrics.observe_step)
+        if args.show:
+            from .sinks.display import display_sink
+
+            # Last, so that the others are closed when its close raises what the window could not do.
+            display = display_sink(stop)
+            sinks.append(display)
+        pipeline = Pipeline.from_groups(groups, sinks=sinks, options=options)
         # Ctrl-C and SIGTERM end the loop at its next check (within ~50 ms), then everything is joined and closed.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -153,13 +156,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         pipeline.start()
         final = pipeline.run(stop)
     finally:
-        if publisher is not None:
-            publisher.close()
-        if display is not None:
-            display.close()
-        for group in groups:
-            group.engine.close()  # a Triton engine ends its sequences on the server
+        try:
+            for sink in sinks:
+                sink.close()
+        finally:
+            for group in groups:
+                group.engine.close()  # a Triton engine ends its sequences on the server
     _print_summary(final)
+    if display is not None:
+        print(f"display: {display.dropped} steps dropped (the window could not keep up)")
     return 0
 
 

@@ -8,7 +8,7 @@
                                                        ▼
             per model group: OnlineRunner (B frames, B states) or ClipRunner (ring buffers, due windows)
                                                        │                        (one batched call each)
-                          StreamPostprocessor (smoothing, top-k, events) ─► Publisher (pred / event / stats)
+                          StreamPostprocessor (smoothing, top-k, events) ─► sinks (Publisher, console, ...)
 
 Streams are grouped by model: streams sharing a model are batched together, groups of different models run side by
 side in the same loop. Everything after the buffers runs in the caller's thread. Each stream's capture is a
@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +32,7 @@ from .engine.base import Engine
 from .engine.clip import ClipRunner
 from .engine.online import OnlineRunner, StepError
 from .errors import ConfigError, SourceError
-from .postprocess import LatencyTracker, RateMeter, StreamPostprocessor
+from .postprocess import ActionEvent, LatencyTracker, RateMeter, StreamPostprocessor
 from .preprocess import Preprocessor
 from .publish import Publisher
 from .publish.schema import (
@@ -45,6 +45,7 @@ from .publish.schema import (
     topic_for,
 )
 from .settings import PipelineOptions
+from .sinks.base import Sink, StepReport, StreamResult, wants_steps
 
 log = logging.getLogger(__name__)
 
@@ -144,46 +145,38 @@ class _Stream:
 
 
 class Pipeline:
-    """Runs models over several sources and publishes results.
+    """Runs models over several sources and hands the results to sinks.
 
     Args:
         engine: the model backend (torch or onnxruntime) for ``streams``; for several models use
             :meth:`from_groups`.
         streams: the sources.
-        publisher: where messages go (None: nothing is published; useful for benchmarks).
+        sinks: where results go (see :mod:`streamtsm.sinks`): each gets every message, and each that defines
+            ``on_step`` a report of every model step. A :class:`~streamtsm.publish.Publisher` among them publishes
+            over ZeroMQ and its counts are the stats' ``published`` and ``publish_dropped``. With none, results are
+            computed and dropped (benchmarks). The pipeline does not close them: their maker does, after the run.
         options: post-processing and run control.
-        on_result: optional callback ``(stream_id, frame, topk)`` after each prediction (the ``--show`` window).
-        sinks: further receivers of every message ``(topic, payload)`` besides the publisher (the console).
-
-    Attributes:
-        step_observers: callables ``(group_key, milliseconds)`` told the duration of every batched model call
-            (the Prometheus step histogram); the key is as in the stats' ``models``.
     """
 
-    def __init__(self, engine: Engine, streams: list[StreamSpec], publisher: Publisher | None,
-                 options: PipelineOptions | None = None,
-                 on_result: Callable[[str, Frame, list[tuple[str, float]]], None] | None = None,
-                 sinks: list[Callable[[str, dict], object]] | None = None) -> None:
-        self._setup([ModelGroup(engine, streams)], publisher, options, on_result, sinks)
+    def __init__(self, engine: Engine, streams: list[StreamSpec], *, sinks: Sequence[Sink] = (),
+                 options: PipelineOptions | None = None) -> None:
+        self._setup([ModelGroup(engine, streams)], sinks, options)
 
     @classmethod
-    def from_groups(cls, groups: list[ModelGroup], publisher: Publisher | None,
-                    options: PipelineOptions | None = None,
-                    on_result: Callable[[str, Frame, list[tuple[str, float]]], None] | None = None,
-                    sinks: list[Callable[[str, dict], object]] | None = None) -> Pipeline:
+    def from_groups(cls, groups: list[ModelGroup], *, sinks: Sequence[Sink] = (),
+                    options: PipelineOptions | None = None) -> Pipeline:
         """A pipeline of several models, each with its streams."""
         self = cls.__new__(cls)
-        self._setup(groups, publisher, options, on_result, sinks)
+        self._setup(groups, sinks, options)
         return self
 
-    def _setup(self, groups, publisher, options, on_result, sinks) -> None:
+    def _setup(self, groups: list[ModelGroup], sinks: Sequence[Sink], options: PipelineOptions | None) -> None:
         if not any(g.streams for g in groups):
             raise ConfigError("no source given")
-        self.publisher = publisher
         self.options = options or PipelineOptions()
-        self.on_result = on_result
-        self._sinks = ([publisher.send] if publisher is not None else []) + list(sinks or [])
-        self.step_observers: list[Callable[[str, float], object]] = []
+        self.sinks = tuple(sinks)
+        self._step_sinks = [s for s in self.sinks if wants_steps(s)]
+        self._publishers = [s for s in self.sinks if isinstance(s, Publisher)]
         self._notify = threading.Event()
         self._consecutive_errors = 0
         self._groups: list[_Group] = []
@@ -339,40 +332,41 @@ class Pipeline:
             return
         self._consecutive_errors = 0
         predicted = sum(r is not None for r in results)
+        ms = (time.perf_counter() - t0) * 1e3
         if predicted:
-            ms = (time.perf_counter() - t0) * 1e3
             group.step_latency.add(ms)
-            for observe in self.step_observers:
-                observe(group.key, ms)
             group.steps += 1
             group.batched_frames += predicted
+        reported: list[StreamResult] = []
         for (s, f), row in zip(batch, results):
             s.processed += 1
             s.rate.tick()
             s.last_seen = (f.index, f.timestamp)
             if row is not None:
                 topk, events = s.post.process(row, f.index, f.timestamp)
-                if self._sinks:
+                if self.sinks:
                     self._emit(topic_for(TOPIC_PRED, s.id), prediction_message(
                         stream_id=s.id, frame_index=f.index, capture_ts=f.timestamp, model=group.model_name,
                         topk=topk, generation=f.generation))
                 self._publish_events(s, events, f.index, f.timestamp)
                 s.latency.add((time.time() - f.timestamp) * 1e3)
-                if self.on_result is not None:
-                    self.on_result(s.id, f, topk)
+                if self._step_sinks:
+                    reported.append(StreamResult(s.id, f, topk))
             if self.options.max_frames is not None and s.processed >= self.options.max_frames:
                 self._end_stream(s)
+        if reported:
+            step = StepReport(group.key, ms, tuple(reported))
+            for sink in self._step_sinks:
+                sink.on_step(step)
 
     def _emit(self, topic: str, payload: dict) -> None:
-        for sink in self._sinks:
-            sink(topic, payload)
+        for sink in self.sinks:
+            sink.on_message(topic, payload)
 
-    def _publish_events(self, s: _Stream, events: list[dict], frame_index: int, capture_ts: float) -> None:
-        for ev in events:
+    def _publish_events(self, s: _Stream, events: list[ActionEvent], frame_index: int, capture_ts: float) -> None:
+        for event in events:
             self._emit(topic_for(TOPIC_EVENT, s.id), event_message(
-                stream_id=s.id, model=s.group.model_name, kind=ev["kind"], label=ev["label"],
-                start_frame=ev["start_frame"], start_ts=ev["start_ts"], end_frame=ev["end_frame"],
-                end_ts=ev["end_ts"], score=ev["score"], frame_index=frame_index, capture_ts=capture_ts))
+                stream_id=s.id, model=s.group.model_name, event=event, frame_index=frame_index, capture_ts=capture_ts))
 
     def _end_stream(self, s: _Stream) -> None:
         if s.done:
@@ -422,12 +416,12 @@ class Pipeline:
         return {
             "streams": streams,
             "models": {g.key: g.stats() for g in self._groups},
-            "published": self.publisher.sent if self.publisher else 0,
-            "publish_dropped": self.publisher.dropped if self.publisher else 0,
+            "published": sum(p.sent for p in self._publishers),
+            "publish_dropped": sum(p.dropped for p in self._publishers),
         }
 
     def publish_stats(self) -> None:
-        if not self._sinks:
+        if not self.sinks:
             return
         st = self.stats()
         streams = st.pop("streams")

@@ -5,7 +5,8 @@ object, so each stream gets its own instances::
 
     logits -> TemporalSmoother (mean of the last `smooth` logits) -> softmax -> topk -> EventDetector
 
-``LatencyTracker`` and ``RateMeter`` feed the periodic stats message.
+``EventDetector`` reports :class:`ActionEvent` values; ``LatencyTracker`` and ``RateMeter`` feed the periodic
+stats message.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -116,6 +118,51 @@ def topk(probs: np.ndarray, k: int, labels: list[str]) -> list[tuple[str, float]
     return [(labels[i], float(probs[i])) for i in order]
 
 
+EVENT_KINDS = ("onset", "offset")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActionEvent:
+    """An action starting (``onset``) or ending (``offset``) on one stream, as ``EventDetector`` decided it.
+
+    Attributes:
+        kind: ``"onset"`` or ``"offset"``.
+        label: The action.
+        start_frame: First frame where the action qualified (top-1, above the threshold, not background).
+        start_ts: Capture time of ``start_frame``.
+        end_frame: Last frame where it qualified; None for an onset, whose end is not known yet.
+        end_ts: Capture time of ``end_frame``; None for an onset.
+        score: Mean top-1 score over the steps where the action qualified: the ``hold`` steps for an onset, the
+            whole action for an offset.
+
+    Raises:
+        ValueError: If ``kind`` is neither ``"onset"`` nor ``"offset"``, an offset lacks its end, or an onset
+            has one.
+    """
+
+    kind: str
+    label: str
+    start_frame: int
+    start_ts: float
+    end_frame: int | None
+    end_ts: float | None
+    score: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in EVENT_KINDS:
+            raise ValueError(f"event kind must be 'onset' or 'offset', got {self.kind!r}")
+        ends = (self.end_frame, self.end_ts)
+        if self.kind == "offset" and None in ends:
+            raise ValueError(f"an offset event needs end_frame and end_ts, got {ends}")
+        if self.kind == "onset" and ends != (None, None):
+            raise ValueError(f"an onset event has no end yet: expected end_frame and end_ts None, got {ends}")
+
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from ``start_ts`` to ``end_ts``; None for an onset."""
+        return None if self.end_ts is None else self.end_ts - self.start_ts
+
+
 class _Run:
     """A class that is (or may become) the active action: where it started and how it has scored."""
 
@@ -136,17 +183,11 @@ class _Run:
         self.steps += 1
         self.score_sum += score
 
-    def event(self, kind: str) -> dict:
+    def event(self, kind: str) -> ActionEvent:
         offset = kind == "offset"
-        return {
-            "kind": kind,
-            "label": self.label,
-            "start_frame": self.start_frame,
-            "start_ts": self.start_ts,
-            "end_frame": self.last_frame if offset else None,
-            "end_ts": self.last_ts if offset else None,
-            "score": self.score_sum / self.steps,
-        }
+        return ActionEvent(kind=kind, label=self.label, start_frame=self.start_frame, start_ts=self.start_ts,
+                           end_frame=self.last_frame if offset else None, end_ts=self.last_ts if offset else None,
+                           score=self.score_sum / self.steps)
 
 
 class EventDetector:
@@ -195,7 +236,7 @@ class EventDetector:
         """The label of the action in progress, or None."""
         return self._active.label if self._active else None
 
-    def update(self, label: str, score: float, frame_index: int, timestamp: float) -> list[dict]:
+    def update(self, label: str, score: float, frame_index: int, timestamp: float) -> list[ActionEvent]:
         """Feeds one step's (smoothed) top-1 prediction.
 
         Args:
@@ -205,15 +246,13 @@ class EventDetector:
             timestamp: The step's capture time.
 
         Returns:
-            The events this step decided: none, an onset, an offset, or an offset then an onset. Each is a
-            dict with ``kind``, ``label``, ``start_frame``, ``start_ts``, ``end_frame``, ``end_ts`` (None
-            for an onset) and ``score``.
+            The events this step decided: none, an onset, an offset, or an offset then an onset.
         """
         score = float(score)
         # NaN compares False, so a broken score never qualifies.
         qualifies = score >= self.threshold and label not in self.background
         observed = label if qualifies else None
-        events: list[dict] = []
+        events: list[ActionEvent] = []
         active = self._active
 
         if active is not None and observed == active.label:
@@ -244,7 +283,7 @@ class EventDetector:
             self._misses = 0
         return events
 
-    def flush(self, frame_index: int | None = None, timestamp: float | None = None) -> list[dict]:
+    def flush(self, frame_index: int | None = None, timestamp: float | None = None) -> list[ActionEvent]:
         """Ends the stream: reports the active action's offset, if any, and forgets everything.
 
         Args:
@@ -261,7 +300,7 @@ class EventDetector:
         self._misses = 0
         return events
 
-    def reset(self) -> list[dict]:
+    def reset(self) -> list[ActionEvent]:
         """Starts over, e.g. after the stream's source reconnected.
 
         The action in progress cannot be followed across the gap, so it is ended rather than dropped:
@@ -316,7 +355,7 @@ class StreamPostprocessor:
 
     def process(
         self, logits: np.ndarray, frame_index: int, timestamp: float
-    ) -> tuple[list[tuple[str, float]], list[dict]]:
+    ) -> tuple[list[tuple[str, float]], list[ActionEvent]]:
         """Post-processes one step.
 
         Args:
@@ -340,11 +379,11 @@ class StreamPostprocessor:
         label, score = ranked[0]
         return ranked, self.detector.update(label, score, frame_index, timestamp)
 
-    def flush(self, frame_index: int | None = None, timestamp: float | None = None) -> list[dict]:
+    def flush(self, frame_index: int | None = None, timestamp: float | None = None) -> list[ActionEvent]:
         """Ends the stream; returns the pending offset, if any (see ``EventDetector.flush``)."""
         return self.detector.flush(frame_index, timestamp)
 
-    def reset(self) -> list[dict]:
+    def reset(self) -> list[ActionEvent]:
         """Starts over after a reconnect: clears smoothing and returns the pending offset, if any."""
         self.smoother.reset()
         return self.detector.reset()

@@ -13,7 +13,8 @@ import pytest
 
 from streamtsm.engine.torch_engine import TorchOnlineEngine
 from streamtsm.errors import ConfigError
-from streamtsm.metrics import MetricsSink
+from streamtsm.sinks.base import StepReport
+from streamtsm.sinks.metrics import MetricsSink
 from streamtsm.models import create
 from streamtsm.pipeline import ModelGroup, Pipeline, PipelineOptions, StreamSpec
 from streamtsm.publish import Publisher, Subscriber
@@ -69,12 +70,12 @@ def test_metrics_follow_predictions_and_stats():
     sink = MetricsSink()
     p = _pred("cam0", 1)
     p["latency_ms"] = 40.0
-    sink("streamtsm.pred.cam0", p)
+    sink.on_message("streamtsm.pred.cam0", p)
     for frames, dropped in ((10, 2), (25, 5)):
-        sink("streamtsm.stats", stats_message(streams={"cam0": {
+        sink.on_message("streamtsm.stats", stats_message(streams={"cam0": {
             "fps": 12.5, "status": "running", "frames": frames, "dropped": dropped, "reconnects": 1}},
             extra={"publish_dropped": 3}))
-    sink.observe_step("tsm", 20.0)
+    sink.on_step(StepReport(group="tsm", step_ms=20.0, results=()))
     get = sink.registry.get_sample_value
     assert get("streamtsm_stream_fps", {"stream": "cam0"}) == 12.5
     assert get("streamtsm_stream_frames_total", {"stream": "cam0"}) == 25
@@ -92,7 +93,7 @@ def test_metrics_are_served_over_http_on_loopback():
         port = s.getsockname()[1]
     sink = MetricsSink()
     sink.serve(port)
-    sink("streamtsm.stats", stats_message(streams={"cam9": {"fps": 3.0, "status": "running", "frames": 1,
+    sink.on_message("streamtsm.stats", stats_message(streams={"cam9": {"fps": 3.0, "status": "running", "frames": 1,
                                                               "dropped": 0, "reconnects": 0}}))
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'streamtsm_stream_fps{stream="cam9"} 3.0' in body
@@ -102,13 +103,13 @@ def test_metrics_without_prometheus_client_is_one_line_naming_the_extra(monkeypa
     from streamtsm.cli import main
 
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # `import prometheus_client` now fails
-    monkeypatch.delitem(sys.modules, "streamtsm.metrics")
+    monkeypatch.delitem(sys.modules, "streamtsm.sinks.metrics")
     code = main(["run", "--model", "tsn_mobilenetv2", "--publish", "none", "--max-frames", "1",
                  "--metrics-port", "9100"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "pip install 'streamtsm[metrics]'" in err, err
     with pytest.raises(ConfigError, match=r"pip install 'streamtsm\[metrics\]'"):
-        importlib.import_module("streamtsm.metrics")
+        importlib.import_module("streamtsm.sinks.metrics")
 
 
 def test_metrics_port_in_use_is_a_config_error():
@@ -128,8 +129,7 @@ def test_two_groups_of_one_model_keep_apart_in_stats_and_step_metrics():
     groups = [ModelGroup(engine(1), [StreamSpec("synthetic:64x48@30", "a")]),
               ModelGroup(engine(2), [StreamSpec("synthetic:64x48@30", "b")], clip_stride=2)]
     sink = MetricsSink()
-    pipeline = Pipeline.from_groups(groups, None, PipelineOptions(max_frames=3), sinks=[sink])
-    pipeline.step_observers.append(sink.observe_step)
+    pipeline = Pipeline.from_groups(groups, sinks=[sink], options=PipelineOptions(max_frames=3))
     stats = pipeline.start().run()
     name = groups[0].engine.model_name
     assert list(stats["models"]) == [name, f"{name}#2"]  # in group order

@@ -147,15 +147,17 @@ def site(tmp_path):
 @pytest.fixture
 def resolved(monkeypatch):
     """What `run` ends up with: the pipeline's options and publisher, and where metrics would be served."""
-    from streamtsm.metrics import MetricsSink
     from streamtsm.pipeline import Pipeline
+    from streamtsm.publish import Publisher
+    from streamtsm.sinks.metrics import MetricsSink
 
     seen: dict = {}
     from_groups = Pipeline.from_groups
 
-    def record(cls, groups, publisher, options, **kwargs):
-        seen.update(options=options, endpoint=publisher.endpoint if publisher else None)
-        return from_groups(groups, publisher, options, **kwargs)
+    def record(cls, groups, *, sinks, options):
+        publishers = [s for s in sinks if isinstance(s, Publisher)]
+        seen.update(options=options, endpoint=publishers[0].endpoint if publishers else None)
+        return from_groups(groups, sinks=sinks, options=options)
 
     monkeypatch.setattr(Pipeline, "from_groups", classmethod(record))
     monkeypatch.setattr(MetricsSink, "serve", lambda self, port, addr: seen.update(metrics=(port, addr)))

@@ -12,6 +12,7 @@ from streamtsm.engine.clip import ClipRunner, FrameRing
 from streamtsm.engine.torch_engine import TorchClipEngine, TorchOnlineEngine
 from streamtsm.models import create
 from streamtsm.pipeline import ModelGroup, Pipeline, PipelineOptions, StreamSpec
+from streamtsm.sinks import CallbackSink
 
 from .conftest import randomize_
 
@@ -100,8 +101,8 @@ def test_online_and_clip_models_run_side_by_side_in_one_pipeline():
     pipeline = Pipeline.from_groups(
         [ModelGroup(online, [StreamSpec("synthetic:64x48@60", "live")]),
          ModelGroup(clip, [StreamSpec("synthetic:64x48@60", "window")], clip_stride=3)],
-        None, PipelineOptions(max_frames=16),
-        on_result=lambda sid, f, topk: seen[sid].append(len(topk)))
+        options=PipelineOptions(max_frames=16),
+        sinks=[CallbackSink(results=lambda r: seen[r.stream_id].append(len(r.topk)))])
     pipeline.start()
     stats = pipeline.run()
     assert len(seen["live"]) == 16 and set(seen["live"]) == {4}

@@ -12,6 +12,7 @@ import pytest
 from streamtsm.capture import Source
 from streamtsm.engine.factory import DEMO_WEIGHTS, build_engine
 from streamtsm.pipeline import Pipeline, PipelineOptions, StreamSpec
+from streamtsm.sinks import CallbackSink
 from streamtsm.synthetic import MOTIONS, MotionScene
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
@@ -61,17 +62,17 @@ def test_default_run_names_the_motion_on_screen():
     hits: dict[str, list[bool]] = {sid: [] for sid in sources}
     onsets: list[tuple[str, int, str]] = []
 
-    def check(sid, frame, topk):
-        scene = sources[sid].scene
-        if frame.index % scene.segment_frames >= WARMUP:
-            hits[sid].append(topk[0][0] == scene.motion_at(frame.index))
+    def check(result):
+        scene = sources[result.stream_id].scene
+        if result.frame.index % scene.segment_frames >= WARMUP:
+            hits[result.stream_id].append(result.topk[0][0] == scene.motion_at(result.frame.index))
 
     def events(topic, payload):
         if payload.get("type") == "event" and payload["event"] == "onset":
             onsets.append((payload["stream"], payload["frame"], payload["label"]))
 
     specs = [StreamSpec(src, sid) for sid, src in sources.items()]
-    pipeline = Pipeline(engine, specs, None, PipelineOptions(), on_result=check, sinks=[events])
+    pipeline = Pipeline(engine, specs, sinks=[CallbackSink(messages=events, results=check)], options=PipelineOptions())
     pipeline.start()
     final = pipeline.run()
 

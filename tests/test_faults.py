@@ -58,7 +58,7 @@ def engine():
 
 def test_odd_frames_are_converted_or_counted_and_the_stream_goes_on(engine):
     pipeline = Pipeline(engine, [StreamSpec(OddFramesSource(), "odd"), StreamSpec("synthetic:64x48@50", "ok")],
-                        None, PipelineOptions(max_frames=25))
+                        options=PipelineOptions(max_frames=25))
     pipeline.start()
     streams = pipeline.run()["streams"]
     assert streams["odd"]["frames"] == 25 and streams["ok"]["frames"] == 25

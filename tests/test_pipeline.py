@@ -15,6 +15,7 @@ from streamtsm.models import create
 from streamtsm.pipeline import Pipeline, PipelineOptions, StreamSpec
 from streamtsm.publish import Publisher, Subscriber
 from streamtsm.publish.schema import SCHEMA_VERSION
+from streamtsm.sinks import CallbackSink
 
 from .conftest import randomize_
 
@@ -104,13 +105,13 @@ def test_real_clip_and_synthetic_scene_publish_every_frame_and_well_formed_messa
     options = PipelineOptions(smooth=4, hold=2, max_frames=None, duration=None)
     synth_count = []
 
-    def end_synth_after_20(sid, frame, topk):
-        if sid == "synth":
-            synth_count.append(frame.index)
+    def end_synth_after_20(result):
+        if result.stream_id == "synth":
+            synth_count.append(result.frame.index)
             if len(synth_count) == 20:
                 pipeline.end_stream("synth")  # the live source would run forever
 
-    pipeline = Pipeline(engine, specs, pub, options, on_result=end_synth_after_20)
+    pipeline = Pipeline(engine, specs, sinks=[pub, CallbackSink(results=end_synth_after_20)], options=options)
     pipeline.start()
     final = pipeline.run()
     messages = _drain(sub)
@@ -177,10 +178,10 @@ class SlowEngine:
 
 def test_slow_model_drops_oldest_frames_instead_of_building_lag(engine):
     source = FakeLiveSource(fps=200)
-    pipeline = Pipeline(SlowEngine(engine, 0.05), [StreamSpec(source, "cam")], None,
-                        PipelineOptions(max_frames=15))
     seen = []  # (frame index, capture time, time its result came out)
-    pipeline.on_result = lambda sid, f, topk: seen.append((f.index, f.timestamp, time.time()))
+    pipeline = Pipeline(SlowEngine(engine, 0.05), [StreamSpec(source, "cam")], options=PipelineOptions(max_frames=15),
+                        sinks=[CallbackSink(results=lambda r: seen.append((r.frame.index, r.frame.timestamp,
+                                                                           time.time())))])
     pipeline.start()
     final = pipeline.run()["streams"]["cam"]
     indices = [i for i, _, _ in seen]
@@ -197,7 +198,7 @@ def test_source_that_fails_midway_reconnects_and_its_state_restarts(engine, pubs
     pub, sub = pubsub
     source = FakeLiveSource(fail_after=10, fps=100)
     options = PipelineOptions(max_frames=30, backoff=(0.5, 0.5))  # long enough for a status poll to see it
-    pipeline = Pipeline(engine, [StreamSpec(source, "cam")], pub, options)
+    pipeline = Pipeline(engine, [StreamSpec(source, "cam")], sinks=[pub], options=options)
     pipeline.start()
     final = pipeline.run()["streams"]["cam"]
     messages = _drain(sub)
@@ -223,8 +224,8 @@ def test_failing_model_step_resets_streams_and_the_run_continues(engine):
                 raise RuntimeError("injected fault")
             return self.inner.step(frames, state)
 
-    pipeline = Pipeline(FailOnce(engine), [StreamSpec(FakeLiveSource(fps=100), "cam")], None,
-                        PipelineOptions(max_frames=10))
+    pipeline = Pipeline(FailOnce(engine), [StreamSpec(FakeLiveSource(fps=100), "cam")],
+                        options=PipelineOptions(max_frames=10))
     pipeline.start()
     final = pipeline.run()["streams"]["cam"]
     assert final["frames"] == 10 and final["step_errors"] == 1
@@ -233,14 +234,14 @@ def test_failing_model_step_resets_streams_and_the_run_continues(engine):
 def test_camera_that_does_not_open_is_one_clear_error(engine):
     from streamtsm.errors import SourceError
 
-    pipeline = Pipeline(engine, [StreamSpec("synthetic:32x32@30", "ok"), StreamSpec(97, "missing")], None)
+    pipeline = Pipeline(engine, [StreamSpec("synthetic:32x32@30", "ok"), StreamSpec(97, "missing")])
     with pytest.raises(SourceError, match="camera 97"):
         pipeline.start()
     assert all(not s.capture.is_alive() for s in pipeline._streams)
 
 
 def test_stop_event_ends_a_live_run_promptly(engine):
-    pipeline = Pipeline(engine, [StreamSpec("synthetic:64x48@30", "s")], None)
+    pipeline = Pipeline(engine, [StreamSpec("synthetic:64x48@30", "s")])
     stop = threading.Event()
     pipeline.start()
     threading.Timer(0.5, stop.set).start()
@@ -275,8 +276,8 @@ def test_source_whose_read_hangs_is_replaced_and_the_stream_goes_on(engine):
 
     options = PipelineOptions(max_frames=20, read_timeout=0.3)
     seen = []
-    pipeline = Pipeline(engine, [StreamSpec(factory, "cam")], None, options,
-                        on_result=lambda sid, f, topk: seen.append((f.index, f.generation)))
+    pipeline = Pipeline(engine, [StreamSpec(factory, "cam")], options=options,
+                        sinks=[CallbackSink(results=lambda r: seen.append((r.frame.index, r.frame.generation)))])
     try:
         pipeline.start()
         final = pipeline.run()["streams"]["cam"]
@@ -295,8 +296,8 @@ def test_online_model_trained_on_every_kth_frame_is_fed_every_kth_frame_unless_t
     clip = str(shared_data / "videos" / "sample.avi")
     seen: dict[str, list[int]] = {"default": [], "every": []}
     specs = [StreamSpec(clip, "default"), StreamSpec(clip, "every", frame_stride=1)]
-    pipeline = Pipeline(strided, specs, None, PipelineOptions(max_frames=10),
-                        on_result=lambda sid, frame, topk: seen[sid].append(frame.index))
+    pipeline = Pipeline(strided, specs, options=PipelineOptions(max_frames=10),
+                        sinks=[CallbackSink(results=lambda r: seen[r.stream_id].append(r.frame.index))])
     pipeline.start()
     pipeline.run()
     assert seen["default"] == list(range(0, 30, 3))

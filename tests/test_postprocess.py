@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from streamtsm.errors import ConfigError
 from streamtsm.postprocess import (
+    ActionEvent,
     EventDetector,
     LatencyTracker,
     RateMeter,
@@ -114,15 +115,15 @@ def test_event_detector_onset_after_hold_steps_starts_at_first_step():
     detector = EventDetector(hold=3)
     events = feed(detector, ["bg", "wave", "wave", "wave", "wave"], scores=[0.9, 0.6, 0.7, 0.8, 0.9])
     assert events == [
-        (3, {"kind": "onset", "label": "wave", "start_frame": 1, "start_ts": 0.1, "end_frame": None,
-             "end_ts": None, "score": pytest.approx(0.7)}),
+        (3, ActionEvent(kind="onset", label="wave", start_frame=1, start_ts=0.1, end_frame=None, end_ts=None,
+                        score=pytest.approx(0.7))),
     ]
     assert detector.active == "wave"
 
 
 def test_event_detector_hold_one_reacts_immediately():
     events = feed(EventDetector(hold=1), ["a", "b"])
-    assert [(frame, e["kind"], e["label"]) for frame, e in events] == [
+    assert [(frame, e.kind, e.label) for frame, e in events] == [
         (0, "onset", "a"), (1, "offset", "a"), (1, "onset", "b")
     ]
 
@@ -130,7 +131,7 @@ def test_event_detector_hold_one_reacts_immediately():
 def test_event_detector_single_frame_flicker_does_not_split_action():
     detector = EventDetector(hold=3)
     events = feed(detector, ["wave"] * 4 + ["clap"] + ["wave"] * 3 + ["bg"] + ["wave"] * 2)
-    assert [e["kind"] for _, e in events] == ["onset"]
+    assert [e.kind for _, e in events] == ["onset"]
     assert detector.active == "wave"
 
 
@@ -145,8 +146,8 @@ def test_event_detector_offset_after_hold_misses_ends_at_last_top1_step():
     events = feed(detector, ["wave"] * 5 + ["x", "y", "z", "x"], scores=[0.5, 0.5, 0.5, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9])
     assert events[1] == (
         7,  # decided on the third step without "wave"
-        {"kind": "offset", "label": "wave", "start_frame": 0, "start_ts": 0.0, "end_frame": 4,
-         "end_ts": 0.4, "score": pytest.approx((0.5 * 3 + 0.9 * 2) / 5)},
+        ActionEvent(kind="offset", label="wave", start_frame=0, start_ts=0.0, end_frame=4, end_ts=0.4,
+                    score=pytest.approx((0.5 * 3 + 0.9 * 2) / 5)),
     )
     assert len(events) == 2 and detector.active is None
 
@@ -154,26 +155,26 @@ def test_event_detector_offset_after_hold_misses_ends_at_last_top1_step():
 def test_event_detector_class_switch_emits_offset_then_onset_in_one_step():
     detector = EventDetector(hold=2)
     events = feed(detector, ["wave", "wave", "wave", "clap", "clap"])
-    assert [(frame, e["kind"], e["label"]) for frame, e in events] == [
+    assert [(frame, e.kind, e.label) for frame, e in events] == [
         (1, "onset", "wave"), (4, "offset", "wave"), (4, "onset", "clap")
     ]
     offset, onset = events[1][1], events[2][1]
-    assert (offset["start_frame"], offset["end_frame"]) == (0, 2)
-    assert (onset["start_frame"], onset["end_frame"]) == (3, None)
+    assert (offset.start_frame, offset.end_frame) == (0, 2)
+    assert (onset.start_frame, onset.end_frame) == (3, None)
 
 
 def test_event_detector_threshold_keeps_low_scores_from_starting_or_sustaining():
     detector = EventDetector(hold=2, threshold=0.5)
     assert feed(detector, ["wave"] * 4, scores=[0.4, 0.49, 0.3, 0.45]) == []
     events = feed(detector, ["wave"] * 4, scores=[0.5, 0.9, 0.2, 0.1], start=4)
-    assert [(frame, e["kind"]) for frame, e in events] == [(5, "onset"), (7, "offset")]
-    assert events[1][1]["end_frame"] == 5
+    assert [(frame, e.kind) for frame, e in events] == [(5, "onset"), (7, "offset")]
+    assert events[1][1].end_frame == 5
 
 
 def test_event_detector_background_never_becomes_active_and_ends_actions():
     detector = EventDetector(hold=2, background={"No gesture"})
     events = feed(detector, ["No gesture"] * 3 + ["swipe"] * 2 + ["No gesture"] * 2)
-    assert [(frame, e["kind"], e["label"]) for frame, e in events] == [(4, "onset", "swipe"), (6, "offset", "swipe")]
+    assert [(frame, e.kind, e.label) for frame, e in events] == [(4, "onset", "swipe"), (6, "offset", "swipe")]
 
 
 def test_event_detector_nan_score_never_qualifies():
@@ -184,8 +185,8 @@ def test_event_detector_flush_emits_pending_offset_once():
     detector = EventDetector(hold=2)
     feed(detector, ["wave"] * 3 + ["bg"])
     assert detector.flush(4, 0.4) == [
-        {"kind": "offset", "label": "wave", "start_frame": 0, "start_ts": 0.0, "end_frame": 2, "end_ts": 0.2,
-         "score": pytest.approx(0.9)}
+        ActionEvent(kind="offset", label="wave", start_frame=0, start_ts=0.0, end_frame=2, end_ts=0.2,
+                    score=pytest.approx(0.9))
     ]
     assert detector.flush(4, 0.4) == []
 
@@ -199,10 +200,30 @@ def test_event_detector_flush_without_action_is_empty():
 def test_event_detector_reset_returns_offset_and_forgets_candidate():
     detector = EventDetector(hold=2)
     feed(detector, ["wave", "wave", "clap"])
-    assert [e["kind"] for e in detector.reset()] == ["offset"]
+    assert [e.kind for e in detector.reset()] == ["offset"]
     # The half-seen "clap" was forgotten: it needs two fresh steps.
     assert feed(detector, ["clap"], start=3) == []
-    assert [e["kind"] for _, e in feed(detector, ["clap"], start=4)] == ["onset"]
+    assert [e.kind for _, e in feed(detector, ["clap"], start=4)] == ["onset"]
+
+
+def test_action_event_is_frozen_and_knows_its_duration():
+    offset = ActionEvent(kind="offset", label="wave", start_frame=3, start_ts=1.5, end_frame=9, end_ts=2.25,
+                         score=0.8)
+    assert offset.duration_s == pytest.approx(0.75)
+    assert ActionEvent(kind="onset", label="wave", start_frame=3, start_ts=1.5, end_frame=None, end_ts=None,
+                       score=0.8).duration_s is None
+    with pytest.raises(AttributeError):
+        offset.label = "clap"
+
+
+@pytest.mark.parametrize(("kind", "end", "match"), [
+    ("start", (None, None), "'onset' or 'offset', got 'start'"),
+    ("offset", (9, None), "offset event needs end_frame and end_ts"),
+    ("onset", (9, 2.0), "onset event has no end yet"),
+])
+def test_action_event_rejects_unknown_kind_and_wrong_end(kind, end, match):
+    with pytest.raises(ValueError, match=match):
+        ActionEvent(kind=kind, label="wave", start_frame=3, start_ts=1.5, end_frame=end[0], end_ts=end[1], score=0.8)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"hold": 0}, "hold"), ({"threshold": float("nan")}, "threshold")])
@@ -219,12 +240,12 @@ def test_event_detector_invalid_options_raise_config_error(kwargs, match):
 def test_event_detector_onsets_and_offsets_pair_up(labels, hold):
     detector = EventDetector(hold=hold, background={"bg"})
     events = [event for _, event in feed(detector, labels)] + detector.flush()
-    assert [e["kind"] for e in events] == ["onset", "offset"] * (len(events) // 2)
+    assert [e.kind for e in events] == ["onset", "offset"] * (len(events) // 2)
     for onset, offset in zip(events[::2], events[1::2]):
-        assert onset["label"] == offset["label"] != "bg"
-        assert onset["start_frame"] == offset["start_frame"] <= offset["end_frame"]
-        assert labels[offset["start_frame"] : offset["start_frame"] + hold] == [onset["label"]] * hold
-        assert labels[offset["end_frame"]] == onset["label"]
+        assert onset.label == offset.label != "bg"
+        assert onset.start_frame == offset.start_frame <= offset.end_frame
+        assert labels[offset.start_frame : offset.start_frame + hold] == [onset.label] * hold
+        assert labels[offset.end_frame] == onset.label
 
 
 # -- StreamPostprocessor -----------------------------------------------------------------------------------
@@ -243,17 +264,17 @@ def test_stream_postprocessor_smooths_logits_before_softmax():
 def test_stream_postprocessor_reports_events():
     post = StreamPostprocessor(["still", "wave"], hold=2, background=["still"])
     steps = [[5.0, 0.0], [0.0, 5.0], [0.0, 5.0], [5.0, 0.0], [5.0, 0.0]]
-    kinds = [[e["kind"] for e in post.process(np.array(s), i, i * 0.1)[1]] for i, s in enumerate(steps)]
+    kinds = [[e.kind for e in post.process(np.array(s), i, i * 0.1)[1]] for i, s in enumerate(steps)]
     assert kinds == [[], [], ["onset"], [], ["offset"]]
 
 
 def test_stream_postprocessor_reset_clears_smoothing_and_returns_offset():
     post = StreamPostprocessor(["a", "b"], smooth=4, hold=1)
     post.process(np.array([9.0, 0.0]), 0, 0.0)
-    assert [e["kind"] for e in post.reset()] == ["offset"]
+    assert [e.kind for e in post.reset()] == ["offset"]
     ranked, events = post.process(np.array([0.0, 1.0]), 1, 0.1)
-    assert ranked[0][0] == "b" and [e["kind"] for e in events] == ["onset"]
-    assert [e["label"] for e in post.flush(1, 0.1)] == ["b"]
+    assert ranked[0][0] == "b" and [e.kind for e in events] == ["onset"]
+    assert [e.label for e in post.flush(1, 0.1)] == ["b"]
 
 
 def test_stream_postprocessor_label_count_mismatch_raises_config_error():

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamtsm.errors import PublishError
+from streamtsm.postprocess import ActionEvent
 from streamtsm.publish import (
     SCHEMA_VERSION,
     TOPIC_EVENT,
@@ -57,10 +58,17 @@ def pred(stream="cam0", frame=1, **overrides):
 
 
 def onset(stream="cam0", frame=10):
-    return event_message(
-        stream_id=stream, model="m", kind="onset", label="waving", start_frame=frame - 2, start_ts=10.0,
-        end_frame=None, end_ts=None, score=0.8, frame_index=frame, capture_ts=10.2, publish_ts=10.25,
-    )
+    event = ActionEvent(kind="onset", label="waving", start_frame=frame - 2, start_ts=10.0, end_frame=None,
+                        end_ts=None, score=0.8)
+    return event_message(stream_id=stream, model="m", event=event, frame_index=frame, capture_ts=10.2,
+                         publish_ts=10.25)
+
+
+def offset_100_to_180():
+    event = ActionEvent(kind="offset", label="waving", start_frame=100, start_ts=10.0, end_frame=180, end_ts=12.7,
+                        score=0.75)
+    return event_message(stream_id="cam0", model="m", event=event, frame_index=183, capture_ts=12.8,
+                         publish_ts=12.81)
 
 
 def first_delivery(publisher, subscriber, topic, payload, timeout=TIMEOUT_S):
@@ -164,22 +172,20 @@ def test_event_message_onset_has_every_field():
 
 
 def test_event_message_offset_has_end_and_duration():
-    message = event_message(
-        stream_id="cam0", model="m", kind="offset", label="waving", start_frame=100, start_ts=10.0,
-        end_frame=180, end_ts=12.7, score=0.75, frame_index=183, capture_ts=12.8, publish_ts=12.81,
-    )
+    message = offset_100_to_180()
     assert message["event"] == "offset"
     assert (message["end_frame"], message["end_ts"], message["duration_s"]) == (180, 12.7, 2.7)
     assert (message["frame"], message["capture_ts"], message["latency_ms"]) == (183, 12.8, 10.0)
 
 
 def test_event_message_rejects_unknown_kind_and_offset_without_end():
+    # The event checks itself when it is made, so no malformed event reaches the message builder.
     with pytest.raises(ValueError, match="onset"):
-        event_message(stream_id="c", model="m", kind="start", label="x", start_frame=0, start_ts=0.0,
-                      end_frame=None, end_ts=None, score=1.0, frame_index=0, capture_ts=0.0)
+        event_message(stream_id="c", model="m", frame_index=0, capture_ts=0.0, event=ActionEvent(
+            kind="start", label="x", start_frame=0, start_ts=0.0, end_frame=None, end_ts=None, score=1.0))
     with pytest.raises(ValueError, match="end_frame"):
-        event_message(stream_id="c", model="m", kind="offset", label="x", start_frame=0, start_ts=0.0,
-                      end_frame=None, end_ts=None, score=1.0, frame_index=0, capture_ts=0.0)
+        event_message(stream_id="c", model="m", frame_index=0, capture_ts=0.0, event=ActionEvent(
+            kind="offset", label="x", start_frame=0, start_ts=0.0, end_frame=None, end_ts=None, score=1.0))
 
 
 def test_stats_message_passes_streams_through_and_merges_extra():
@@ -453,10 +459,7 @@ def test_format_message_prediction_line():
 def test_format_message_onset_and_offset_lines():
     line = format_message("streamtsm.event.cam0", onset(frame=10))
     assert line == f"{clock(10)}.200 cam0 EVENT onset  waving from #8"
-    offset = event_message(
-        stream_id="cam0", model="m", kind="offset", label="waving", start_frame=100, start_ts=10.0,
-        end_frame=180, end_ts=12.7, score=0.75, frame_index=183, capture_ts=12.8, publish_ts=12.81,
-    )
+    offset = offset_100_to_180()
     line = format_message("streamtsm.event.cam0", offset)
     assert line == f"{clock(12)}.800 cam0 EVENT offset waving #100-#180 (2.7 s)"
 

@@ -68,8 +68,8 @@ def make_video(path: Path, frames: int) -> None:
 
 
 def pipeline_round(engine, publisher, frames: int, source: str) -> tuple[float, dict]:
-    pipeline = Pipeline(engine, [StreamSpec(source, "cam")], publisher,
-                        PipelineOptions(max_frames=frames, stats_interval=1.0))
+    pipeline = Pipeline(engine, [StreamSpec(source, "cam")], sinks=[publisher],
+                        options=PipelineOptions(max_frames=frames, stats_interval=1.0))
     pipeline.start()
     t0 = time.perf_counter()
     stats = pipeline.run()

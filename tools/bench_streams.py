@@ -154,11 +154,14 @@ class StatsSnapshots:
     def __init__(self) -> None:
         self.items: list[dict] = []
 
-    def __call__(self, topic: str, payload: dict) -> None:
+    def on_message(self, topic: str, payload: dict) -> None:
         if payload.get("type") == "stats" and payload.get("streams"):
             self.items.append({"mono": time.monotonic(), "wall": payload["publish_ts"], "cpu": time.process_time(),
                                "rss": rss_mb(), "streams": payload["streams"], "models": payload["models"],
                                "publish_dropped": payload["publish_dropped"]})
+
+    def close(self) -> None:
+        pass
 
 
 # -- one case -------------------------------------------------------------------------------------------------
@@ -174,8 +177,8 @@ def run_case(engine: OrtOnlineEngine, n: int, args: argparse.Namespace, publishe
     snapshots = StatsSnapshots()
     # Two stats intervals of margin, so that a periodic snapshot falls near warm-up + seconds whatever the drift.
     duration = args.warmup + args.seconds + 2 * STATS_INTERVAL + 0.5
-    pipeline = Pipeline(engine, stream_specs(n, args.phase), publisher,
-                        PipelineOptions(duration=duration, stats_interval=STATS_INTERVAL), sinks=[snapshots])
+    pipeline = Pipeline(engine, stream_specs(n, args.phase), sinks=[publisher, snapshots],
+                        options=PipelineOptions(duration=duration, stats_interval=STATS_INTERVAL))
     gc.collect()
     deliveries.take()
     pipeline.start()

@@ -119,13 +119,13 @@ def live_events(model, *, seeds=(101, 102, 103), cycles: int = 2, stride: int = 
                 logits, state = model.step(torch.from_numpy(pre(scene.render(t)))[None], state)
                 _, events = post.process(logits[0].numpy(), t, t / 30.0)
                 for e in events:
-                    if e["kind"] != "onset":
+                    if e.kind != "onset":
                         continue
                     onsets += 1
                     truth = scene.motion_at(t)
-                    right += e["label"] == truth
+                    right += e.label == truth
                     segment = t // SEGMENT_FRAMES
-                    if e["label"] == truth and segment not in found:
+                    if e.label == truth and segment not in found:
                         found.add(segment)
                         delays.append((t - segment * SEGMENT_FRAMES) / 30.0)
         recalled += len(found)

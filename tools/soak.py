@@ -44,7 +44,7 @@ class LatencySink:
         self._ms: list[float] = []
         self._stats: dict | None = None
 
-    def __call__(self, topic: str, payload: dict) -> None:
+    def on_message(self, topic: str, payload: dict) -> None:
         kind = payload.get("type")
         if kind == "pred":
             with self._lock:
@@ -52,6 +52,9 @@ class LatencySink:
         elif kind == "stats":
             with self._lock:
                 self._stats = payload
+
+    def close(self) -> None:
+        pass
 
     def latest_stats(self) -> dict | None:
         with self._lock:
@@ -90,7 +93,7 @@ def main() -> None:
     latency = LatencySink()
     specs = [StreamSpec("synthetic:320x240@30", f"cam{i}") for i in range(args.streams)]
     # No duration: the tool stops the pipeline itself after its last sample, so no sample sees the teardown.
-    pipeline = Pipeline(engine, specs, publisher, PipelineOptions(), sinks=[latency])
+    pipeline = Pipeline(engine, specs, sinks=[publisher, latency], options=PipelineOptions())
     stop_sub = threading.Event()
     received = [0]
 

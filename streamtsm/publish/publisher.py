@@ -174,6 +174,11 @@ class Publisher:
         self.sent += 1
         return True
 
+    def on_message(self, topic: str, payload: dict) -> None:
+        """Publishes one message as a pipeline sink (see ``streamtsm.sinks``): ``send``, its outcome counted in
+        ``sent`` or ``dropped``, which the pipeline's stats report."""
+        self.send(topic, payload)
+
     def close(self) -> None:
         """Closes the socket, discarding anything still queued. Safe to call more than once."""
         if not self._closed:

@@ -59,14 +59,13 @@ import time
 from typing import Any
 
 from streamtsm.errors import ConfigError
+from streamtsm.postprocess import ActionEvent
 
 SCHEMA_VERSION = 1
 
 TOPIC_PRED = "streamtsm.pred"
 TOPIC_EVENT = "streamtsm.event"
 TOPIC_STATS = "streamtsm.stats"
-
-EVENT_KINDS = ("onset", "offset")
 
 # Digits kept on the wire: microseconds for Unix timestamps, a microsecond for latencies in ms, 6 for scores.
 _TS_DIGITS = 6
@@ -172,13 +171,7 @@ def event_message(
     *,
     stream_id: str,
     model: str,
-    kind: str,
-    label: str,
-    start_frame: int,
-    start_ts: float,
-    end_frame: int | None,
-    end_ts: float | None,
-    score: float,
+    event: ActionEvent,
     frame_index: int,
     capture_ts: float,
     publish_ts: float | None = None,
@@ -188,43 +181,30 @@ def event_message(
     Args:
         stream_id: The stream's id.
         model: Model name.
-        kind: ``"onset"`` or ``"offset"``.
-        label: The action.
-        start_frame: First frame where the action was the top-1 class.
-        start_ts: Capture time of ``start_frame``.
-        end_frame: Last frame where it was top-1; None for an onset.
-        end_ts: Capture time of ``end_frame``; None for an onset.
-        score: The event's confidence (see ``streamtsm.postprocess.EventDetector``).
+        event: The onset or offset, as ``streamtsm.postprocess.EventDetector`` reported it.
         frame_index: The frame whose prediction decided the event.
         capture_ts: Capture time of ``frame_index``.
         publish_ts: Unix time of publishing; ``time.time()`` when None.
 
     Returns:
         A JSON-serializable dict (see the module docstring).
-
-    Raises:
-        ValueError: If ``kind`` is not ``"onset"`` or ``"offset"``, or an offset lacks its end.
     """
-    if kind not in EVENT_KINDS:
-        raise ValueError(f"event kind must be 'onset' or 'offset', got {kind!r}")
-    if kind == "offset" and (end_frame is None or end_ts is None):
-        raise ValueError("an offset event needs end_frame and end_ts, got None")
     if publish_ts is None:
         publish_ts = time.time()
-    is_offset = kind == "offset"
+    is_offset = event.kind == "offset"
     return {
         "schema": SCHEMA_VERSION,
         "type": "event",
-        "event": kind,
+        "event": event.kind,
         "stream": str(stream_id),
         "model": str(model),
-        "label": str(label),
-        "start_frame": int(start_frame),
-        "start_ts": _ts(start_ts),
-        "end_frame": int(end_frame) if is_offset else None,
-        "end_ts": _ts(end_ts) if is_offset else None,
-        "duration_s": _ts(end_ts - start_ts) if is_offset else None,
-        "score": _score(score),
+        "label": str(event.label),
+        "start_frame": int(event.start_frame),
+        "start_ts": _ts(event.start_ts),
+        "end_frame": int(event.end_frame) if is_offset else None,
+        "end_ts": _ts(event.end_ts) if is_offset else None,
+        "duration_s": _ts(event.duration_s) if is_offset else None,
+        "score": _score(event.score),
         "frame": int(frame_index),
         "capture_ts": _ts(capture_ts),
         "publish_ts": _ts(publish_ts),

@@ -1,13 +1,15 @@
 """Prometheus metrics for `streamtsm run --metrics-port`: per-stream fps, drops and reconnects; latency
 histograms for capture->publish and for the model step.
 
-A message sink (``(topic, payload)``) like the console: predictions feed the latency histogram, stats messages
-feed the gauges and counters. Served on its own registry so nothing else of the process leaks into it.
+A sink: predictions feed the latency histogram, stats messages the gauges and counters, each model step the step
+histogram. Updating them is a few in-memory operations, so it runs inline in the pipeline's thread. Served on its
+own registry so nothing else of the process leaks into it.
 """
 
 from __future__ import annotations
 
-from .errors import ConfigError
+from streamtsm.errors import ConfigError
+from streamtsm.sinks.base import StepReport
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -56,11 +58,11 @@ class MetricsSink:
         except OSError as e:
             raise ConfigError(f"cannot serve metrics on {addr}:{port}: {e.strerror or e}") from None
 
-    def observe_step(self, model: str, ms: float) -> None:
-        """Record one batched model call of the group ``model`` (its key: ``name``, ``name#2``, ...)."""
-        self.step.labels(model).observe(ms / 1e3)
+    def on_step(self, step: StepReport) -> None:
+        """Records one batched model call of its group (labelled by the group's key: ``name``, ``name#2``, ...)."""
+        self.step.labels(step.group).observe(step.step_ms / 1e3)
 
-    def __call__(self, topic: str, payload: dict) -> None:
+    def on_message(self, topic: str, payload: dict) -> None:
         kind = payload.get("type")
         if kind == "pred":
             self.latency.labels(payload["stream"]).observe(payload["latency_ms"] / 1e3)
@@ -72,6 +74,9 @@ class MetricsSink:
                 self._advance(self.dropped.labels(sid), (sid, "dropped"), s["dropped"])
                 self._advance(self.reconnects.labels(sid), (sid, "reconnects"), s["reconnects"])
             self._advance(self.publish_dropped, ("", "publish_dropped"), payload.get("publish_dropped", 0))
+
+    def close(self) -> None:
+        pass  # the HTTP server (a daemon thread) serves the final figures until the process exits
 
     def _advance(self, counter: Counter, key: tuple[str, str], total: float) -> None:
         # Stats carry running totals; Prometheus counters only go up by increments.

@@ -6,11 +6,14 @@ import sys
 import time
 from typing import TextIO
 
-from .publish.subscriber import format_message
+from streamtsm.publish.subscriber import format_message
 
 
 class ConsoleSink:
-    """A message sink (``(topic, payload)``) that prints readable lines, throttling predictions per stream."""
+    """A sink that prints messages as readable lines, throttling predictions per stream.
+
+    Printing to a terminal or a pipe that is read keeps up, so it runs inline in the pipeline's thread.
+    """
 
     def __init__(self, out: TextIO | None = None, prediction_interval: float = 1.0, quiet: bool = False) -> None:
         self.out = out  # None: whatever sys.stdout is at print time
@@ -18,7 +21,7 @@ class ConsoleSink:
         self.quiet = quiet
         self._last: dict[str, float] = {}
 
-    def __call__(self, topic: str, payload: dict) -> None:
+    def on_message(self, topic: str, payload: dict) -> None:
         if self.quiet:
             return
         kind = payload.get("type")
@@ -30,3 +33,6 @@ class ConsoleSink:
         elif kind == "stats":
             return
         print(format_message(topic, payload), file=self.out or sys.stdout, flush=True)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,215 @@
+"""Sinks: the protocol the pipeline hands results to, a blocking sink behind a bounded queue on its own thread, and
+the --show window as such a sink."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from streamtsm.capture import Frame
+from streamtsm.engine.torch_engine import TorchOnlineEngine
+from streamtsm.errors import ConfigError
+from streamtsm.models import create
+from streamtsm.pipeline import Pipeline, PipelineOptions, StreamSpec
+from streamtsm.sinks import CallbackSink, QueuedSink, StepReport, StreamResult
+
+from .conftest import randomize_
+
+WAIT_S = 5.0
+
+
+class Recorder:
+    """A sink that records what it gets, in order; ``gate`` (when given) holds every call until it is set."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.gate = gate
+        self.entered = threading.Event()
+        self.items: list = []
+        self.closed_in: str | None = None
+
+    def _take(self, item) -> None:
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait()
+        self.items.append(item)
+
+    def on_message(self, topic: str, payload: dict) -> None:
+        self._take(("message", payload.get("n", payload.get("type"))))
+
+    def on_step(self, step: StepReport) -> None:
+        self._take(("step", step.group))
+
+    def close(self) -> None:
+        self.closed_in = threading.current_thread().name
+
+
+class MessagesOnly:
+    def __init__(self) -> None:
+        self.items: list = []
+
+    def on_message(self, topic: str, payload: dict) -> None:
+        self.items.append(payload["n"])
+
+    def close(self) -> None:
+        pass
+
+
+def _step(group: str) -> StepReport:
+    return StepReport(group=group, step_ms=1.0, results=())
+
+
+@pytest.fixture(scope="module")
+def engine():
+    model = create("tsm_mobilenetv2_online", num_classes=3, width_mult=0.25, input_size=32, resize_size=36)
+    return TorchOnlineEngine(randomize_(model, seed=5), labels=["a", "b", "c"])
+
+
+def test_queued_sink_delivers_messages_and_steps_in_order_and_closes_the_sink_on_its_thread():
+    recorder = Recorder()
+    sink = QueuedSink(recorder, maxsize=1000, name="rec")
+    expected = []
+    for n in range(200):
+        sink.on_message("t", {"n": n})
+        expected.append(("message", n))
+        if n % 10 == 0:
+            sink.on_step(_step(f"g{n}"))
+            expected.append(("step", f"g{n}"))
+    sink.close()
+    assert recorder.items == expected and sink.dropped == 0
+    assert recorder.closed_in == "sink-rec", "the sink is closed by the thread that fed it"
+
+
+@pytest.mark.parametrize(("policy", "kept"), [("drop_oldest", [8, 9, 10]), ("drop_newest", [1, 2, 3])])
+def test_queued_sink_full_queue_drops_by_its_policy_and_counts(policy, kept):
+    gate = threading.Event()
+    recorder = Recorder(gate)
+    sink = QueuedSink(recorder, maxsize=3, policy=policy)
+    sink.on_message("t", {"n": 0})
+    assert recorder.entered.wait(WAIT_S)  # message 0 is in the sink's hands, blocked
+    for n in range(1, 11):
+        sink.on_message("t", {"n": n})
+    assert sink.dropped == 7
+    gate.set()
+    sink.close()
+    assert recorder.items == [("message", n) for n in [0, *kept]]
+    assert sink.dropped == 7
+
+
+def test_queued_sink_that_blocks_forever_neither_stops_the_pipeline_nor_delays_close(engine, shared_data, caplog):
+    gate = threading.Event()  # never set while the pipeline runs
+    recorder = Recorder(gate)
+    queued = QueuedSink(recorder, maxsize=4, close_timeout=0.2, name="stuck")
+    messages, results = [], []
+    counter = CallbackSink(messages=lambda topic, payload: messages.append(topic), results=results.append)
+    clip = str(shared_data / "videos" / "sample.avi")
+    pipeline = Pipeline(engine, [StreamSpec(clip, "clip")], sinks=[queued, counter],
+                        options=PipelineOptions(max_frames=40))
+    try:
+        final = pipeline.start().run()
+        assert final["streams"]["clip"]["frames"] == 40 and len(results) == 40, "every step ran"
+        assert recorder.entered.is_set() and recorder.items == []
+        t0 = time.monotonic()
+        queued.close()
+        assert time.monotonic() - t0 < 2.0, "close waits close_timeout, not for the blocked sink"
+    finally:
+        gate.set()
+    # Everything the sink was given (each message, and one report per step of this one-stream pipeline) was
+    # dropped, but the one it is stuck on: on arrival when the queue was full, or still queued at close.
+    assert queued.dropped == len(messages) + len(results) - 1
+    assert "stuck dropped" in caplog.text and "did not finish within 0.2 s" in caplog.text
+
+
+def test_queued_sink_error_not_raised_by_a_call_is_raised_by_close():
+    class Broken(MessagesOnly):
+        def on_message(self, topic: str, payload: dict) -> None:
+            raise ConfigError("no display")
+
+    sink = QueuedSink(Broken())
+    sink.on_message("t", {"n": 0})
+    with pytest.raises(ConfigError, match="no display"):
+        sink.close()
+    sink.close()  # once
+
+
+def test_queued_sink_error_is_raised_once_in_the_callers_thread():
+    class Broken:
+        def on_message(self, topic: str, payload: dict) -> None:
+            raise ConfigError("no display")
+
+        def close(self) -> None:
+            pass
+
+    sink = QueuedSink(Broken())
+    sink.on_message("t", {"n": 0})
+    deadline = time.monotonic() + WAIT_S
+    with pytest.raises(ConfigError, match="no display"):
+        while time.monotonic() < deadline:
+            sink.on_message("t", {"n": 1})
+            time.sleep(0.01)
+    sink.on_message("t", {"n": 2})  # raised once; what follows is dropped
+    sink.close()
+    assert sink.dropped >= 1
+
+
+def test_queued_sink_passes_only_what_its_sink_wants():
+    steps_only, messages_only = Recorder(), MessagesOnly()
+    a = QueuedSink(steps_only, messages=False)
+    b = QueuedSink(messages_only)
+    for sink in (a, b):
+        sink.on_message("t", {"n": 1})
+        sink.on_step(_step("g"))
+        sink.close()
+    assert steps_only.items == [("step", "g")] and messages_only.items == [1]
+    assert a.dropped == b.dropped == 0
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"maxsize": 0}, "at least 1 item, got maxsize=0"),
+                                               ({"policy": "wait"}, "drop_oldest, drop_newest, got 'wait'")])
+def test_queued_sink_rejects_a_bad_size_or_policy(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        QueuedSink(MessagesOnly(), **kwargs)
+
+
+def test_pipeline_reports_steps_only_to_sinks_that_define_on_step(engine, shared_data):
+    reports: list[StepReport] = []
+
+    class Types(MessagesOnly):
+        def on_message(self, topic: str, payload: dict) -> None:
+            self.items.append(payload["type"])
+
+    class Steps(Types):
+        def on_step(self, step: StepReport) -> None:
+            reports.append(step)
+
+    plain, steps = Types(), Steps()
+    clip = str(shared_data / "videos" / "sample.avi")
+    pipeline = Pipeline(engine, [StreamSpec(clip, "a"), StreamSpec(clip, "b")], sinks=[plain, steps],
+                        options=PipelineOptions(max_frames=5))
+    pipeline.start().run()
+    assert plain.items == steps.items and plain.items.count("pred") == 10
+    assert len(reports) == 5
+    for i, report in enumerate(reports):
+        assert report.group == engine.model_name and report.step_ms > 0
+        assert [(r.stream_id, r.frame.index, len(r.topk)) for r in report.results] == [("a", i, 3), ("b", i, 3)]
+
+
+def test_display_sink_draws_on_its_own_thread_and_q_stops_the_run(monkeypatch):
+    import streamtsm.sinks.display as display
+
+    drawn = []
+    monkeypatch.setattr(display.cv2, "imshow", lambda title, image: drawn.append((title, threading.current_thread())))
+    monkeypatch.setattr(display.cv2, "waitKey", lambda ms: ord("q"))
+    monkeypatch.setattr(display.cv2, "destroyAllWindows", lambda: None)
+    stop = threading.Event()
+    sink = display.display_sink(stop)
+    frame = Frame(stream_id="cam", index=0, timestamp=0.0, image=np.zeros((48, 64, 3), np.uint8))
+    sink.on_message("streamtsm.pred.cam", {"type": "pred"})
+    sink.on_step(StepReport(group="m", step_ms=1.0, results=(StreamResult("cam", frame, [("a", 0.9)]),)))
+    assert stop.wait(WAIT_S), "q in the window sets the run's stop event"
+    sink.close()
+    assert [title for title, _ in drawn] == ["streamtsm cam"]
+    assert drawn[0][1] is not threading.current_thread()
+    assert sink.dropped == 0
