@@ -12,11 +12,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("streamtsm", "tools", "tests")
-# Uses known when this test was written, in files another change of issue 14 rewrites (the run settings move out
-# of the CLI): "path imports name from module" without the line. Remove an entry once its file is mended.
-KNOWN_PRIVATE_USES = {
-    "tests/test_cli_run.py imports _RUN_DEFAULTS from streamtsm.cli",
-}
 
 
 def _module_name(path: Path) -> str:
@@ -111,11 +106,6 @@ def _private_uses(module: str, path: Path, tree: ast.Module, known: set[str]) ->
     return found
 
 
-def _without_line(use: str) -> str:
-    """``"a.py:12 imports _x from m"`` -> ``"a.py imports _x from m"``."""
-    where, what = use.split(" ", 1)
-    return f"{where.rsplit(':', 1)[0]} {what}"
-
 
 def test_layering_engine_never_imports_export():
     found = []
@@ -132,8 +122,7 @@ def test_layering_engine_never_imports_export():
 
 def test_layering_no_module_uses_another_modules_private_names():
     known = set(_sources())
-    found = [use for module, (path, tree) in _sources().items() for use in _private_uses(module, path, tree, known)
-             if _without_line(use) not in KNOWN_PRIVATE_USES]
+    found = [use for module, (path, tree) in _sources().items() for use in _private_uses(module, path, tree, known)]
     assert not found, "private names used across modules (make them public, or move them):\n" + "\n".join(found)
 
 
