@@ -22,126 +22,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 
 from .capture import Frame, Source, StreamCapture, StreamStatus, stream_name
 from .engine.base import Engine
-from .engine.clip import ClipRunner
-from .engine.online import OnlineRunner, StepError
+from .engine.online import StepError
 from .errors import ConfigError, SourceError
-from .postprocess import ActionEvent, LatencyTracker, RateMeter, StreamPostprocessor
+from .postprocess import ActionEvent, StreamPostprocessor
 from .preprocess import Preprocessor
-from .publish import Publisher
-from .publish.schema import (
-    TOPIC_EVENT,
-    TOPIC_PRED,
-    TOPIC_STATS,
-    event_message,
-    prediction_message,
-    stats_message,
-    topic_for,
-)
 from .settings import PipelineOptions
-from .sinks.base import Sink, StepReport, StreamResult, wants_steps
+from .sinks.base import Sink, StepReport, StreamResult
+from .sinks.fanout import Fanout
+from .streams import GroupState, ModelGroup, StreamSpec, StreamState, effective_frame_stride
+
+__all__ = ["ModelGroup", "Pipeline", "PipelineOptions", "StreamSpec", "effective_frame_stride"]
 
 log = logging.getLogger(__name__)
 
 _MAX_CONSECUTIVE_STEP_ERRORS = 20
-
-
-@dataclass
-class StreamSpec:
-    """One source of the pipeline.
-
-    Attributes:
-        source: camera index, path, URL, image-sequence pattern, ``"synthetic[:WxH@FPS]"``, a
-            :class:`~streamtsm.capture.Source` object (not opened yet), or a function returning a new one. A
-            source given as an object cannot be replaced when its read hangs; the others can (see
-            :class:`~streamtsm.capture.StreamCapture`).
-        name: stream id (derived from the source when None); used in topics.
-        frame_stride: process every k-th frame; None takes the model's: an online model trained on every k-th frame
-            (``cfg.frame_interval`` = k) must be fed every k-th frame live too, or every motion looks k times slower
-            to it. Clip models sample their windows with ``frame_interval`` from every frame, so they default to 1.
-        crop: optional ``(x, y, w, h)`` region of the frame to look at.
-    """
-
-    source: str | int | Source | Callable[[], Source]
-    name: str | None = None
-    frame_stride: int | None = None
-    crop: tuple[int, int, int, int] | None = None
-
-
-def effective_frame_stride(spec: StreamSpec, engine: Engine) -> int:
-    """The stride a stream is captured with: its own, else its online model's ``frame_interval``, else 1."""
-    if spec.frame_stride is not None:
-        return spec.frame_stride
-    return 1 if engine.cfg.kind == "clip" else max(1, int(engine.cfg.frame_interval))
-
-
-@dataclass
-class ModelGroup:
-    """Streams that share one model (and so one batched call per step).
-
-    Attributes:
-        engine: an online engine (a prediction per frame) or a clip engine (rolling windows).
-        streams: the group's sources.
-        clip_stride: for clip engines, predict every this many frames per stream.
-    """
-
-    engine: Engine
-    streams: list[StreamSpec]
-    clip_stride: int = 1
-
-
-class _Group:
-    def __init__(self, engine: Engine, clip_stride: int, key: str) -> None:
-        self.engine = engine
-        self.key = key  # unique among the pipeline's groups: names its stats entry and its step metric
-        # Clip models get rolling windows; online ones are stepped frame by frame with their state.
-        if engine.cfg.kind == "clip":
-            self.runner: OnlineRunner | ClipRunner = ClipRunner(engine, clip_stride)
-        else:
-            self.runner = OnlineRunner(engine)
-        self.model_name = engine.model_name
-        self.step_latency = LatencyTracker()
-        self.steps = 0
-        self.batched_frames = 0
-
-    def stats(self) -> dict:
-        return {
-            "model": self.model_name,
-            "backend": self.engine.backend,
-            "kind": self.runner.kind,
-            "steps": self.steps,
-            "step_p50_ms": _round(self.step_latency.percentile(50)),
-            "step_p99_ms": _round(self.step_latency.percentile(99)),
-            "batch_mean": _round(self.batched_frames / self.steps) if self.steps else None,
-        }
-
-
-class _Stream:
-    """Everything the pipeline keeps for one stream."""
-
-    def __init__(self, stream_id: str, spec: StreamSpec, group: _Group, capture: StreamCapture,
-                 preprocess: Preprocessor, post: StreamPostprocessor) -> None:
-        self.id = stream_id
-        self.group = group
-        self.spec = spec
-        self.capture = capture
-        self.preprocess = preprocess
-        self.post = post
-        self.generation = 0
-        self.processed = 0
-        self.step_errors = 0
-        self.latency = LatencyTracker()
-        self.rate = RateMeter()
-        self.done = False  # reached max_frames, or its source ended and its buffer is drained
-        # (index, capture time) of the newest processed frame: end-of-stream events refer to it. Not the frame
-        # itself, whose image would stay alive between steps for nothing.
-        self.last_seen: tuple[int, float] | None = None
 
 
 class Pipeline:
@@ -174,13 +74,12 @@ class Pipeline:
         if not any(g.streams for g in groups):
             raise ConfigError("no source given")
         self.options = options or PipelineOptions()
-        self.sinks = tuple(sinks)
-        self._step_sinks = [s for s in self.sinks if wants_steps(s)]
-        self._publishers = [s for s in self.sinks if isinstance(s, Publisher)]
+        self._out = Fanout(sinks)
+        self.sinks = self._out.sinks
         self._notify = threading.Event()
         self._consecutive_errors = 0
-        self._groups: list[_Group] = []
-        self._streams: list[_Stream] = []
+        self._groups: list[GroupState] = []
+        self._streams: list[StreamState] = []
         ids = set()
         keys: set[str] = set()
         for g in groups:
@@ -191,7 +90,7 @@ class Pipeline:
                 n += 1
                 key = f"{g.engine.model_name}#{n}"
             keys.add(key)
-            group = _Group(g.engine, g.clip_stride, key)
+            group = GroupState(g.engine, g.clip_stride, key)
             self._groups.append(group)
             for spec in g.streams:
                 sid = spec.name or (stream_name(spec.source) if not isinstance(spec.source, Source) else None)
@@ -202,7 +101,7 @@ class Pipeline:
                 ids.add(sid)
                 self._streams.append(self._make_stream(sid, spec, group))
 
-    def _make_stream(self, sid: str, spec: StreamSpec, group: _Group) -> _Stream:
+    def _make_stream(self, sid: str, spec: StreamSpec, group: GroupState) -> StreamState:
         o = self.options
         capture = StreamCapture(spec.source, sid, frame_stride=effective_frame_stride(spec, group.engine),
                                 realtime=o.realtime, read_timeout=o.read_timeout, backoff=o.backoff,
@@ -211,7 +110,7 @@ class Pipeline:
         post = StreamPostprocessor(labels, smooth=o.smooth, topk=o.topk, threshold=o.threshold, hold=o.hold,
                                    background=[b for b in o.background if b in labels])
         preprocess = Preprocessor.for_config(group.engine.cfg, crop=spec.crop)
-        return _Stream(sid, spec, group, capture, preprocess, post)
+        return StreamState(sid, spec, group, capture, preprocess, post)
 
     @property
     def stream_ids(self) -> list[str]:
@@ -288,7 +187,7 @@ class Pipeline:
 
     # -- one iteration ------------------------------------------------------------------------------------------
 
-    def _collect(self) -> list[tuple[_Stream, Frame]]:
+    def _collect(self) -> list[tuple[StreamState, Frame]]:
         batch = []
         for s in self._streams:
             if s.done:
@@ -301,13 +200,13 @@ class Pipeline:
             batch.append((s, frame))
         return batch
 
-    def _process(self, batch: list[tuple[_Stream, Frame]]) -> None:
+    def _process(self, batch: list[tuple[StreamState, Frame]]) -> None:
         for group in self._groups:
             items = [(s, f) for s, f in batch if s.group is group]
             if items:
                 self._process_group(group, items)
 
-    def _process_group(self, group: _Group, batch: list[tuple[_Stream, Frame]]) -> None:
+    def _process_group(self, group: GroupState, batch: list[tuple[StreamState, Frame]]) -> None:
         size = group.engine.cfg.input_size
         frames = np.empty((len(batch), 3, size, size), np.float32)  # [B, 3, S, S]: each frame preprocessed once,
         for row, (s, f) in zip(frames, batch):  # straight into its row
@@ -334,9 +233,7 @@ class Pipeline:
         predicted = sum(r is not None for r in results)
         ms = (time.perf_counter() - t0) * 1e3
         if predicted:
-            group.step_latency.add(ms)
-            group.steps += 1
-            group.batched_frames += predicted
+            group.record_step(ms, predicted)
         reported: list[StreamResult] = []
         for (s, f), row in zip(batch, results):
             s.processed += 1
@@ -344,31 +241,20 @@ class Pipeline:
             s.last_seen = (f.index, f.timestamp)
             if row is not None:
                 topk, events = s.post.process(row, f.index, f.timestamp)
-                if self.sinks:
-                    self._emit(topic_for(TOPIC_PRED, s.id), prediction_message(
-                        stream_id=s.id, frame_index=f.index, capture_ts=f.timestamp, model=group.model_name,
-                        topk=topk, generation=f.generation))
+                self._out.prediction(s.id, group.model_name, f, topk)
                 self._publish_events(s, events, f.index, f.timestamp)
                 s.latency.add((time.time() - f.timestamp) * 1e3)
-                if self._step_sinks:
+                if self._out.step_sinks:
                     reported.append(StreamResult(s.id, f, topk))
             if self.options.max_frames is not None and s.processed >= self.options.max_frames:
                 self._end_stream(s)
         if reported:
-            step = StepReport(group.key, ms, tuple(reported))
-            for sink in self._step_sinks:
-                sink.on_step(step)
+            self._out.step(StepReport(group.key, ms, tuple(reported)))
 
-    def _emit(self, topic: str, payload: dict) -> None:
-        for sink in self.sinks:
-            sink.on_message(topic, payload)
+    def _publish_events(self, s: StreamState, events: list[ActionEvent], frame_index: int, capture_ts: float) -> None:
+        self._out.events(s.id, s.group.model_name, events, frame_index, capture_ts)
 
-    def _publish_events(self, s: _Stream, events: list[ActionEvent], frame_index: int, capture_ts: float) -> None:
-        for event in events:
-            self._emit(topic_for(TOPIC_EVENT, s.id), event_message(
-                stream_id=s.id, model=s.group.model_name, event=event, frame_index=frame_index, capture_ts=capture_ts))
-
-    def _end_stream(self, s: _Stream) -> None:
+    def _end_stream(self, s: StreamState) -> None:
         if s.done:
             return
         s.done = True
@@ -376,7 +262,7 @@ class Pipeline:
         self._flush(s)
         s.group.runner.remove(s.id)
 
-    def _flush(self, s: _Stream) -> None:
+    def _flush(self, s: StreamState) -> None:
         """Close a stream's open action (its offset refers to the newest processed frame)."""
         events = s.post.flush()
         if events and s.last_seen is not None:
@@ -395,37 +281,16 @@ class Pipeline:
     # -- stats --------------------------------------------------------------------------------------------------
 
     def stats(self) -> dict:
-        streams = {}
-        for s in self._streams:
-            c = s.capture.stats()  # cumulative over the stream's replaced readers
-            streams[s.id] = {
-                "source": c["source"],
-                "model": s.group.model_name,
-                "group": s.group.key,  # its entry in "models" (differs from "model" for the 2nd group of a name)
-                "status": c["status"],
-                "fps": round(s.rate.rate(), 2),
-                "capture_fps": round(c["fps"], 2),
-                "frames": s.processed,
-                "captured": c["frames_read"],
-                **{key: c[key] for key in ("dropped", "skipped", "bad_frames", "reconnects", "generation", "stalled")},
-                "step_errors": s.step_errors,
-                "latency_p50_ms": _round(s.latency.percentile(50)),
-                "latency_p99_ms": _round(s.latency.percentile(99)),
-                "last_error": c["last_error"],
-            }
+        """The pipeline's figures, as in the stats message: per stream, per model group, and the publishers'."""
         return {
-            "streams": streams,
+            "streams": {s.id: s.stats() for s in self._streams},
             "models": {g.key: g.stats() for g in self._groups},
-            "published": sum(p.sent for p in self._publishers),
-            "publish_dropped": sum(p.dropped for p in self._publishers),
+            **self._out.publish_counts(),
         }
 
     def publish_stats(self) -> None:
-        if not self.sinks:
-            return
-        st = self.stats()
-        streams = st.pop("streams")
-        self._emit(TOPIC_STATS, stats_message(streams=streams, extra=st))
+        if self.sinks:  # no one to tell: skip gathering the figures
+            self._out.stats(self.stats())
 
     def _finish(self) -> None:
         for s in self._streams:
@@ -434,6 +299,3 @@ class Pipeline:
         self.stop()
         self.publish_stats()
 
-
-def _round(value: float | None, digits: int = 2) -> float | None:
-    return None if value is None else round(value, digits)

@@ -76,7 +76,7 @@ class CameraConfig:
     backend: str = RUN_DEFAULTS["backend"]
     url: str | None = None
     triton_model: str | None = None
-    frame_stride: int | None = None  # None: the model's (see pipeline.effective_frame_stride)
+    frame_stride: int | None = None  # None: the model's (see streams.effective_frame_stride)
     crop: tuple[int, int, int, int] | None = None
     clip_stride: int = RUN_DEFAULTS["clip_stride"]
     line: int | None = field(default=None, compare=False)  # of its [[camera]] header, for errors
