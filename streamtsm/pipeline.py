@@ -2,13 +2,13 @@
 
 ::
 
-    source ──► CaptureThread ──► FrameBuffer ─┐
-    source ──► CaptureThread ──► FrameBuffer ─┼─► newest frame of each ready stream ─► Preprocessor (once each)
-    ...                                        ┘        │
-                                                       ▼
+    source ──► StreamCapture (thread + buffer) ─┐
+    source ──► StreamCapture (thread + buffer) ─┼─► newest frame of each ready stream ─► Preprocessor (once each)
+    ...                                          ┘        │
+                                                         ▼
             per model group: OnlineRunner (B frames, B states) or ClipRunner (ring buffers, due windows)
-                                                       │                        (one batched call each)
-                          StreamPostprocessor (smoothing, top-k, events) ─► sinks (Publisher, console, ...)
+                                                         │                      (one batched call each)
+            StreamPostprocessor (smoothing, top-k, typed events) ─► Fanout ─► sinks (Publisher, console, ...)
 
 Streams are grouped by model: streams sharing a model are batched together, groups of different models run side by
 side in the same loop. Everything after the buffers runs in the caller's thread. Each stream's capture is a
