@@ -209,7 +209,7 @@ def test_load_rebuilds_a_streamtsm_checkpoint_without_a_model_name_or_architectu
 
 def test_load_model_name_contradicting_the_checkpoint_is_an_error_naming_both(tmp_path):
     save_checkpoint(_model("tsm_r18"), tmp_path / "m.pth")
-    with pytest.raises(ConfigError, match="--model tsm_r50 contradicts the checkpoint .*m.pth, which holds tsm_r18"):
+    with pytest.raises(ConfigError, match="--model tsm_r50 does not match the checkpoint .*m.pth, which holds tsm_r18; leave --model out$"):
         load(tmp_path / "m.pth", model="tsm_r50")
 
 
@@ -261,7 +261,7 @@ def test_load_without_weights_or_model_is_an_error():
 def test_load_streamtsm_checkpoint_into_another_model_only_with_allow_shift_mismatch(tmp_path):
     offline = _model("tsm_mobilenetv2", seed=8)
     save_checkpoint(offline, tmp_path / "bi.pth")
-    with pytest.raises(ConfigError, match="contradicts the checkpoint"):
+    with pytest.raises(ConfigError, match="does not match the checkpoint .* pass --allow-shift-mismatch"):
         load(tmp_path / "bi.pth", model="tsm_mobilenetv2_online")
     online = load(tmp_path / "bi.pth", model="tsm_mobilenetv2_online", num_classes=6, width_mult=0.25,
                   allow_shift_mismatch=True)

@@ -19,7 +19,8 @@ from streamtsm.train.data import ClipDataset, MatchedBatchSampler, Skipped, coll
 from streamtsm.train.optim import EpochScheduler, apply_partial_bn, lr_factor, param_groups, set_partial_bn
 from streamtsm.train.sampling import DenseSampler, SegmentSampler, sampler_for
 from streamtsm.train.synthdata import scene_rng, write_synthetic_dataset
-from streamtsm.train.transforms import TestTransform, TrainTransform, flip_label_map, mirrored_pairs, multi_scale_crop_box
+from streamtsm.train.transforms import (TestTransform, TrainTransform, flip_label_map, mirrored_pairs,
+                                        multi_scale_crop_box)
 from streamtsm.train.video import count_frames, read_frames
 
 

@@ -91,9 +91,11 @@ def load(weights: Weights | None = None, *, model: str | None = None, num_classe
         saved = ModelConfig.from_dict(checkpoint["config"])
         if model is None or model == saved.name or not allow_shift_mismatch:
             if model is not None and model != saved.name:
-                raise ConfigError(f"--model {model} contradicts the checkpoint {where}, which holds {saved.name}; "
-                                  "leave --model out (or pass --allow-shift-mismatch to load its weights into "
-                                  f"{model})")
+                # Only the offline and online forms of one family (tsm_r18, tsm_r18_online) share their weights.
+                same_family = model.removesuffix("_online") == saved.name.removesuffix("_online")
+                hint = f" (or pass --allow-shift-mismatch to load its weights into {model})" if same_family else ""
+                raise ConfigError(f"--model {model} does not match the checkpoint {where}, which holds {saved.name}; "
+                                  f"leave --model out{hint}")
             return _load_own(checkpoint, where, saved, num_classes, file_labels, labels_file, reset_head,
                              allow_shift_mismatch, overrides)
     elif not model:
@@ -117,8 +119,8 @@ def _load_own(checkpoint: dict, where: str, saved: ModelConfig, num_classes: int
     # The label file sizes a new classifier only; without reset_head it must fit the checkpoint's.
     classes = _class_count(num_classes, file_labels if reset_head else None) or saved.num_classes
     if classes != saved.num_classes and not reset_head:
-        raise ConfigError(f"{classes} classes asked for but {where} has {saved.num_classes} classes; pass reset_head=True "
-                          "(--reset-head) to fine-tune a fresh classifier on new classes")
+        raise ConfigError(f"{classes} classes asked for but {where} has {saved.num_classes} classes; pass "
+                          "reset_head=True (--reset-head) to fine-tune a fresh classifier on new classes")
     kwargs = {**saved.arch, **{k: getattr(saved, k) for k in DATA_FIELDS}}
     if "num_segments" not in saved.arch:
         kwargs["num_segments"] = saved.num_segments

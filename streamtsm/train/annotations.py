@@ -21,7 +21,6 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".m
 FRAME_TEMPLATE = "img_{:05d}.jpg"
 
 
-
 @dataclass(frozen=True)
 class VideoRecord:
     """One labelled video.

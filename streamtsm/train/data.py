@@ -25,7 +25,6 @@ from .video import VideoReadError, count_frames, read_frames
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Skipped:
     """Stands in for a clip that could not be read; :func:`collate_clips` drops it and reports it."""

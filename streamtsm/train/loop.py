@@ -62,11 +62,12 @@ class TrainOptions:
     which the step schedule divides the learning rate by 10 (default: 50% and 75% of the epochs).
     ``optimizer``: ``"sgd"`` with momentum, the TSM recipe for fine-tuning pretrained weights, or ``"adamw"``
     (``momentum`` is its beta1), which trains from scratch much sooner: SGD barely moves a backbone behind a
-    classifier initialized near zero. ``matched_warmup_epochs``: the first epochs draw each batch from one scene shown in every class
-    (:class:`~streamtsm.train.data.MatchedBatchSampler`), which makes a TSM trained from scratch pick up motion
-    many times sooner; they count towards ``epochs``. ``frame_loss`` = K > 0: the loss is the mean cross-entropy of
-    each of the last K frames' outputs (``model(clip, per_frame=True)``) rather than of the clip average; for online
-    models, whose output at every frame is what a live stream reports.
+    classifier initialized near zero. ``matched_warmup_epochs``: the first epochs draw each batch from one scene
+    shown in every class (:class:`~streamtsm.train.data.MatchedBatchSampler`), which makes a TSM trained from
+    scratch pick up motion many times sooner; they count towards ``epochs``. ``frame_loss`` = K > 0: the loss is the
+    mean cross-entropy of each of the last K frames' outputs (``model(clip, per_frame=True)``) rather than of the
+    clip average; for online models, whose output at every frame is what a live stream reports. ``weights``: a
+    streamtsm checkpoint names its own architecture, so ``model`` and ``model_args`` may be left out.
     """
 
     model: str | None = None

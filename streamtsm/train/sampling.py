@@ -19,7 +19,6 @@ from ..errors import ConfigError
 SHORT_VIDEO_POLICIES = ("loop", "repeat_last")
 
 
-
 def _fit_short(indices: np.ndarray, num_frames: int, policy: str) -> np.ndarray:
     if policy == "loop":
         return indices % num_frames

@@ -14,7 +14,6 @@ import numpy as np
 from ..errors import ConfigError
 
 
-
 SYNTH_FOURCC = "MJPG"
 SYNTH_EXT = ".avi"
 

@@ -15,7 +15,6 @@ from ..preprocess import Preprocessor
 MULTI_SCALES = (1.0, 0.875, 0.75, 0.66)
 
 
-
 def _normalize(frames: np.ndarray, mean, std) -> np.ndarray:
     """BGR uint8 ``[T, S, S, 3]`` -> normalized RGB float32 ``[T, 3, S, S]``."""
     std = np.asarray(std, np.float32)
@@ -144,7 +143,8 @@ def flip_label_map(labels: Sequence[str], pairs: Sequence[tuple[str, str]]) -> d
 
 
 def mirrored_pairs(labels: Sequence[str]) -> list[tuple[str, str]]:
-    """Label pairs a horizontal flip turns into each other, found by name: ``*left*``/``*right*``, ``*_cw``/``*_ccw``."""
+    """Label pairs a horizontal flip turns into each other, found by name: ``*left*``/``*right*``,
+    ``*_cw``/``*_ccw``."""
     names = set(labels)
     pairs = []
     for name in labels:

@@ -11,7 +11,6 @@ import numpy as np
 from .annotations import FRAME_TEMPLATE, VideoRecord
 
 
-
 class VideoReadError(Exception):
     """A video or frame cannot be read (counted and skipped by the dataset)."""
 
