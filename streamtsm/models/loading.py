@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from ..labels import read_labels
+from ..labels import read_labels, resolve_labels
 from .checkpoint import FORMAT_NAME, load_checkpoint, read_checkpoint
 from .registry import create
 
@@ -143,7 +143,9 @@ def _with_labels(net: nn.Module, file_labels: list[str] | None, saved: list[str]
     k = net.cfg.num_classes
     if file_labels is not None and len(file_labels) != k:
         raise ConfigError(f"labels file {labels_file} has {len(file_labels)} classes but the model has {k} classes")
-    net.cfg.labels = list(file_labels) if file_labels is not None else (list(saved) if saved else None)
+    # None rather than numbered names when nobody named the classes: each caller numbers them its own way.
+    named = file_labels is not None or bool(saved)
+    net.cfg.labels = resolve_labels(k, given=file_labels, saved=saved) if named else None
     return net.eval()
 
 
