@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from streamtsm.errors import CheckpointError
-from streamtsm.models import create, load_checkpoint, load_model, read_checkpoint, save_checkpoint
+from streamtsm.errors import CheckpointError, ConfigError
+from streamtsm.models import create, load, load_checkpoint, read_checkpoint, save_checkpoint
 from streamtsm.models import mobilenetv2, resnet
 
 from .conftest import randomize_
@@ -112,7 +112,7 @@ def test_own_format_round_trips_weights_config_and_labels(tmp_path):
     source = _model("tsm_mobilenetv2_online", seed=3)
     labels = [f"class {i}" for i in range(6)]
     save_checkpoint(source, tmp_path / "m.pth", labels=labels)
-    rebuilt = load_model(tmp_path / "m.pth")
+    rebuilt = load(tmp_path / "m.pth")
     assert rebuilt.cfg.labels == labels and rebuilt.cfg.arch == source.cfg.arch
     assert rebuilt.cfg.name == "tsm_mobilenetv2_online" and rebuilt.cfg.num_classes == 6
     assert torch.equal(_outputs(rebuilt), _outputs(source))
@@ -191,3 +191,78 @@ def test_checkpoint_of_another_architecture_is_rejected():
 def test_pytorchvideo_layout_is_named_when_a_tsm_cannot_load_it():
     with pytest.raises(CheckpointError, match="'pytorchvideo'"):
         load_checkpoint(create("tsm_r18", num_classes=6, width=8), {"blocks.0.conv.weight": torch.zeros(1)})
+
+
+# -- the one loader: streamtsm.models.load --------------------------------------------------------------------
+
+
+def test_load_rebuilds_a_streamtsm_checkpoint_without_a_model_name_or_architecture(tmp_path):
+    source = _model("tsm_r18", seed=6, shift_div=2, num_segments=4)
+    save_checkpoint(source, tmp_path / "m.pth", labels=list("abcdef"))
+    rebuilt = load(tmp_path / "m.pth")
+    assert rebuilt.cfg.arch == source.cfg.arch and rebuilt.cfg.labels == list("abcdef") and not rebuilt.training
+    assert torch.equal(_outputs(rebuilt), _outputs(source))
+    # An already read checkpoint loads alike, and the same name or the same architecture values are no contradiction.
+    again = load(read_checkpoint(tmp_path / "m.pth"), model="tsm_r18", width=8, shift_div=2)
+    assert torch.equal(_outputs(again), _outputs(source))
+
+
+def test_load_model_name_contradicting_the_checkpoint_is_an_error_naming_both(tmp_path):
+    save_checkpoint(_model("tsm_r18"), tmp_path / "m.pth")
+    with pytest.raises(ConfigError, match="--model tsm_r50 does not match the checkpoint .*m.pth, which holds tsm_r18; leave --model out$"):
+        load(tmp_path / "m.pth", model="tsm_r50")
+
+
+def test_load_architecture_override_contradicting_the_checkpoint_is_an_error(tmp_path):
+    save_checkpoint(_model("tsm_r18"), tmp_path / "m.pth")
+    with pytest.raises(ConfigError, match=r"width=16 \(the checkpoint has 8\) contradicts the architecture of tsm_r18"):
+        load(tmp_path / "m.pth", width=16)
+    # How the model is fed, and the segment count TSM's parameter-free shift does not depend on, may change.
+    model = load(tmp_path / "m.pth", input_size=64, resize_size=73, num_segments=4)
+    assert (model.cfg.input_size, model.num_segments) == (64, 4)
+
+
+def test_load_other_class_count_needs_reset_head_and_keeps_the_backbone(tmp_path):
+    source = _model("tsm_r18", seed=7)
+    save_checkpoint(source, tmp_path / "m.pth", labels=list("abcdef"))
+    with pytest.raises(ConfigError, match="3 classes asked for but .*m.pth has 6 classes; pass reset_head"):
+        load(tmp_path / "m.pth", num_classes=3)
+    tuned = load(tmp_path / "m.pth", num_classes=3, reset_head=True)
+    assert tuned.cfg.num_classes == 3 and tuned.cfg.labels is None, "the saved names are for the old classes"
+    assert torch.equal(tuned.backbone.layer1[0].conv1.weight, source.backbone.layer1[0].conv1.weight)
+
+
+def test_load_foreign_checkpoint_without_a_model_name_is_an_error(tmp_path):
+    torch.save(to_mmaction2(_model("tsm_r18")), tmp_path / "foreign.pth")
+    with pytest.raises(ConfigError, match="foreign.pth is not a streamtsm checkpoint.*--model"):
+        load(tmp_path / "foreign.pth")
+    model = load(tmp_path / "foreign.pth", model="tsm_r18", num_classes=6, width=8)
+    assert model.cfg.name == "tsm_r18" and model.cfg.labels is None
+
+
+def test_load_labels_file_names_the_classes_and_must_match_their_count(tmp_path):
+    save_checkpoint(_model("tsm_r18"), tmp_path / "m.pth", labels=list("abcdef"))
+    (tmp_path / "six.txt").write_text("".join(f"class {i}\n" for i in range(6)))
+    (tmp_path / "two.txt").write_text("left\nright\n")
+    assert load(tmp_path / "m.pth", labels_file=tmp_path / "six.txt").cfg.labels[5] == "class 5"
+    with pytest.raises(ConfigError, match="two.txt has 2 classes but the model has 6 classes"):
+        load(tmp_path / "m.pth", labels_file=tmp_path / "two.txt")
+    # Without weights, or with reset_head, the label file sizes the classifier.
+    assert load(model="tsm_r18", width=8, labels_file=tmp_path / "two.txt").cfg.num_classes == 2
+    tuned = load(tmp_path / "m.pth", reset_head=True, labels_file=tmp_path / "two.txt")
+    assert tuned.cfg.num_classes == 2 and tuned.cfg.labels == ["left", "right"]
+
+
+def test_load_without_weights_or_model_is_an_error():
+    with pytest.raises(ConfigError, match="give --model NAME, --weights CHECKPOINT, or both"):
+        load()
+
+
+def test_load_streamtsm_checkpoint_into_another_model_only_with_allow_shift_mismatch(tmp_path):
+    offline = _model("tsm_mobilenetv2", seed=8)
+    save_checkpoint(offline, tmp_path / "bi.pth")
+    with pytest.raises(ConfigError, match="does not match the checkpoint .* pass --allow-shift-mismatch"):
+        load(tmp_path / "bi.pth", model="tsm_mobilenetv2_online")
+    online = load(tmp_path / "bi.pth", model="tsm_mobilenetv2_online", num_classes=6, width_mult=0.25,
+                  allow_shift_mismatch=True)
+    assert online.cfg.name == "tsm_mobilenetv2_online" and torch.equal(online.fc.weight, offline.fc.weight)

@@ -95,8 +95,9 @@ def test_demo_model_trained_with_streamtsm_train_scores_over_90_percent_on_unsee
     `streamtsm train` on the synthetic motions (tests/test_train_temporal.py shows, at a test's budget, that the
     same network without shift cannot tell the directions apart). Here it meets scenes rendered now, from another
     seed than its dataset's, in the layout its dataset had."""
-    from streamtsm.models import load_model
-    from streamtsm.train.data import read_annotations, write_synthetic_dataset
+    from streamtsm.models import load
+    from streamtsm.train.annotations import read_annotations
+    from streamtsm.train.synthdata import write_synthetic_dataset
     from streamtsm.train.evaluate import evaluate
 
     info = json.loads(DEMO_WEIGHTS.with_suffix(".json").read_text())
@@ -106,7 +107,7 @@ def test_demo_model_trained_with_streamtsm_train_scores_over_90_percent_on_unsee
     write_synthetic_dataset(tmp_path, clips_per_class=30, frames=int(option["frames"]),
                             motion_frames=int(option["motion-frames"]), size=option["size"],
                             render_size=option["render-size"], seed=7, val_fraction=0.0)
-    model = load_model(DEMO_WEIGHTS)
+    model = load(DEMO_WEIGHTS)
     result = evaluate(model, read_annotations(tmp_path / "train.txt"), num_clips=1, online=True, sampling="dense")
     online = result["online"]
     assert online["count"] == 30 * len(MOTIONS)

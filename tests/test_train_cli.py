@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from streamtsm.cli import main
-from streamtsm.models import load_model, read_checkpoint
+from streamtsm.models import load, read_checkpoint
 
 CLASSES = ["move_left", "move_right", "still"]
 COMMON = ["--batch-size", "3", "--lr", "0.02", "--lr-steps", "1", "--workers", "0", "--no-progress", "--device", "cpu", "--seed", "1"]
@@ -60,7 +60,7 @@ def test_train_writes_checkpoints_logs_and_resume_matches_an_uninterrupted_run(d
     assert a["extra"]["epoch"] == b["extra"]["epoch"] == 2
     for key, value in a["state_dict"].items():
         assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
-    model = load_model(straight / "best.pth")
+    model = load(straight / "best.pth")
     assert model.cfg.labels == CLASSES and model.cfg.arch["shift_mode"] == "unidirectional"
     assert model.cfg.input_size == 32 and model.num_segments == 4
 
@@ -72,9 +72,9 @@ def test_dense_training_records_its_clips_so_run_and_eval_sample_the_same_way(da
     # --frame-interval means nothing to TSN segment sampling, so it is not recorded there.
     assert main(["train", *TINY, "--train", str(dataset / "train.txt"), "--epochs", "1", "--frame-interval", "2",
                  "--out", str(segments)]) == 0
-    model = load_model(dense / "checkpoint.pth")
+    model = load(dense / "checkpoint.pth")
     assert model.cfg.frame_interval == 2 and model.cfg.clip_len == 4 and model.cfg.kind == "online"
-    assert load_model(segments / "checkpoint.pth").cfg.frame_interval == 1
+    assert load(segments / "checkpoint.pth").cfg.frame_interval == 1
     start = _log(dense)[0]
     assert start["sampler"] == "DenseSampler" and start["options"]["scales"] == [1.0, 0.875]
     for run, kind in ((dense, "dense"), (segments, "segments")):
@@ -152,3 +152,26 @@ def test_bad_input_is_one_line_and_exit_code_2(dataset, tmp_path, capsys, case, 
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and match in err
+
+
+def test_train_weights_of_a_streamtsm_checkpoint_need_no_architecture_flags(dataset, tmp_path):
+    from streamtsm.engine.factory import DEMO_WEIGHTS
+
+    run = tmp_path / "tuned"
+    # The demo checkpoint names its architecture (tsm_r18_online, width 16, 64 px, shift_div 2): no --model,
+    # --width, --input-size or --model-arg; --reset-head swaps its nine-motion classifier for the data's three.
+    assert main(["train", "--weights", str(DEMO_WEIGHTS), "--reset-head", "--train", str(dataset / "train.txt"),
+                 "--epochs", "1", *COMMON, "--out", str(run)]) == 0
+    demo, tuned = read_checkpoint(DEMO_WEIGHTS)["config"], load(run / "checkpoint.pth").cfg
+    assert tuned.name == demo["name"] and tuned.arch == demo["arch"] and tuned.input_size == demo["input_size"]
+    assert tuned.num_classes == 3 and tuned.labels == CLASSES
+
+
+def test_train_weights_with_a_contradicting_model_is_one_clear_error(dataset, tmp_path, capsys):
+    from streamtsm.engine.factory import DEMO_WEIGHTS
+
+    assert main(["train", "--model", "tsm_mobilenetv2_online", "--weights", str(DEMO_WEIGHTS), "--reset-head",
+                 "--train", str(dataset / "train.txt"), "--epochs", "1", *COMMON, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--model tsm_mobilenetv2_online does not match" in err
+    assert "which holds tsm_r18_online" in err

@@ -13,11 +13,15 @@ from streamtsm.errors import ConfigError
 from streamtsm.models import create, read_checkpoint, save_checkpoint
 from streamtsm.preprocess import Preprocessor
 from streamtsm.synthetic import MOTIONS, render_clip
-from streamtsm.train.data import (ClipDataset, DenseSampler, MatchedBatchSampler, SegmentSampler, Skipped, TestTransform, TrainTransform,
-                                  VideoRecord, collate_clips, count_frames, flip_label_map, mirrored_pairs,
-                                  multi_scale_crop_box, read_annotations, read_frames, read_labels, sampler_for,
-                                  scan_folders, scene_rng, write_synthetic_dataset)
-from streamtsm.train.loop import EpochScheduler, apply_partial_bn, lr_factor, param_groups, set_partial_bn
+from streamtsm.labels import read_labels
+from streamtsm.train.annotations import VideoRecord, read_annotations, scan_folders
+from streamtsm.train.data import ClipDataset, MatchedBatchSampler, Skipped, collate_clips
+from streamtsm.train.optim import EpochScheduler, apply_partial_bn, lr_factor, param_groups, set_partial_bn
+from streamtsm.train.sampling import DenseSampler, SegmentSampler, sampler_for
+from streamtsm.train.synthdata import scene_rng, write_synthetic_dataset
+from streamtsm.train.transforms import (TestTransform, TrainTransform, flip_label_map, mirrored_pairs,
+                                        multi_scale_crop_box)
+from streamtsm.train.video import count_frames, read_frames
 
 
 def _write_video(path, frames, fps=30):

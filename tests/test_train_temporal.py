@@ -29,11 +29,12 @@ import numpy as np
 import pytest
 import torch
 
-from streamtsm.models import load_model
+from streamtsm.models import load
 from streamtsm.synthetic import MOTIONS
-from streamtsm.train.data import VideoRecord, render_scene_clip
+from streamtsm.train.annotations import VideoRecord
 from streamtsm.train.evaluate import evaluate, pair_accuracy
 from streamtsm.train.loop import TrainOptions, train
+from streamtsm.train.synthdata import render_scene_clip
 
 SIZE, FRAMES = 64, 8
 TRAIN_SCENES, VAL_SCENES = 200, 20
@@ -72,8 +73,8 @@ def test_online_tsm_learns_motion_direction_that_tsn_cannot_tell(data, tmp_path)
     tsn_final, tsn_time = _train("tsm_r18", "none", data, tmp_path / "tsn")
 
     val = data[1]
-    tsm = load_model(tmp_path / "tsm" / "checkpoint.pth")
-    tsn = load_model(tmp_path / "tsn" / "checkpoint.pth")
+    tsm = load(tmp_path / "tsm" / "checkpoint.pth")
+    tsn = load(tmp_path / "tsn" / "checkpoint.pth")
     tsm_result = evaluate(tsm, val, num_clips=1, online=True)
     tsn_result = evaluate(tsn, val, num_clips=1, online=False)
     tsm_pairs = [pair_accuracy(tsm_result["scores"], tsm_result["labels"], a, b) for a, b in PAIRS]

@@ -28,11 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import write_section  # noqa: E402
 
-from streamtsm.models import create, list_models, load_model  # noqa: E402
+from streamtsm.models import create, list_models, load  # noqa: E402
 from streamtsm.synthetic import MOTIONS  # noqa: E402
-from streamtsm.train.data import VideoRecord, render_scene_clip, write_synthetic_dataset  # noqa: E402
+from streamtsm.train.annotations import VideoRecord  # noqa: E402
 from streamtsm.train.evaluate import evaluate, pair_accuracy  # noqa: E402
 from streamtsm.train.loop import TrainOptions, train  # noqa: E402
+from streamtsm.train.synthdata import render_scene_clip, write_synthetic_dataset  # noqa: E402
 
 PAIRS = [(0, 1), (2, 3), (4, 5), (6, 7)]
 
@@ -164,7 +165,7 @@ def main() -> None:
                                schedule="cosine", matched_warmup_epochs=args.warmup, scales=(1.0,), workers=0,
                                device="cpu", seed=seed, progress=False))
             seconds = time.perf_counter() - t0
-            model = load_model(Path(tmp) / "checkpoint.pth")
+            model = load(Path(tmp) / "checkpoint.pth")
         result = evaluate(model, val_records, num_clips=1)
         params = sum(p.numel() for p in model.parameters())
         pairs = [pair_accuracy(result["scores"], result["labels"], a, b) for a, b in PAIRS]

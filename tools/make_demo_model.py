@@ -39,11 +39,11 @@ sys.path.insert(0, str(ROOT))
 
 from streamtsm.cli import main as streamtsm_main  # noqa: E402
 from streamtsm.engine.factory import DEMO_WEIGHTS  # noqa: E402
-from streamtsm.models import load_model, save_checkpoint  # noqa: E402
+from streamtsm.models import load, save_checkpoint  # noqa: E402
 from streamtsm.postprocess import StreamPostprocessor  # noqa: E402
 from streamtsm.preprocess import Preprocessor  # noqa: E402
 from streamtsm.synthetic import MOTIONS, MotionScene  # noqa: E402
-from streamtsm.train.data import read_annotations  # noqa: E402
+from streamtsm.train.annotations import read_annotations  # noqa: E402
 from streamtsm.train.evaluate import evaluate  # noqa: E402
 
 MODEL_FILE = DEMO_WEIGHTS
@@ -198,7 +198,7 @@ def main() -> None:
         logging.info("trained in %.0fs", train_time)
 
     # 3. Evaluation: the val split, then the live scene.
-    model = load_model(run / "best.pth")
+    model = load(run / "best.pth")
     if model.cfg.frame_interval != args.frame_stride or not model.online:
         raise SystemExit(f"trained model records frame_interval {model.cfg.frame_interval} (online: {model.online})")
     val = evaluate(model, read_annotations(data / "val.txt"), num_clips=3, online=True, sampling="dense",

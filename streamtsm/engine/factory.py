@@ -68,7 +68,8 @@ def build_engine(*, model: str | None = None, weights: str | None = None, onnx: 
 
     Args:
         model: registry name (default: the shipped demo model, or ``tsm_mobilenetv2_online`` if none is shipped).
-        weights: a checkpoint: this package's format (model rebuilt from it) or a foreign one (needs ``model``).
+        weights: a checkpoint: this package's format (model rebuilt from it) or a foreign one (needs ``model``);
+            see :func:`streamtsm.models.load`.
         onnx: an exported .onnx file; excludes ``model`` and ``weights``.
         labels_file: class names, one per line; must match the model's class count.
         device: torch device (``cpu``, ``cuda``, ``cuda:N``).
@@ -90,7 +91,6 @@ def build_engine(*, model: str | None = None, weights: str | None = None, onnx: 
     if chosen == "torch" and onnx:
         raise ConfigError("--onnx files run on onnxruntime; drop --backend torch (or use --backend onnxruntime)")
     threads = threads or default_threads()
-    labels = None
     if onnx:
         if model or weights:
             raise ConfigError("--onnx runs the exported file alone; drop --model/--weights")
@@ -105,36 +105,16 @@ def build_engine(*, model: str | None = None, weights: str | None = None, onnx: 
 
     import torch
 
-    from ..models import create, load_checkpoint, load_model, read_checkpoint
-    from ..models.checkpoint import FORMAT_NAME
+    from ..models import load
     from .torch_engine import TorchClipEngine, TorchOnlineEngine
 
-    if labels_file:
-        from ..labels import read_labels
-
-        labels = read_labels(labels_file)
     if weights is None and model is None and DEMO_WEIGHTS.is_file():
         weights = str(DEMO_WEIGHTS)
-    if weights:
-        checkpoint = read_checkpoint(weights)
-        if checkpoint.get("format") == FORMAT_NAME:
-            saved = checkpoint["config"]["name"]
-            if model and model != saved:
-                raise ConfigError(f"--model {model} does not match the checkpoint {weights}, which holds {saved}")
-            net = load_model(weights)
-        else:
-            if not model:
-                raise ConfigError(f"{weights} is not a streamtsm checkpoint: name its architecture with --model")
-            net = create(model, num_classes=len(labels) if labels else num_classes)
-            load_checkpoint(net, checkpoint)
-    else:
-        name = model or DEFAULT_MODEL
-        net = create(name, num_classes=len(labels) if labels else num_classes)
+    if not weights:
+        model = model or DEFAULT_MODEL
         log.warning("no weights given: %s runs with random weights, its predictions mean nothing "
-                    "(pass --weights, or train one with `streamtsm train`)", name)
-    if labels is not None and len(labels) != net.cfg.num_classes:
-        raise ConfigError(f"label file {labels_file} has {len(labels)} lines but the model has "
-                          f"{net.cfg.num_classes} classes")
+                    "(pass --weights, or train one with `streamtsm train`)", model)
+    net = load(weights, model=model, num_classes=num_classes, labels_file=labels_file)
     torch.set_num_threads(threads)  # process-wide: torch has one intra-op pool
     engine_cls = TorchOnlineEngine if net.cfg.kind == "online" else TorchClipEngine
-    return engine_cls(net, device=device, labels=labels)
+    return engine_cls(net, device=device, labels=net.cfg.labels)

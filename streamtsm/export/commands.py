@@ -104,36 +104,20 @@ def _mb(n: int) -> str:
 
 
 def _load(args: argparse.Namespace):
-    """(model, labels from the checkpoint or None) as --model / --weights / --num-classes say."""
-    from ..models import create, load_checkpoint, load_model, read_checkpoint
+    """The model --weights / --model / --num-classes / --labels name (:func:`streamtsm.models.load`), its class
+    names in ``cfg.labels`` (from --labels, else the checkpoint, else None)."""
+    from ..models import load
 
-    if args.weights:
-        checkpoint = read_checkpoint(args.weights)
-        if checkpoint.get("format") == "streamtsm":
-            model = load_model(args.weights)
-            for option, value, own in (("--model", args.model, model.cfg.name),
-                                       ("--num-classes", args.num_classes, model.cfg.num_classes)):
-                if value is not None and value != own:
-                    raise ConfigError(f"{option} {value} contradicts the checkpoint {args.weights}, which holds "
-                                      f"{own}; leave {option} out")
-            return model, model.cfg.labels
-        if not args.model:
-            raise ConfigError(f"{args.weights} is not a streamtsm checkpoint; name the architecture with --model")
-        model = create(args.model, num_classes=args.num_classes)
-        return model, load_checkpoint(model, checkpoint)["labels"]
-    if not args.model:
-        raise ConfigError("give --model NAME, --weights CHECKPOINT, or both")
-    print(f"warning: no --weights: exporting {args.model} with freshly initialized weights", file=sys.stderr)
-    return create(args.model, num_classes=args.num_classes), None
+    if not args.weights and args.model:
+        print(f"warning: no --weights: exporting {args.model} with freshly initialized weights", file=sys.stderr)
+    return load(args.weights, model=args.model, num_classes=args.num_classes, labels_file=args.labels)
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
-    from ..labels import read_labels
     from .onnx import export_onnx
 
-    model, labels = _load(args)
-    if args.labels:
-        labels = read_labels(args.labels, model.cfg.num_classes)
+    model = _load(args)
+    labels = model.cfg.labels
     report = export_onnx(model, args.output, input_size=args.input_size, opset=args.opset,
                          verify=not args.no_verify, labels=labels)
     size = report.input_size
@@ -193,10 +177,8 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
 
             labels = read_labels(args.labels, read_metadata(args.onnx)["config"]["num_classes"])
     else:
-        source, labels = _load(args)
-        if args.labels:
-            labels = read_labels(args.labels, source.cfg.num_classes)
-        what = source.cfg.name
+        source = _load(args)
+        labels, what = source.cfg.labels, source.cfg.name
     report = export_triton(source, args.output, name=args.name, max_batch_size=args.max_batch_size,
                            idle_timeout_us=max(1, round(args.idle_timeout * 1e6)),
                            max_sequences=args.max_sequences, queue_delay_us=round(args.queue_delay * 1e3),

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .registry import ModelConfig, create
+from .registry import ModelConfig
 
 FORMAT_NAME = "streamtsm"
 FORMAT_VERSION = 1
@@ -201,17 +201,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, labels: list[s
 
 
 def load_model(path: str | os.PathLike, **overrides) -> nn.Module:
-    """Rebuild a model from a checkpoint in this package's format, weights loaded, in eval mode."""
-    checkpoint = read_checkpoint(path)
-    if checkpoint.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path} is not a streamtsm checkpoint; build the model with --model NAME and "
-                              "load it as weights instead")
-    cfg = ModelConfig.from_dict(checkpoint["config"])
-    kwargs = {**cfg.arch, "input_size": cfg.input_size, "resize_size": cfg.resize_size, "mean": cfg.mean,
-              "std": cfg.std, "clip_len": cfg.clip_len, "frame_interval": cfg.frame_interval, "labels": cfg.labels}
-    if "num_segments" not in cfg.arch:
-        kwargs["num_segments"] = cfg.num_segments
-    kwargs.update(overrides)
-    model = create(cfg.name, num_classes=cfg.num_classes, **kwargs)
-    load_checkpoint(model, checkpoint)
-    return model
+    """Rebuild a model from a streamtsm checkpoint: :func:`streamtsm.models.load` under its older name."""
+    from .loading import load
+
+    return load(path, **overrides)

@@ -1,6 +1,11 @@
 """Training and evaluation on your own videos, and the synthetic motion dataset.
 
-- :mod:`.data`: annotation lists, TSN/dense sampling, augmentations, the clip dataset, the synthetic dataset writer;
+- :mod:`.annotations`: annotation lists and class folders, read into video records;
+- :mod:`.video`: decoding the frames of a record;
+- :mod:`.sampling`: TSN segment and dense frame samplers;
+- :mod:`.transforms`: train and test clip transforms (multi-scale crop, flip, the live centre crop);
+- :mod:`.data`: the clip dataset joining them, its collate function and the matched batch sampler;
+- :mod:`.synthdata`: the synthetic motion dataset writer (``streamtsm synth``);
 - :mod:`.loop`: :func:`train` with the TSM recipe, checkpoints, resume, logs;
 - :mod:`.evaluate`: the offline (multi-view) and online (frame by frame) protocols and their metrics;
 - :mod:`.commands`: ``streamtsm train``, ``streamtsm eval``, ``streamtsm synth``.
@@ -13,9 +18,9 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "ClipDataset": ".data", "DenseSampler": ".data", "SegmentSampler": ".data", "TestTransform": ".data",
-    "TrainTransform": ".data", "VideoRecord": ".data", "read_annotations": ".data", "scan_folders": ".data",
-    "write_synthetic_dataset": ".data",
+    "ClipDataset": ".data", "DenseSampler": ".sampling", "SegmentSampler": ".sampling",
+    "TestTransform": ".transforms", "TrainTransform": ".transforms", "VideoRecord": ".annotations",
+    "read_annotations": ".annotations", "scan_folders": ".annotations", "write_synthetic_dataset": ".synthdata",
     "TrainOptions": ".loop", "train": ".loop",
     "classification_metrics": ".evaluate", "evaluate": ".evaluate",
 }

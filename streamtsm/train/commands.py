@@ -69,11 +69,13 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("train", help="train or fine-tune a model on annotated videos",
                               description="Train a model on an annotation list (path label / frame_dir "
                                           "total_frames label) or a folder per class.")
-    p.add_argument("--model", help="registered model name (`streamtsm models`); taken from --resume when resuming")
+    p.add_argument("--model", help="registered model name (`streamtsm models`); taken from a streamtsm checkpoint "
+                                   "given as --weights or --resume")
     p.add_argument("--train", required=True, help="train annotation list or class-folder root")
     p.add_argument("--val", help="val annotation list or class-folder root")
     p.add_argument("--out", default="runs/train", help="output folder (checkpoints, log.jsonl, labels.txt)")
-    p.add_argument("--weights", help="pretrained weights to start from (any supported checkpoint format)")
+    p.add_argument("--weights", help="pretrained weights to start from: a streamtsm checkpoint (it names its "
+                                     "architecture) or foreign weights for --model")
     p.add_argument("--reset-head", action="store_true", help="accept a classifier of another size (new classes)")
     p.add_argument("--allow-shift-mismatch", action="store_true",
                    help="load bi-directional weights into an online (uni-directional) model or the reverse")
@@ -182,8 +184,9 @@ def train_options(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from .loop import train
 
-    if not args.model and not args.resume:
-        raise ConfigError("--model NAME is required (or --resume CHECKPOINT)")
+    if not args.model and not args.weights and not args.resume:
+        raise ConfigError("--model NAME is required (or --weights CHECKPOINT of streamtsm, which names its model, "
+                          "or --resume CHECKPOINT)")
     final = train(train_options(args))
     best = final["best_top1"]
     where = f"best val top-1 {100 * best:.1f}% at epoch {final['best_epoch']}, " if best is not None else ""
@@ -194,25 +197,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import load_records, read_labels
+    from ..models import read_checkpoint
+    from .annotations import load_records
     from .evaluate import evaluate, format_table
     from .loop import check_labels, load_for_eval, resolve_device
 
     if args.num_clips < 1 or args.batch_size < 1 or args.avg_last < 1:
         raise ConfigError("--num-clips, --batch-size and --avg-last must be >= 1")
-    model = load_for_eval(args.weights, args.device)
+    model = load_for_eval(args.weights, args.device, labels_file=args.labels)
     sampling = args.sampling
     if sampling == "auto":
         # As the model was trained (streamtsm train records it), else the family's usual sampling.
-        from ..models import read_checkpoint
-
         sampling = (read_checkpoint(args.weights).get("extra") or {}).get("recipe", {}).get("sampling", "auto")
     overrides = {k: v for k, v in (("clip_len", args.clip_len), ("frame_interval", args.frame_interval)) if v}
     if overrides:
         model.cfg = dataclasses.replace(model.cfg, **overrides)
-    labels = read_labels(args.labels) if args.labels else model.cfg.labels
-    if labels is not None and len(labels) != model.cfg.num_classes:
-        raise ConfigError(f"{len(labels)} labels given for a model with {model.cfg.num_classes} classes")
+    labels = model.cfg.labels
     records, folder_labels = load_records(args.val, args.data_root, labels, args.frame_template, args.list_format)
     labels = labels or folder_labels or [str(i) for i in range(model.cfg.num_classes)]
     check_labels(records, labels, "the val data")
@@ -233,7 +233,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .data import write_synthetic_dataset
+    from .synthdata import write_synthetic_dataset
 
     meta = write_synthetic_dataset(args.out, clips_per_class=args.clips_per_class, frames=args.frames,
                                    size=args.size, seed=args.seed, val_fraction=args.val_fraction,

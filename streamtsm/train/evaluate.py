@@ -1,6 +1,6 @@
 """Evaluation protocols and metrics.
 
-Two protocols, both on the test-time samples of :mod:`streamtsm.train.data`:
+Two protocols, both on the test-time samples of :mod:`streamtsm.train.sampling`:
 
 - offline: every view (``num_clips`` temporal clips x ``crops`` spatial crops) through the clip form
   ``model(clip)``, the softmax scores averaged over the views (TSN/TSM multi-view testing);
@@ -21,7 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .data import ClipDataset, Skipped, TestTransform, VideoRecord, collate_clips, sampler_for, worker_init
+from .annotations import VideoRecord
+from .data import ClipDataset, Skipped, collate_clips, worker_init
+from .sampling import sampler_for
+from .transforms import TestTransform
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +131,9 @@ def evaluate(model: torch.nn.Module, records: Sequence[VideoRecord], *, num_clip
     """Run the offline protocol and, for models with a step form, the online protocol.
 
     Args:
-        model: a model from :func:`streamtsm.models.create` / :func:`~streamtsm.models.load_model`.
+        model: a model from :func:`streamtsm.models.create` / :func:`~streamtsm.models.load`.
         records: the videos to evaluate.
-        num_clips, crops, twice_sample: the offline protocol's views (see :mod:`streamtsm.train.data`).
+        num_clips, crops, twice_sample: the offline protocol's views (see :mod:`streamtsm.train.sampling`).
         online: run the online protocol; None runs it when the model has a step form.
         avg_last: frames averaged in the online protocol's smoothed prediction.
 

@@ -4,6 +4,10 @@ warm-up, gradient clipping at norm 40, optional partial BN), checkpoints every e
 Online models (uni-directional shift) train in their clip form: the clip form of a uni-directional TSM is the
 online model run over the clip, so the weights run frame by frame afterwards unchanged.
 
+:func:`train` is a short sequence: check the options, read the resume checkpoint, prepare the data and the model
+(:func:`streamtsm.models.load`: a streamtsm checkpoint given as weights names its own architecture), the loaders
+and the optimization, restore the resumed state, then per epoch: train, validate, checkpoint and log.
+
 Out folder of a run::
 
     checkpoint.pth   the latest epoch (streamtsm format; extra: epoch, optimizer, scheduler, scaler, best)
@@ -18,7 +22,6 @@ import dataclasses
 import inspect
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -32,21 +35,21 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..errors import CheckpointError, ConfigError, StreamTSMError
-from ..models import create, get_spec, load_checkpoint, load_model, read_checkpoint, save_checkpoint
-from .data import (FRAME_TEMPLATE, ClipDataset, MatchedBatchSampler, TestTransform, TrainTransform, VideoRecord,
-                   collate_clips, flip_label_map, load_records, mirrored_pairs, read_labels, sampler_for,
-                   worker_init)
+from ..labels import read_labels
+from ..models import get_spec, load, read_checkpoint, save_checkpoint
+from ..models.loading import is_streamtsm
+from .annotations import FRAME_TEMPLATE, VideoRecord, load_records
+from .data import ClipDataset, MatchedBatchSampler, collate_clips, worker_init
 from .evaluate import classification_metrics, predict_offline
+from .optim import OPTIMIZERS, SCHEDULES, EpochScheduler, apply_partial_bn, lr_factor, make_optimizer, set_partial_bn
+from .sampling import sampler_for
+from .transforms import TestTransform, TrainTransform, flip_label_map, mirrored_pairs
 
 log = logging.getLogger(__name__)
-
-SCHEDULES = ("step", "cosine")
 
 
 class TrainingError(StreamTSMError):
     """Training cannot go on (the loss diverged)."""
-
-OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass
@@ -59,11 +62,12 @@ class TrainOptions:
     which the step schedule divides the learning rate by 10 (default: 50% and 75% of the epochs).
     ``optimizer``: ``"sgd"`` with momentum, the TSM recipe for fine-tuning pretrained weights, or ``"adamw"``
     (``momentum`` is its beta1), which trains from scratch much sooner: SGD barely moves a backbone behind a
-    classifier initialized near zero. ``matched_warmup_epochs``: the first epochs draw each batch from one scene shown in every class
-    (:class:`~streamtsm.train.data.MatchedBatchSampler`), which makes a TSM trained from scratch pick up motion
-    many times sooner; they count towards ``epochs``. ``frame_loss`` = K > 0: the loss is the mean cross-entropy of
-    each of the last K frames' outputs (``model(clip, per_frame=True)``) rather than of the clip average; for online
-    models, whose output at every frame is what a live stream reports.
+    classifier initialized near zero. ``matched_warmup_epochs``: the first epochs draw each batch from one scene
+    shown in every class (:class:`~streamtsm.train.data.MatchedBatchSampler`), which makes a TSM trained from
+    scratch pick up motion many times sooner; they count towards ``epochs``. ``frame_loss`` = K > 0: the loss is the
+    mean cross-entropy of each of the last K frames' outputs (``model(clip, per_frame=True)``) rather than of the
+    clip average; for online models, whose output at every frame is what a live stream reports. ``weights``: a
+    streamtsm checkpoint names its own architecture, so ``model`` and ``model_args`` may be left out.
     """
 
     model: str | None = None
@@ -121,7 +125,27 @@ class TrainOptions:
         return out
 
 
-# -- pieces ---------------------------------------------------------------------------------------------------
+# -- preparation ----------------------------------------------------------------------------------------------
+
+
+def check_options(o: TrainOptions) -> None:
+    """Reject options no run can use, before any data is read.
+
+    Raises:
+        ConfigError: naming the option, what it must be and what it is.
+    """
+    if o.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {o.optimizer!r}")
+    if o.schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {SCHEDULES}, got {o.schedule!r}")
+    if o.epochs < 1 or o.batch_size < 1:
+        raise ConfigError(f"epochs and batch size must be >= 1, got {o.epochs}, {o.batch_size}")
+    if o.lr <= 0 or o.workers < 0 or o.warmup_epochs < 0:
+        raise ConfigError("lr must be > 0, workers and warmup epochs >= 0")
+    if not o.scales or not all(0 < float(x) <= 1 for x in o.scales):
+        raise ConfigError(f"crop scales must be fractions in (0, 1], got {list(o.scales)}")
+    if o.frame_loss < 0:
+        raise ConfigError(f"frame loss frames must be >= 0, got {o.frame_loss}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -136,8 +160,43 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def resolve_labels(option, folder_labels: list[str] | None, train_source, records: Sequence[VideoRecord],
-                   weights_labels: list[str] | None = None) -> list[str]:
+def read_resume(o: TrainOptions) -> dict | None:
+    """The checkpoint ``o.resume`` names, checked to be a training checkpoint of the same recipe; None without one.
+
+    Raises:
+        CheckpointError: it is not a checkpoint of ``streamtsm train``.
+        ConfigError: it was trained with another optimizer or schedule.
+    """
+    if not o.resume:
+        return None
+    checkpoint = read_checkpoint(o.resume)
+    if not is_streamtsm(checkpoint) or "extra" not in checkpoint or "optimizer" not in checkpoint["extra"]:
+        raise CheckpointError(f"{o.resume} is not a training checkpoint of streamtsm train (no optimizer state)")
+    saved = checkpoint["extra"].get("recipe", {})
+    for key in ("optimizer", "schedule"):
+        if key in saved and saved[key] != getattr(o, key):
+            raise ConfigError(f"{o.resume} was trained with --{key} {saved[key]}; resume it with the same "
+                              f"--{key} (got {getattr(o, key)})")
+    return checkpoint
+
+
+@dataclass
+class TrainData:
+    """The class names and the records of a run."""
+
+    labels: list[str]
+    train: list[VideoRecord]
+    val: list[VideoRecord] | None
+
+
+def saved_config(weights: str | os.PathLike) -> dict:
+    """The config a streamtsm checkpoint records (name, classes, labels, ...); empty for a foreign one."""
+    checkpoint = read_checkpoint(weights)
+    return (checkpoint.get("config") or {}) if is_streamtsm(checkpoint) else {}
+
+
+def data_labels(option, folder_labels: list[str] | None, train_source, records: Sequence[VideoRecord],
+                weights_labels: list[str] | None = None) -> list[str]:
     """The class names, from (in order): the option, the class folders, ``labels.txt`` beside the train list, the
     pretrained checkpoint's labels; else ``0..K-1`` with K = the largest label + 1."""
     if option is not None:
@@ -176,174 +235,93 @@ def _records(source, options: TrainOptions, labels, what: str) -> tuple[list[Vid
     return records, None
 
 
-def set_partial_bn(model: nn.Module) -> list[nn.Module]:
-    """TSN's partial BN: freeze the statistics and affine parameters of every BN layer but the first.
-
-    Returns the frozen layers; call :func:`apply_partial_bn` after every ``model.train()``.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for bn in bns[1:]:
-        for p in bn.parameters():
-            p.requires_grad_(False)
-    return bns[1:]
-
-
-def apply_partial_bn(frozen: Sequence[nn.Module]) -> None:
-    for bn in frozen:
-        bn.eval()
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on conv and linear weights only, not on BN parameters and biases (as in TSM's policies)."""
-    decay, no_decay = [], []
-    for m in model.modules():
-        for name, p in m.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            is_norm = isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm))
-            (no_decay if is_norm or name == "bias" else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_factor(epoch: float, epochs: int, schedule: str, lr_steps: Sequence[int], warmup_epochs: float) -> float:
-    """Learning-rate multiplier at ``epoch`` (fractional): linear warm-up, then step (x0.1 at each of
-    ``lr_steps``) or cosine to zero at ``epochs``."""
-    warm = 1.0
-    if warmup_epochs > 0 and epoch < warmup_epochs:
-        warm = max(epoch / warmup_epochs, 1e-3)
-    if schedule == "cosine":
-        span = max(epochs - warmup_epochs, 1e-8)
-        progress = min(max(epoch - warmup_epochs, 0.0) / span, 1.0)
-        return warm * 0.5 * (1 + math.cos(math.pi * progress))
-    return warm * 0.1 ** sum(epoch >= s for s in lr_steps)
-
-
-class EpochScheduler:
-    """Sets every group's lr to ``base_lr * fn(progress)``, progress in epochs (fractional within an epoch).
-
-    Progress rather than an iteration count, so that epochs of different lengths (matched warm-up batches,
-    skipped videos) keep the schedule in epochs. Its state is plain numbers (weights_only checkpoints).
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, fn) -> None:
-        self.optimizer = optimizer
-        self.fn = fn
-        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
-        self.progress = 0.0
-        self.step(0.0)
-
-    def step(self, progress: float) -> None:
-        self.progress = float(progress)
-        factor = self.fn(self.progress)
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * factor
-
-    def state_dict(self) -> dict:
-        return {"base_lrs": list(self.base_lrs), "progress": self.progress}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.base_lrs = [float(x) for x in state["base_lrs"]]
-        self.step(state["progress"])
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-def build_model(options: TrainOptions, num_classes: int) -> nn.Module:
-    """A fresh model of ``options.model`` (with ``model_args``), pretrained weights loaded when given."""
-    if not options.model:
-        raise ConfigError("no model given (--model NAME; `streamtsm models` lists them)")
-    spec = get_spec(options.model)
-    args = dict(options.model_args)
-    if "input_size" in args and "resize_size" not in args:
-        # Keep the 224/256 ratio of the default crop, so the centre crop sees the same part of the frame.
-        args["resize_size"] = round(args["input_size"] * 256 / 224)
-    if spec.kind == "clip" and "num_segments" in args and "clip_len" not in args:
-        args.setdefault("clip_len", args["num_segments"])
-    model = create(options.model, num_classes=num_classes, **args)
-    if options.weights:
-        info = load_checkpoint(model, options.weights, reset_head=options.reset_head,
-                               allow_shift_mismatch=options.allow_shift_mismatch)
-        log.info("loaded %s weights from %s", info["format"], options.weights)
-    return model
-
-
-# -- the run ------------------------------------------------------------------------------------------------
-
-
-def train(options: TrainOptions) -> dict:
-    """Train a model; see the module docstring for what a run writes.
-
-    Returns:
-        The final log record: ``best_top1``, ``best_epoch``, ``val`` (the last epoch's metrics), ``checkpoint``,
-        ``best_checkpoint``, ``skipped`` (unreadable videos), ``train_time_s``, ...
+def prepare_data(o: TrainOptions, resume: dict | None) -> TrainData:
+    """Read the train and val records and decide the class names (:func:`data_labels`; a resumed run keeps its
+    own).
 
     Raises:
-        ConfigError: bad options, missing or inconsistent data.
-        CheckpointError: weights or resume checkpoint that cannot be used.
+        ConfigError: missing data, or labels that do not cover the records.
     """
-    o = options
-    if o.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {o.optimizer!r}")
-    if o.schedule not in SCHEDULES:
-        raise ConfigError(f"schedule must be one of {SCHEDULES}, got {o.schedule!r}")
-    if o.epochs < 1 or o.batch_size < 1:
-        raise ConfigError(f"epochs and batch size must be >= 1, got {o.epochs}, {o.batch_size}")
-    if o.lr <= 0 or o.workers < 0 or o.warmup_epochs < 0:
-        raise ConfigError("lr must be > 0, workers and warmup epochs >= 0")
-    if not o.scales or not all(0 < float(x) <= 1 for x in o.scales):
-        raise ConfigError(f"crop scales must be fractions in (0, 1], got {list(o.scales)}")
-    if o.frame_loss < 0:
-        raise ConfigError(f"frame loss frames must be >= 0, got {o.frame_loss}")
-    device = resolve_device(o.device)
-    torch.manual_seed(o.seed)
-    np.random.seed(o.seed % 2**32)
-    out = Path(o.out)
-
-    resume_ckpt = read_checkpoint(o.resume) if o.resume else None
-    if resume_ckpt is not None and (resume_ckpt.get("format") != "streamtsm" or "extra" not in resume_ckpt
-                                    or "optimizer" not in resume_ckpt["extra"]):
-        raise CheckpointError(f"{o.resume} is not a training checkpoint of streamtsm train (no optimizer state)")
-
-    if resume_ckpt is not None:
-        saved = resume_ckpt["extra"].get("recipe", {})
-        for key in ("optimizer", "schedule"):
-            if key in saved and saved[key] != getattr(o, key):
-                raise ConfigError(f"{o.resume} was trained with --{key} {saved[key]}; resume it with the same "
-                                  f"--{key} (got {getattr(o, key)})")
-
     label_option = o.labels
-    if label_option is None and resume_ckpt is not None:
-        label_option = resume_ckpt["config"].get("labels")
+    if label_option is None and resume is not None:
+        label_option = resume["config"].get("labels")
     names = read_labels(label_option) if isinstance(label_option, (str, os.PathLike)) else label_option
     train_records, folder_labels = _records(o.train, o, names, "train")
     weights_labels = None
     if o.weights and names is None and folder_labels is None and not o.reset_head:
-        weights_ckpt = read_checkpoint(o.weights)
-        weights_labels = (weights_ckpt.get("config") or {}).get("labels") if weights_ckpt.get(
-            "format") == "streamtsm" else None
-    labels = resolve_labels(names, folder_labels, o.train, train_records, weights_labels)
+        weights_labels = saved_config(o.weights).get("labels")
+    labels = data_labels(names, folder_labels, o.train, train_records, weights_labels)
     check_labels(train_records, labels, "the train data")
     val_records = None
     if o.val is not None:
         val_records, _ = _records(o.val, o, labels, "val")
         check_labels(val_records, labels, "the val data")
+    return TrainData(labels, train_records, val_records)
 
-    if resume_ckpt is not None:
-        model = load_model(o.resume)
-        if o.model and o.model != model.cfg.name:
-            raise ConfigError(f"--resume checkpoint holds {model.cfg.name}, not {o.model}")
-        if model.cfg.num_classes != len(labels):
-            raise ConfigError(f"--resume checkpoint has {model.cfg.num_classes} classes, the data {len(labels)}")
+
+def build_model(options: TrainOptions, num_classes: int) -> nn.Module:
+    """The model to train: ``options.model`` with ``model_args``, its pretrained ``weights`` loaded; a streamtsm
+    checkpoint as weights names its own architecture (:func:`streamtsm.models.load`)."""
+    args = dict(options.model_args)
+    if "input_size" in args and "resize_size" not in args:
+        # Keep the 224/256 ratio of the default crop, so the centre crop sees the same part of the frame.
+        args["resize_size"] = round(args["input_size"] * 256 / 224)
+    name = options.model or (saved_config(options.weights).get("name") if options.weights else None)
+    if name and get_spec(name).kind == "clip" and "num_segments" in args and "clip_len" not in args:
+        args.setdefault("clip_len", args["num_segments"])
+    model = load(options.weights, model=options.model, num_classes=num_classes, reset_head=options.reset_head,
+                 allow_shift_mismatch=options.allow_shift_mismatch, **args)
+    if options.weights:
+        log.info("loaded %s weights from %s", model.cfg.name, options.weights)
+    return model
+
+
+def prepare_model(o: TrainOptions, data: TrainData, resume: dict | None, device: torch.device) -> nn.Module:
+    """The model on ``device``: rebuilt from the resume checkpoint, else :func:`build_model`.
+
+    Raises:
+        ConfigError: the resumed model is another one or has another class count; --frame-loss on a model without
+            per-frame outputs.
+    """
+    if resume is not None:
+        model = load(o.resume, model=o.model)
+        if model.cfg.num_classes != len(data.labels):
+            raise ConfigError(f"--resume checkpoint has {model.cfg.num_classes} classes, the data "
+                              f"{len(data.labels)}")
     else:
-        model = build_model(o, len(labels))
+        model = build_model(o, len(data.labels))
     model.to(device)
-    cfg = model.cfg
     if o.frame_loss and "per_frame" not in inspect.signature(model.forward).parameters:
-        raise ConfigError(f"{cfg.name} has no per-frame output; --frame-loss needs a TSN/TSM-style model")
+        raise ConfigError(f"{model.cfg.name} has no per-frame output; --frame-loss needs a TSN/TSM-style model")
+    return model
 
-    # Data.
+
+@dataclass
+class Loaders:
+    """The datasets and loaders of a run; ``matched[e - 1]`` serves epoch e of the matched warm-up."""
+
+    train_set: ClipDataset
+    train: DataLoader
+    val_set: ClipDataset | None
+    matched: list[DataLoader]
+    generator: torch.Generator
+
+    @property
+    def sampling(self) -> str:
+        """``"segments"`` or ``"dense"``: how the train clips are sampled (checkpoints record it)."""
+        return self.train_set.sampler.describe()["kind"]
+
+    def for_epoch(self, epoch: int) -> DataLoader:
+        return self.matched[epoch - 1] if epoch <= len(self.matched) else self.train
+
+
+def prepare_loaders(o: TrainOptions, model: nn.Module, data: TrainData, device: torch.device) -> Loaders:
+    """The train (and matched warm-up) loaders and the val set. Dense sampling records its clips in ``model.cfg``.
+
+    Raises:
+        ConfigError: the train data holds no clips, or a flip swap names an unknown label.
+    """
+    labels, cfg = data.labels, model.cfg
     flip_map = {}
     if o.flip_swap:
         pairs = mirrored_pairs(labels) if o.flip_swap == "auto" else list(o.flip_swap)
@@ -353,134 +331,126 @@ def train(options: TrainOptions) -> dict:
                     "label", ", ".join("/".join(p) for p in mirrored_pairs(labels)))
     sampling = {"sampling": o.sampling, "clip_len": o.clip_len, "frame_interval": o.frame_interval, "short": o.short}
     common = {"frame_template": o.frame_template, "start_index": o.start_index}
-    train_set = ClipDataset(train_records, sampler_for(model, train=True, **sampling),
+    train_set = ClipDataset(data.train, sampler_for(model, train=True, **sampling),
                             TrainTransform.for_config(cfg, scales=o.scales, flip=o.flip, flip_label_map=flip_map),
                             train=True, **common)
-    sampling_used = train_set.sampler.describe()["kind"]
-    if sampling_used == "dense":
+    if train_set.sampler.describe()["kind"] == "dense":
         # The checkpoint records the clips the model learned from, so `streamtsm run` feeds an online model every
         # frame_interval-th frame and samples a clip model's windows the same way, and `eval` reads it back.
         model.cfg = dataclasses.replace(cfg, frame_interval=train_set.sampler.frame_interval,
                                         clip_len=train_set.sampler.clip_len)
         cfg = model.cfg
-    loader_gen = torch.Generator()
+    generator = torch.Generator()
     train_loader = DataLoader(train_set, batch_size=o.batch_size, shuffle=True, num_workers=o.workers,
-                              collate_fn=collate_clips, worker_init_fn=worker_init, generator=loader_gen,
+                              collate_fn=collate_clips, worker_init_fn=worker_init, generator=generator,
                               drop_last=len(train_set) > o.batch_size, pin_memory=device.type == "cuda",
                               persistent_workers=o.workers > 0)
-    val_set = None
-    if val_records is not None:
-        val_set = ClipDataset(val_records, sampler_for(model, train=False, **sampling), TestTransform(cfg, 1),
-                              train=False, **common)
-
-    # Optimization.
-    frozen_bn = set_partial_bn(model) if o.partial_bn else []
-    if o.optimizer == "sgd":
-        optimizer = torch.optim.SGD(param_groups(model, o.weight_decay), lr=o.lr, momentum=o.momentum)
-    else:
-        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.momentum, 0.999))
     if len(train_loader) == 0:
         raise ConfigError("the train data holds no clips")
-    lr_steps = list(o.lr_steps) if o.lr_steps else [s for s in (round(o.epochs * 0.5), round(o.epochs * 0.75)) if s]
-    scheduler = EpochScheduler(optimizer, lambda e: lr_factor(e, o.epochs, o.schedule, lr_steps, o.warmup_epochs))
-    matched_loaders = []
+    val_set = None
+    if data.val is not None:
+        val_set = ClipDataset(data.val, sampler_for(model, train=False, **sampling), TestTransform(cfg, 1),
+                              train=False, **common)
+    matched = []
     for e in range(o.matched_warmup_epochs):
         # One scene per batch at first, then geometrically more scenes (and fewer classes of each) per batch,
         # towards shuffled batches.
         scenes = round(len(labels) ** (e / o.matched_warmup_epochs))
-        sampler = MatchedBatchSampler(train_records, scenes, len(labels) if scenes > 1 else None, loader_gen)
-        matched_loaders.append(DataLoader(train_set, batch_sampler=sampler, num_workers=o.workers,
-                                          collate_fn=collate_clips, worker_init_fn=worker_init,
-                                          pin_memory=device.type == "cuda"))
+        sampler = MatchedBatchSampler(data.train, scenes, len(labels) if scenes > 1 else None, generator)
+        matched.append(DataLoader(train_set, batch_sampler=sampler, num_workers=o.workers,
+                                  collate_fn=collate_clips, worker_init_fn=worker_init,
+                                  pin_memory=device.type == "cuda"))
+    return Loaders(train_set, train_loader, val_set, matched, generator)
+
+
+@dataclass
+class Optimization:
+    """What changes the weights: optimizer, schedule, gradient scaler, the BN layers partial BN froze."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: EpochScheduler
+    scaler: torch.amp.GradScaler
+    frozen_bn: list[nn.Module]
+    use_amp: bool
+
+    def state(self) -> dict:
+        """The state a training checkpoint keeps to resume."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.use_amp else {}}
+
+
+def prepare_optimization(o: TrainOptions, model: nn.Module, device: torch.device) -> Optimization:
+    """Partial BN (when asked), the optimizer, the epoch schedule and the AMP gradient scaler."""
+    frozen_bn = set_partial_bn(model) if o.partial_bn else []
+    optimizer = make_optimizer(model, o.optimizer, o.lr, o.momentum, o.weight_decay)
+    lr_steps = list(o.lr_steps) if o.lr_steps else [s for s in (round(o.epochs * 0.5), round(o.epochs * 0.75)) if s]
+    scheduler = EpochScheduler(optimizer, lambda e: lr_factor(e, o.epochs, o.schedule, lr_steps, o.warmup_epochs))
     use_amp = o.amp and device.type == "cuda"
     if o.amp and not use_amp:
         log.info("--amp applies on CUDA only; training in float32 on %s", device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    return Optimization(optimizer, scheduler, scaler, frozen_bn, use_amp)
 
-    start_epoch, best_top1, best_epoch = 1, -1.0, 0
-    if resume_ckpt is not None:
-        extra = resume_ckpt["extra"]
-        optimizer.load_state_dict(extra["optimizer"])
-        scheduler.load_state_dict(extra["scheduler"])
-        if extra.get("scaler"):
-            scaler.load_state_dict(extra["scaler"])
-        start_epoch = int(extra["epoch"]) + 1
-        best_top1, best_epoch = float(extra.get("best_top1", -1.0)), int(extra.get("best_epoch", 0))
-        log.info("resuming %s at epoch %d", o.resume, start_epoch)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "labels.txt").write_text("\n".join(labels) + "\n")
-    log_path = out / "log.jsonl"
-    if resume_ckpt is None and log_path.exists():
-        log_path.unlink()
-    run_info = {"model": cfg.name, "arch": cfg.arch, "input_size": cfg.input_size, "resize_size": cfg.resize_size,
-                "num_classes": cfg.num_classes, "device": str(device), "amp": use_amp,
-                "sampler": type(train_set.sampler).__name__, "train_videos": len(train_records),
-                "val_videos": len(val_records) if val_records is not None else 0}
-    _append(log_path, {"event": "start", "resumed_from": o.resume, "start_epoch": start_epoch, **run_info,
-                       "options": o.to_json()})
+# -- resume ---------------------------------------------------------------------------------------------------
 
-    skipped_paths: set[str] = set()
-    last_val: dict | None = None
-    t_run = time.perf_counter()
-    record: dict = {}
-    for epoch in range(start_epoch, o.epochs + 1):
-        seed = _epoch_seed(o.seed, epoch)
-        torch.manual_seed(seed)  # per-epoch seeds: a resumed run draws what the uninterrupted one would have
-        loader_gen.manual_seed(seed)
-        model.train()
-        apply_partial_bn(frozen_bn)
-        matched = epoch <= len(matched_loaders)
-        loader = matched_loaders[epoch - 1] if matched else train_loader
-        stats = _train_epoch(model, loader, optimizer, scheduler, scaler, device, o, epoch, use_amp)
-        stats["matched_batches"] = matched
-        skipped_paths |= set(stats.pop("skipped_paths"))
-        record = {"event": "epoch", "epoch": epoch, **stats}
-        is_best = False
-        if val_set is not None:
-            scores, val_labels, val_skipped = predict_offline(model, val_set, batch_size=o.val_batch_size or
-                                                              o.batch_size, workers=o.workers, device=device,
-                                                              amp=use_amp)
-            skipped_paths |= {s.path for s in val_skipped}
-            m = classification_metrics(scores, val_labels, cfg.num_classes)
-            last_val = {k: m[k] for k in ("top1", "top5", "mean_class_acc", "count")}
-            last_val["skipped"] = len(val_skipped)
-            record["val"] = last_val
-            is_best = m["top1"] > best_top1
-            if is_best:
-                best_top1, best_epoch = m["top1"], epoch
-        else:
-            is_best = True
-            best_epoch = epoch
-        record.update(best_top1=best_top1 if val_set is not None else None, best_epoch=best_epoch, is_best=is_best)
-        extra = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "recipe": {"optimizer": o.optimizer, "schedule": o.schedule, "sampling": sampling_used},
-                 "scaler": scaler.state_dict() if use_amp else {}, "best_top1": best_top1, "best_epoch": best_epoch,
-                 "val": last_val or {}}
-        model.eval()
-        save_checkpoint(model, out / "checkpoint.pth", labels=labels, extra=extra)
-        if is_best:
-            save_checkpoint(model, out / "best.pth", labels=labels,
-                            extra={"epoch": epoch, "val": last_val or {}, "best_top1": best_top1,
-                                   "recipe": extra["recipe"]})
-        _append(log_path, record)
-        msg = (f"epoch {epoch}/{o.epochs}: loss {stats['train_loss']:.4f}, train top-1 "
-               f"{100 * stats['train_top1']:.1f}%, {stats['clips_per_s']:.1f} clips/s")
-        if last_val is not None:
-            msg += (f", val top-1 {100 * last_val['top1']:.1f}% top-5 {100 * last_val['top5']:.1f}% "
-                    f"mean class {100 * last_val['mean_class_acc']:.1f}%")
-        if stats["skipped"]:
-            msg += f", skipped {stats['skipped']} unreadable"
-        (tqdm.write if o.progress else log.info)(msg)
 
-    final = {"event": "final", "model": cfg.name, "epochs": o.epochs, "best_top1": best_top1 if val_set else None,
-             "best_epoch": best_epoch, "val": last_val, "checkpoint": str(out / "checkpoint.pth"),
-             "best_checkpoint": str(out / "best.pth"), "skipped": sorted(skipped_paths),
-             "train_time_s": round(time.perf_counter() - t_run, 2), "labels": labels, **run_info}
-    if record:
-        final["last_epoch"] = {k: record[k] for k in ("train_loss", "train_top1", "clips_per_s") if k in record}
-    _append(log_path, final)
-    return final
+@dataclass
+class Progress:
+    """Where a run stands: the next epoch, the best val top-1 so far and its epoch (-1 and 0 before any)."""
+
+    start_epoch: int = 1
+    best_top1: float = -1.0
+    best_epoch: int = 0
+
+
+def restore(resume: dict | None, opt: Optimization, source: str | None) -> Progress:
+    """Load the optimizer, schedule and scaler state of a resume checkpoint; the progress it records."""
+    if resume is None:
+        return Progress()
+    extra = resume["extra"]
+    opt.optimizer.load_state_dict(extra["optimizer"])
+    opt.scheduler.load_state_dict(extra["scheduler"])
+    if extra.get("scaler"):
+        opt.scaler.load_state_dict(extra["scaler"])
+    progress = Progress(int(extra["epoch"]) + 1, float(extra.get("best_top1", -1.0)), int(extra.get("best_epoch", 0)))
+    log.info("resuming %s at epoch %d", source, progress.start_epoch)
+    return progress
+
+
+# -- one epoch ------------------------------------------------------------------------------------------------
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def run_epoch(model: nn.Module, epoch: int, o: TrainOptions, loaders: Loaders, opt: Optimization,
+              device: torch.device) -> tuple[dict, set[str]]:
+    """Train one epoch, then validate when there is a val set.
+
+    Returns:
+        ``(stats, skipped paths)``; ``stats`` holds the train loss, accuracy and speed, ``matched_batches`` and,
+        with a val set, ``val`` (top1, top5, mean_class_acc, count, skipped).
+    """
+    seed = _epoch_seed(o.seed, epoch)
+    torch.manual_seed(seed)  # per-epoch seeds: a resumed run draws what the uninterrupted one would have
+    loaders.generator.manual_seed(seed)
+    model.train()
+    apply_partial_bn(opt.frozen_bn)
+    stats = _train_epoch(model, loaders.for_epoch(epoch), opt.optimizer, opt.scheduler, opt.scaler, device, o, epoch,
+                         opt.use_amp)
+    stats["matched_batches"] = epoch <= len(loaders.matched)
+    skipped = set(stats.pop("skipped_paths"))
+    if loaders.val_set is not None:
+        scores, val_labels, val_skipped = predict_offline(model, loaders.val_set, batch_size=o.val_batch_size or
+                                                          o.batch_size, workers=o.workers, device=device,
+                                                          amp=opt.use_amp)
+        skipped |= {s.path for s in val_skipped}
+        m = classification_metrics(scores, val_labels, model.cfg.num_classes)
+        stats["val"] = {k: m[k] for k in ("top1", "top5", "mean_class_acc", "count")}
+        stats["val"]["skipped"] = len(val_skipped)
+    return stats, skipped
 
 
 def _train_epoch(model, loader, optimizer, scheduler, scaler, device, o: TrainOptions, epoch: int,
@@ -530,9 +500,126 @@ def _train_epoch(model, loader, optimizer, scheduler, scaler, device, o: TrainOp
             "epoch_time_s": round(elapsed, 2), "skipped": len(skipped), "skipped_paths": [s.path for s in skipped]}
 
 
-def _append(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=_json_default) + "\n")
+# -- checkpointing and logging --------------------------------------------------------------------------------
+
+
+class RunLog:
+    """The out folder of a run: ``labels.txt``, ``log.jsonl`` (a start record, one per epoch, a final one) and the
+    checkpoints."""
+
+    def __init__(self, o: TrainOptions, labels: list[str], run_info: dict, start_epoch: int) -> None:
+        self.out = Path(o.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "labels.txt").write_text("\n".join(labels) + "\n")
+        self.path = self.out / "log.jsonl"
+        if o.resume is None and self.path.exists():
+            self.path.unlink()
+        self.run_info = run_info
+        self.append({"event": "start", "resumed_from": o.resume, "start_epoch": start_epoch, **run_info,
+                     "options": o.to_json()})
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+
+    def save_checkpoints(self, model: nn.Module, labels: list[str], extra: dict, is_best: bool) -> None:
+        """``checkpoint.pth`` with the resume state in ``extra``; ``best.pth`` too on the best epoch."""
+        model.eval()
+        save_checkpoint(model, self.out / "checkpoint.pth", labels=labels, extra=extra)
+        if is_best:
+            save_checkpoint(model, self.out / "best.pth", labels=labels,
+                            extra={"epoch": extra["epoch"], "val": extra["val"], "best_top1": extra["best_top1"],
+                                   "recipe": extra["recipe"]})
+
+
+def run_info(model: nn.Module, device: torch.device, opt: Optimization, loaders: Loaders, data: TrainData) -> dict:
+    """What the start and final log records say about the run."""
+    cfg = model.cfg
+    return {"model": cfg.name, "arch": cfg.arch, "input_size": cfg.input_size, "resize_size": cfg.resize_size,
+            "num_classes": cfg.num_classes, "device": str(device), "amp": opt.use_amp,
+            "sampler": type(loaders.train_set.sampler).__name__, "train_videos": len(data.train),
+            "val_videos": len(data.val) if data.val is not None else 0}
+
+
+def epoch_message(epoch: int, epochs: int, stats: dict) -> str:
+    """The one line a finished epoch prints."""
+    msg = (f"epoch {epoch}/{epochs}: loss {stats['train_loss']:.4f}, train top-1 "
+           f"{100 * stats['train_top1']:.1f}%, {stats['clips_per_s']:.1f} clips/s")
+    val = stats.get("val")
+    if val is not None:
+        msg += (f", val top-1 {100 * val['top1']:.1f}% top-5 {100 * val['top5']:.1f}% "
+                f"mean class {100 * val['mean_class_acc']:.1f}%")
+    if stats["skipped"]:
+        msg += f", skipped {stats['skipped']} unreadable"
+    return msg
+
+
+# -- the run --------------------------------------------------------------------------------------------------
+
+
+def train(options: TrainOptions) -> dict:
+    """Train a model; see the module docstring for what a run writes.
+
+    Returns:
+        The final log record: ``best_top1``, ``best_epoch``, ``val`` (the last epoch's metrics), ``checkpoint``,
+        ``best_checkpoint``, ``skipped`` (unreadable videos), ``train_time_s``, ...
+
+    Raises:
+        ConfigError: bad options, missing or inconsistent data.
+        CheckpointError: weights or resume checkpoint that cannot be used.
+    """
+    o = options
+    check_options(o)
+    device = resolve_device(o.device)
+    torch.manual_seed(o.seed)
+    np.random.seed(o.seed % 2**32)
+    resume = read_resume(o)
+    data = prepare_data(o, resume)
+    model = prepare_model(o, data, resume, device)
+    loaders = prepare_loaders(o, model, data, device)
+    opt = prepare_optimization(o, model, device)
+    progress = restore(resume, opt, o.resume)
+    run_log = RunLog(o, data.labels, run_info(model, device, opt, loaders, data), progress.start_epoch)
+
+    skipped: set[str] = set()
+    last_val: dict | None = None
+    t_run = time.perf_counter()
+    record: dict = {}
+    for epoch in range(progress.start_epoch, o.epochs + 1):
+        stats, epoch_skipped = run_epoch(model, epoch, o, loaders, opt, device)
+        skipped |= epoch_skipped
+        last_val = stats.pop("val", last_val)
+        is_best = loaders.val_set is None or last_val["top1"] > progress.best_top1
+        if is_best:
+            progress.best_top1 = last_val["top1"] if loaders.val_set is not None else progress.best_top1
+            progress.best_epoch = epoch
+        record = {"event": "epoch", "epoch": epoch, **stats}
+        if loaders.val_set is not None:
+            record["val"] = last_val
+        record.update(best_top1=progress.best_top1 if loaders.val_set is not None else None,
+                      best_epoch=progress.best_epoch, is_best=is_best)
+        extra = {"epoch": epoch, **opt.state(),
+                 "recipe": {"optimizer": o.optimizer, "schedule": o.schedule, "sampling": loaders.sampling},
+                 "best_top1": progress.best_top1, "best_epoch": progress.best_epoch, "val": last_val or {}}
+        run_log.save_checkpoints(model, data.labels, extra, is_best)
+        run_log.append(record)
+        (tqdm.write if o.progress else log.info)(epoch_message(epoch, o.epochs, {**stats, "val": last_val}))
+    return finish(run_log, o, model, progress, last_val, skipped, record, data.labels, time.perf_counter() - t_run)
+
+
+def finish(run_log: RunLog, o: TrainOptions, model: nn.Module, progress: Progress, last_val: dict | None,
+           skipped: set[str], record: dict, labels: list[str], seconds: float) -> dict:
+    """Append the final record of a run to its log and return it."""
+    has_val = o.val is not None
+    final = {"event": "final", "model": model.cfg.name, "epochs": o.epochs,
+             "best_top1": progress.best_top1 if has_val else None, "best_epoch": progress.best_epoch,
+             "val": last_val, "checkpoint": str(run_log.out / "checkpoint.pth"),
+             "best_checkpoint": str(run_log.out / "best.pth"), "skipped": sorted(skipped),
+             "train_time_s": round(seconds, 2), "labels": labels, **run_log.run_info}
+    if record:
+        final["last_epoch"] = {k: record[k] for k in ("train_loss", "train_top1", "clips_per_s") if k in record}
+    run_log.append(final)
+    return final
 
 
 def _json_default(v):
@@ -546,11 +633,13 @@ def _json_default(v):
 # -- evaluation of a saved model ----------------------------------------------------------------------------
 
 
-def load_for_eval(weights: str, device: str = "auto", **overrides) -> nn.Module:
-    """A streamtsm checkpoint rebuilt for evaluation (its labels in ``model.cfg.labels``)."""
-    model = load_model(weights, **overrides)
-    return model.to(resolve_device(device)).eval()
+def load_for_eval(weights: str | os.PathLike | dict, device: str = "auto", **kwargs) -> nn.Module:
+    """A model rebuilt for evaluation by :func:`streamtsm.models.load` (its labels in ``model.cfg.labels``), on
+    ``device``."""
+    return load(weights, **kwargs).to(resolve_device(device)).eval()
 
 
-__all__ = ["EpochScheduler", "TrainOptions", "apply_partial_bn", "build_model", "check_labels", "load_for_eval", "lr_factor",
-           "param_groups", "resolve_device", "resolve_labels", "set_partial_bn", "train"]
+__all__ = ["Loaders", "Optimization", "Progress", "RunLog", "TrainData", "TrainOptions", "TrainingError",
+           "build_model", "check_labels", "check_options", "data_labels", "load_for_eval", "prepare_data",
+           "prepare_loaders", "prepare_model", "prepare_optimization", "read_resume", "resolve_device", "restore",
+           "run_epoch", "train"]
