@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from streamtsm.errors import CheckpointError
-from streamtsm.models import create, load_checkpoint, load_model, save_checkpoint
+from streamtsm.models import create, load, load_checkpoint, save_checkpoint
 from streamtsm.models import uniformer  # noqa: F401  (registers the UniFormer configurations)
 from streamtsm.models.uniformer import CBlock, SABlock, SplitSABlock
 
@@ -226,6 +226,6 @@ def test_uniformer_split_attention_exports_to_onnx(tmp_path):
 def test_uniformer_own_format_rebuilds_the_variant(tmp_path):
     source = _tiny(attention="split", seed=6)
     save_checkpoint(source, tmp_path / "m.pth")
-    rebuilt = load_model(tmp_path / "m.pth")
+    rebuilt = load(tmp_path / "m.pth")
     assert rebuilt.cfg.arch["attention"] == "split" and tuple(rebuilt.cfg.arch["depth"]) == TINY["depth"]
     assert torch.equal(_outputs(rebuilt), _outputs(source))

@@ -193,11 +193,11 @@ def trained_agreement(work: Path, threads: int) -> list[str]:
     """int8 vs fp32 on the shipped demo model, a trained online TSM: top-1 agreement on held-out live-scene
     sequences (the synthetic source's frames, stepped frame by frame at the model's stride) and the step times."""
     from streamtsm.engine.factory import DEMO_WEIGHTS
-    from streamtsm.models import load_model
+    from streamtsm.models import load
 
     if not DEMO_WEIGHTS.is_file():
         return ["", "No demo model shipped: no trained-model agreement figure."]
-    model = load_model(DEMO_WEIGHTS)
+    model = load(DEMO_WEIGHTS)
     stride = model.cfg.frame_interval
     fp32 = export_onnx(model, work / "demo.onnx")
     # Calibration and hold-out: the live scene at the model's stride (every stride-th frame of 320x240 frames),

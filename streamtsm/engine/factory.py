@@ -48,16 +48,7 @@ def _build_triton(url: str | None, triton_model: str | None, model: str | None, 
                           "localhost:8001) and --triton-model NAME (the name given to export-triton)")
     from .triton_engine import TritonOnlineEngine
 
-    engine = TritonOnlineEngine(url, triton_model)
-    if labels_file:
-        from ..labels import read_labels
-
-        try:
-            engine.labels = read_labels(labels_file, num_classes=engine.cfg.num_classes)
-        except BaseException:
-            engine.close()
-            raise
-    return engine
+    return TritonOnlineEngine(url, triton_model, labels_file=labels_file)
 
 
 def build_engine(*, model: str | None = None, weights: str | None = None, onnx: str | None = None,
@@ -96,12 +87,7 @@ def build_engine(*, model: str | None = None, weights: str | None = None, onnx: 
             raise ConfigError("--onnx runs the exported file alone; drop --model/--weights")
         from .onnxruntime_engine import load_onnx_engine
 
-        engine = load_onnx_engine(onnx, providers=providers, threads=threads)
-        if labels_file:
-            from ..labels import read_labels
-
-            engine.labels = read_labels(labels_file, num_classes=engine.cfg.num_classes)
-        return engine
+        return load_onnx_engine(onnx, providers=providers, threads=threads, labels_file=labels_file)
 
     import torch
 

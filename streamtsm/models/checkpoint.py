@@ -199,9 +199,3 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, labels: list[s
     torch.save(payload, tmp)
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint under the real name
 
-
-def load_model(path: str | os.PathLike, **overrides) -> nn.Module:
-    """Rebuild a model from a streamtsm checkpoint: :func:`streamtsm.models.load` under its older name."""
-    from .loading import load
-
-    return load(path, **overrides)
