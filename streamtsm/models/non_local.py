@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from .registry import register
 from .resnet import ResNet, mmaction2_key
 from .shift import ShiftableBlock
-from .tsm import TSM, convert_mit_han_lab, rename_head, strip_net
+from .tsm import TSM, convert_mit_han_lab, make_mmaction2_converter
 
 NON_LOCAL_MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
 
@@ -270,18 +270,8 @@ def _mmaction2_nl_key(key: str) -> str:
     return f"{prefix}non_local.{'conv_out' if kind == 'conv' else 'bn_out'}.{rest}"
 
 
-def convert_mmaction2_nl(state_dict: dict) -> dict:
-    """mmaction2 NL-TSM (ResNetTSM with ``non_local``, Recognizer2D) checkpoints to this package's layout."""
-    out = {}
-    for key, value in state_dict.items():
-        head = rename_head(key, ("cls_head.fc_cls",))
-        if head:
-            out[head] = value
-        elif key.startswith("backbone."):
-            out["backbone." + _mmaction2_nl_key(strip_net(key.removeprefix("backbone.")))] = value
-        else:
-            out[key] = value  # left as is, so strict loading names it
-    return out
+# mmaction2 NL-TSM (ResNetTSM with ``non_local``, Recognizer2D) checkpoints to this package's layout.
+convert_mmaction2_nl = make_mmaction2_converter(_mmaction2_nl_key)
 
 
 def convert_mit_han_lab_nl(state_dict: dict) -> dict:
