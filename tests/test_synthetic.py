@@ -139,3 +139,18 @@ def test_motion_scene_rejects_bad_arguments():
         MotionScene(32, 32, seed=-1)
     with pytest.raises(ConfigError):
         MotionScene(32, 32, segment_frames=1)
+
+
+def test_render_clip_background_contrast_scales_the_clutter_and_is_checked():
+    # The same draws at three contrasts: the still shape's frame differs only in how far the clutter strays from its
+    # mean colour, so the spread grows with the contrast and 0 leaves a flat background (grain included).
+    spread = []
+    for contrast in (0.0, 0.25, 1.0):
+        frames, masks = render_clip_with_masks("still", 2, 48, 48, np.random.default_rng(3), contrast)
+        background = frames[0][~masks[0]].astype(np.float32)
+        spread.append(float(background.std(axis=0).mean()))
+    assert spread[0] < spread[1] < spread[2]
+    assert spread[2] > 2 * spread[1]
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="background contrast"):
+            render_clip("still", 2, 32, 32, np.random.default_rng(0), bad)

@@ -15,7 +15,7 @@ The rotation direction is the motion that decides whether this budget is enough:
 shows in the area a shape covers and a move in where its edges go, while telling a clockwise turn from an
 anticlockwise one needs where an edge is on the shape as well as how it moves), and on a full-contrast cluttered
 background the network found it late and by chance of the seed (24 epochs at batch 32: cw/ccw 0.60-0.66). With the
-background's clutter at a quarter of its contrast (synthetic._BACKGROUND_CONTRAST) and shapes of 0.4-0.6 of the
+background's clutter at a quarter of its contrast (synthetic.BACKGROUND_CONTRAST) and shapes of 0.4-0.6 of the
 frame, this recipe finds it on every seed measured: top-1 0.997, 0.978 and 0.983, cw/ccw 0.99, 0.90 and 0.96 for
 seeds 0, 1 and 2 on 40 val scenes (docs/benchmarks.md, "Other training recipes", written by
 `python tools/bench_train.py --only online_tsm --scenes 200 --val-scenes 40 --seed 0,1,2`).

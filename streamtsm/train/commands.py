@@ -151,6 +151,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--classes", nargs="+", help="a subset of the motions (default: all nine)")
     p.add_argument("--fps", type=float, default=30.0, help="frame rate written in the videos")
     p.add_argument("--workers", type=int, default=0, help="render in this many processes")
+    p.add_argument("--background-contrast", type=float, metavar="C",
+                   help="the background clutter's contrast, 0 (flat) to 1 (busy); default 0.25, the live scene's")
     p.set_defaults(func=cmd_synth)
 
 
@@ -239,7 +241,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
                                    size=args.size, seed=args.seed, val_fraction=args.val_fraction,
                                    classes=args.classes, motion_frames=args.motion_frames,
                                    render_size=args.render_size, fps=args.fps,
-                                   workers=args.workers,
+                                   workers=args.workers, background_contrast=args.background_contrast,
                                    progress=sys.stderr.isatty())
     print(f"wrote {meta['train_clips']} train + {meta['val_clips']} val clips of {len(meta['classes'])} motions "
           f"({meta['frames']} frames, {meta['width']}x{meta['height']}) to {args.out}")

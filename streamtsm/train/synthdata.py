@@ -36,18 +36,20 @@ def _write_video(path: Path, frames: np.ndarray, fps: float) -> None:
 
 
 def render_scene_clip(motion: str, scene: int, *, frames: int, size: tuple[int, int], seed: int = 0,
-                      motion_frames: int | None = None, render: tuple[int, int] | None = None) -> np.ndarray:
+                      motion_frames: int | None = None, render: tuple[int, int] | None = None,
+                      background_contrast: float | None = None) -> np.ndarray:
     """Scene ``scene``'s clip of ``motion``, as ``streamtsm synth`` writes it: [frames, H, W, 3] uint8 BGR.
 
     ``size`` and ``render`` are (width, height). ``motion_frames`` (default ``frames``) spreads the motion over
     more frames than the clip keeps; ``render`` (default ``size``) draws larger frames and shrinks them to ``size``
-    with INTER_AREA.
+    with INTER_AREA. ``background_contrast`` (default: the synthetic scene's quarter) sets the clutter's contrast.
     """
-    from ..synthetic import render_clip
+    from ..synthetic import BACKGROUND_CONTRAST, render_clip
 
     motion_frames = motion_frames or frames
     render = render or size
-    clip = render_clip(motion, motion_frames, render[0], render[1], scene_rng(seed, scene))
+    contrast = BACKGROUND_CONTRAST if background_contrast is None else background_contrast
+    clip = render_clip(motion, motion_frames, render[0], render[1], scene_rng(seed, scene), contrast)
     if motion_frames > frames:
         # The same window for every motion of the scene (its own generator: the scene's draws stay the same).
         start = int(np.random.default_rng([seed, scene, 1]).integers(0, motion_frames - frames + 1))
@@ -58,9 +60,9 @@ def render_scene_clip(motion: str, scene: int, *, frames: int, size: tuple[int, 
 
 
 def _render_one(job: tuple) -> str:
-    path, motion, index, frames, motion_frames, width, height, render, seed, fps = job
+    path, motion, index, frames, motion_frames, width, height, render, seed, fps, contrast = job
     clip = render_scene_clip(motion, index, frames=frames, size=(width, height), seed=seed,
-                             motion_frames=motion_frames, render=render)
+                             motion_frames=motion_frames, render=render, background_contrast=contrast)
     _write_video(Path(path), clip, fps)
     return path
 
@@ -91,7 +93,8 @@ def write_synthetic_dataset(out: str | os.PathLike, *, clips_per_class: int = 50
                             size: str | int | tuple[int, int] = 64, seed: int = 0, val_fraction: float = 0.2,
                             classes: Sequence[str] | None = None, motion_frames: int | None = None,
                             render_size: str | int | tuple[int, int] | None = None, fps: float = 30.0,
-                            workers: int = 0, progress: bool = False) -> dict:
+                            workers: int = 0, progress: bool = False,
+                            background_contrast: float | None = None) -> dict:
     """Render the synthetic motion dataset: one video per clip of :func:`streamtsm.synthetic.render_clip`.
 
     Layout of ``out``::
@@ -112,7 +115,9 @@ def write_synthetic_dataset(out: str | os.PathLike, *, clips_per_class: int = 50
     ``synthetic`` source holds each motion for ``MotionScene.segment_frames`` (60) frames: ``motion_frames=60``
     gives its speed per frame. ``render_size`` (default ``size``) renders larger frames and shrinks them to
     ``size`` (INTER_AREA), as the live pipeline shrinks the 320x240 synthetic frames: the same texture detail and
-    noise as the live frames have after preprocessing.
+    noise as the live frames have after preprocessing. ``background_contrast`` (default: the live scene's quarter,
+    ``synthetic.BACKGROUND_CONTRAST``; 1: busy, high-contrast clutter) sets how strongly the background competes
+    with the moving shape.
 
     Raises:
         ConfigError: unknown class, bad counts, sizes or fraction.
@@ -138,6 +143,11 @@ def write_synthetic_dataset(out: str | os.PathLike, *, clips_per_class: int = 50
         raise ConfigError(f"val fraction must be in [0, 1), got {val_fraction}")
     if fps <= 0:
         raise ConfigError(f"fps must be > 0, got {fps}")
+    from ..synthetic import BACKGROUND_CONTRAST
+
+    contrast = BACKGROUND_CONTRAST if background_contrast is None else float(background_contrast)
+    if not 0.0 <= contrast <= 1.0:
+        raise ConfigError(f"background contrast must be within [0, 1], got {background_contrast}")
     out = Path(out)
     num_val = round(clips_per_class * val_fraction)
     jobs, lines = [], {"train": [], "val": []}
@@ -145,7 +155,8 @@ def write_synthetic_dataset(out: str | os.PathLike, *, clips_per_class: int = 50
         (out / "videos" / motion).mkdir(parents=True, exist_ok=True)
         for i in range(clips_per_class):
             rel = f"videos/{motion}/scene_{i:04d}{SYNTH_EXT}"
-            jobs.append((str(out / rel), motion, i, frames, motion_frames, width, height, render, seed, fps))
+            jobs.append((str(out / rel), motion, i, frames, motion_frames, width, height, render, seed, fps,
+                         contrast))
             lines["val" if i >= clips_per_class - num_val else "train"].append(f"{rel} {label}")
     if workers > 0:
         from concurrent.futures import ProcessPoolExecutor
@@ -163,6 +174,7 @@ def write_synthetic_dataset(out: str | os.PathLike, *, clips_per_class: int = 50
     meta = {"classes": classes, "clips_per_class": clips_per_class, "frames": frames,
             "motion_frames": motion_frames, "render_size": list(render), "width": width,
             "height": height, "seed": seed, "val_fraction": val_fraction, "fps": fps,
+            "background_contrast": contrast,
             "codec": f"{SYNTH_FOURCC} {SYNTH_EXT}", "train_clips": len(lines["train"]), "val_clips": len(lines["val"])}
     (out / "synth.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
