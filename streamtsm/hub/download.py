@@ -279,8 +279,23 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def _remove_stale_parts(target: Path) -> None:
+    """Remove the temporary files of target that a process killed mid-download left (SIGKILL, power loss): only the
+    holder of the lock writes them, and the caller holds it now. Without locks (Windows) they may be another
+    process's download in flight, and stay."""
+    if fcntl is None:
+        return
+    stale = re.compile(re.escape(f".{target.name}.") + r"[0-9a-f]{8}\.part")
+    with contextlib.suppress(OSError), os.scandir(target.parent) as entries:
+        for entry in entries:
+            if stale.fullmatch(entry.name):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
 def _download(url: str, target: Path, expected: str | None, *, progress: bool, timeout: float) -> None:
     """GET url into a temporary file beside target, verify it, and rename it into place (the caller holds the lock)."""
+    _remove_stale_parts(target)
     try:
         fd, part = _create_part(target)
     except OSError as e:
