@@ -350,9 +350,10 @@ def _transfer(url: str, target: Path, out, *, progress: bool, timeout: float) ->
                 try:
                     chunk = response.read1(CHUNK_BYTES)
                 except (OSError, http.client.HTTPException) as e:
+                    of = "an unknown number of" if total is None else total
                     raise DownloadError(
-                        f"the transfer from {url} broke off after {received} of {total or 'unknown'} bytes: "
-                        f"{_describe(e, timeout)} (the partial file was deleted); {_by_hand(url, target)}") from e
+                        f"the transfer from {url} broke off after {received} of {of} bytes: {_describe(e, timeout)} "
+                        f"(the partial file was deleted); {_by_hand(url, target)}") from e
                 if not chunk:
                     break
                 try:
