@@ -13,17 +13,20 @@ A streamtsm checkpoint records every architecture argument, so an override that 
 only the data settings (:data:`DATA_FIELDS`) and the arguments that leave the weights' meaning alone
 (:data:`RETUNABLE_ARCH`) may change, and the class count only with ``reset_head``.
 
-Weights may also name a published checkpoint of the catalog (:mod:`streamtsm.hub.catalog`): ``load("x3d_s_kinetics400")``
-fetches the file once into the cache, builds the entry's architecture with the publisher's settings (clip length,
-frame interval, input size, mean/std) and class count, loads it strictly and names the classes from the entry's
-label file. A path that exists is always a path; a string that is neither is one error naming close entries. The
-caller's arguments still win where they keep the weights' meaning: ``labels_file``, ``num_classes`` with
-``reset_head``, data settings, and ``model`` for an ImageNet backbone entry or with ``allow_shift_mismatch``.
+Weights may also name a published checkpoint of the catalog (:mod:`streamtsm.hub.catalog`):
+``load("x3d_s_kinetics400")`` fetches the file once into the cache, builds the entry's architecture with the
+publisher's settings (clip length, frame interval, input size, mean/std) and class count, loads it strictly and
+names the classes from the entry's label file. A path that exists is always a path; a string that is neither a path
+nor an entry's name is one error naming close entries. The caller's arguments still win where they keep the
+weights' meaning: ``labels_file``, ``num_classes`` with ``reset_head``, data settings, and ``model`` for an ImageNet
+backbone entry or with ``allow_shift_mismatch``. (``create`` builds fresh weights only; ``load`` is the one way to
+a published model.)
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 from torch import nn
 
@@ -61,6 +64,8 @@ def catalog_entry(weights: Weights | None) -> Entry | None:
     text = os.fspath(weights)
     if catalog.is_entry_name(text):
         return catalog.get_entry(text)
+    if not re.fullmatch(r"[\w-]+", text):  # a path (a folder, a suffix): an entry's name has neither
+        raise CheckpointError(f"checkpoint not found: {text}")
     close = catalog.close_names(text)
     if close:
         hint = f"nor a catalog entry (did you mean {', '.join(close)}?)"
