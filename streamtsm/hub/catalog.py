@@ -93,10 +93,10 @@ def _entry(name: str, table: dict) -> Entry:
     """An entry from its TOML table; ValueError for a malformed table (a bug in the package's data)."""
     missing = sorted(_REQUIRED - set(table))
     unknown = sorted(set(table) - _KNOWN)
-    if missing or unknown:
-        raise ValueError(f"{CATALOG_FILE}: entry {name!r} " + "; ".join(
-            part for part in (f"lacks {', '.join(missing)}" if missing else "",
-                              f"has unknown fields {', '.join(unknown)}" if unknown else "") if part))
+    problems = ([f"lacks {', '.join(missing)}"] if missing else []) + (
+        [f"has unknown fields {', '.join(unknown)}"] if unknown else [])
+    if problems:
+        raise ValueError(f"{CATALOG_FILE}: entry {name!r} {'; '.join(problems)}")
     values = dict(table)
     values["overrides"] = {k: tuple(v) if k in _TUPLE_SETTINGS else v
                            for k, v in values.get("overrides", {}).items()}
