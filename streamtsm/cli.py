@@ -21,8 +21,15 @@ log = logging.getLogger("streamtsm")
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    from .hub import catalog
     from .models import get_spec, list_models
 
+    def table(rows: list[tuple[str, ...]]) -> None:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        for row in rows:  # the last column runs free
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+
+    print("architectures (--model NAME):")
     rows = [("name", "kind", "input", "frames", "description")]
     for name in list_models(kind=args.kind):
         spec = get_spec(name)
@@ -32,9 +39,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
         else:  # a window of clip_len frames, frame_interval apart
             frames = f"{d.get('clip_len', d.get('num_segments', 8))}x{d.get('frame_interval', 1)}"
         rows.append((name, spec.kind, str(d.get("input_size", 224)), frames, spec.description))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4])
+    table(rows)
+
+    print("\npublished checkpoints (--weights NAME; downloaded once into the cache):")
+    rows = [("name", "architecture", "dataset", "classes", "size", "cached", "published accuracy")]
+    for entry in catalog.entries():
+        if args.kind and get_spec(entry.arch).kind != args.kind:
+            continue
+        path = catalog.local_path(entry)
+        size = entry.size if entry.size is not None else path.stat().st_size if path.is_file() else None
+        cached = "packaged" if entry.packaged else "yes" if path.is_file() else "no"
+        rows.append((entry.name, entry.arch, entry.dataset, str(entry.num_classes),
+                     "-" if size is None else f"{size / 1e6:.1f} MB", cached, entry.accuracy))
+    table(rows)
     return 0
 
 
@@ -210,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("models", help="list the registered models")
+    p = sub.add_parser("models", help="list the architectures and the published checkpoints of the catalog")
     p.add_argument("--kind", choices=["online", "clip"], help="only models of this kind")
     p.set_defaults(func=_cmd_models)
 

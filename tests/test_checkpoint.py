@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
 from streamtsm.errors import CheckpointError, ConfigError
 from streamtsm.models import create, load, load_checkpoint, read_checkpoint, save_checkpoint
-from streamtsm.models import mobilenetv2, resnet
 
 from .conftest import randomize_
+from .layouts import to_mit_han_lab, to_mmaction2, to_plain
 
 SMALL = {"tsm_mobilenetv2_online": {"width_mult": 0.25}, "tsm_mobilenetv2": {"width_mult": 0.25},
          "tsm_r18": {"width": 8}, "tsm_r50": {"width": 8}, "tsn_r50": {"width": 8}}
@@ -27,53 +25,6 @@ def _outputs(model) -> torch.Tensor:
     clip = torch.randn(2, model.num_segments, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         return model(clip, per_frame=True)
-
-
-def _shifted_prefixes(model) -> list[str]:
-    names = {id(m): n for n, m in model.backbone.named_modules()}
-    return [names[id(b)] + "." for b in model.shifted_blocks]
-
-
-def _own_backbone(model):
-    """(backbone key, tensor, shifted?) without the `backbone.` prefix, as older torch saved them (no BN counters)."""
-    shifted = _shifted_prefixes(model)
-    for key, value in model.state_dict().items():
-        if key.startswith("backbone.") and not key.endswith("num_batches_tracked"):
-            k = key.removeprefix("backbone.")
-            yield k, value, any(k.startswith(p) for p in shifted)
-
-
-def to_mit_han_lab(model) -> dict:
-    """The official offline TSN wrapper: module.base_model.*, `.net` inside shifted first convs, module.new_fc."""
-    out = {}
-    for key, value, shifted in _own_backbone(model):
-        if shifted:
-            key = re.sub(r"(\.conv1|\.conv\.0)\.", r"\1.net.", key, count=1)
-        if model.temporal_pool:
-            key = re.sub(r"^layer2\.", "layer2.net.", key)
-        out["module.base_model." + key] = value
-    out["module.new_fc.weight"], out["module.new_fc.bias"] = model.fc.weight, model.fc.bias
-    return {"epoch": 50, "arch": "resnet50", "best_prec1": 71.2, "state_dict": out}
-
-
-def to_mmaction2(model) -> dict:
-    """mmaction2 Recognizer2D: backbone.* with ConvModule names and `.net` shifts, cls_head.fc_cls.*."""
-    family = mobilenetv2 if isinstance(model.backbone, mobilenetv2.MobileNetV2) else resnet
-    out = {}
-    for key, value, shifted in _own_backbone(model):
-        key = family.to_mmaction2_key(key)
-        if shifted:  # the TemporalShift wraps the whole first ConvModule (conv and BN)
-            key = re.sub(r"(\.conv1|\.conv\.0)\.(conv|bn)\.", r"\1.net.\2.", key, count=1)
-        out["backbone." + key] = value
-    out["cls_head.fc_cls.weight"], out["cls_head.fc_cls.bias"] = model.fc.weight, model.fc.bias
-    return {"meta": {"mmaction2_version": "1.2.0", "epoch": 50}, "state_dict": out}
-
-
-def to_plain(model, head: str) -> dict:
-    """The official online demo (features.*, classifier.*) and torchvision (classifier.1.* / fc.*) layouts."""
-    out = {k: v for k, v, _ in _own_backbone(model)}
-    out[f"{head}.weight"], out[f"{head}.bias"] = model.fc.weight, model.fc.bias
-    return out
 
 
 LAYOUTS = [

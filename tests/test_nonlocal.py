@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from streamtsm.errors import CheckpointError, ConfigError
-from streamtsm.models import create, load_checkpoint, resnet
+from streamtsm.models import create, load_checkpoint
 from streamtsm.models.resnet import Bottleneck
 
 from .conftest import randomize_
+from .layouts import to_mit_han_lab_nl, to_mmaction2, to_mmaction2_nl
 
 nonlocal_ = importlib.import_module("streamtsm.models.non_local")
 NonLocal, NonLocalWrapper, MODES = nonlocal_.NonLocal, nonlocal_.NonLocalWrapper, nonlocal_.NON_LOCAL_MODES
@@ -234,62 +235,6 @@ def test_nl_tsm_exports_to_onnx_with_dynamic_batch(tmp_path):
 # -- checkpoint layouts ------------------------------------------------------------------------------------
 
 
-def _own_backbone(model):
-    shifted = {id(b) for b in model.shifted_blocks}
-    shifted_names = [n + "." for n, m in model.backbone.named_modules() if id(m) in shifted]
-    for key, value in model.state_dict().items():
-        if key.startswith("backbone.") and not key.endswith("num_batches_tracked"):
-            k = key.removeprefix("backbone.")
-            yield k, value, any(k.startswith(p) for p in shifted_names)
-
-
-def to_mmaction2_nl(model) -> dict:
-    """mmaction2 NL-TSM: NL3DWrapper(.block, .non_local_block = mmcv NonLocal3d), ConvModule names, shifts
-    wrapping conv1.conv as `.net`, mmcv's Sequential(conv, pool) for sub-sampled g / phi."""
-    sub = ".0" if model.non_local_blocks[0].non_local.sub_sample else ""
-    out = {}
-    for key, value, shifted in _own_backbone(model):
-        if ".non_local." in key:
-            prefix, rest = key.split(".non_local.")
-            name, param = rest.split(".", 1)
-            mma = {"g": f"g{sub}.conv", "phi": f"phi{sub}.conv", "theta": "theta.conv", "conv_out": "conv_out.conv",
-                   "bn_out": "conv_out.bn", "concat_project": "concat_project.conv"}[name]
-            key = f"{prefix}.non_local_block.{mma}.{param}"
-        else:
-            key = resnet.to_mmaction2_key(key)
-            if shifted:
-                key = key.replace(".conv1.conv.", ".conv1.conv.net.", 1)
-        out["backbone." + key] = value
-    out["cls_head.fc_cls.weight"], out["cls_head.fc_cls.bias"] = model.fc.weight, model.fc.bias
-    return {"meta": {"mmaction2_version": "1.2.0"}, "state_dict": out}
-
-
-def to_mit_han_lab_nl(model, seed: int = 0) -> dict:
-    """The official NL-TSM: module.base_model.*, `.nl` = NONLocalBlock3D (g.0, theta, phi.0, W = [conv with a
-    bias, BN3d]), `.net` inside shifted conv1, new_fc. W's bias is drawn at random and the BN mean moved by it, so
-    the checkpoint computes the same function as ``model``."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, value, shifted in _own_backbone(model):
-        if ".non_local." in key:
-            prefix, rest = key.split(".non_local.")
-            name, param = rest.split(".", 1)
-            mit = {"g": "g.0", "phi": "phi.0", "theta": "theta", "conv_out": "W.0", "bn_out": "W.1"}[name]
-            if name == "conv_out":
-                bias = torch.randn(value.shape[0], generator=gen)
-                out[f"module.base_model.{prefix}.nl.W.0.bias"] = bias
-                mean_key = f"backbone.{prefix}.non_local.bn_out.running_mean"
-                out[f"module.base_model.{prefix}.nl.W.1.running_mean"] = model.state_dict()[mean_key] + bias
-            if name == "bn_out" and param == "running_mean":
-                continue
-            key = f"{prefix}.nl.{mit}.{param}"
-        elif shifted:
-            key = key.replace(".conv1.", ".conv1.net.", 1)
-        out["module.base_model." + key] = value
-    out["module.new_fc.weight"], out["module.new_fc.bias"] = model.fc.weight, model.fc.bias
-    return {"epoch": 100, "arch": "resnet50", "state_dict": out}
-
-
 # Both forms of mmcv's g / phi names (Sequential(conv, pool) when sub-sampled), and the concatenation projection.
 @pytest.mark.parametrize("mode,sub_sample", [("embedded_gaussian", True), ("concatenation", False)])
 def test_mmaction2_nl_tsm_layout_loads_to_identical_outputs(tmp_path, mode, sub_sample):
@@ -324,8 +269,6 @@ def test_strict_loading_names_a_wrong_non_local_key():
 
 
 def test_plain_tsm_checkpoint_does_not_fit_nl_tsm():
-    from .test_checkpoint import to_mmaction2
-
     tsm = create("tsm_r50", num_classes=6, width=8)
     with pytest.raises(CheckpointError, match="missing keys: backbone.layer2.0.block.conv1.weight"):
         load_checkpoint(create("tsm_r50_nl", num_classes=6, width=8), to_mmaction2(tsm))

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from streamtsm.errors import CheckpointError
-from streamtsm.models import create, load_checkpoint, resnet
+from streamtsm.models import create, load_checkpoint
 from streamtsm.models.tin import TemporalInterlace, linear_sampler
 
 from .conftest import randomize_
+from .layouts import to_mmaction2, to_mmaction2_tin, to_official_tin
 
 
 def _slow_sampler(x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -159,43 +160,6 @@ def test_tin_r50_exports_to_onnx_with_dynamic_batch(tmp_path):
 # -- checkpoint layouts ------------------------------------------------------------------------------------
 
 
-def _backbone_items(model):
-    for key, value in model.state_dict().items():
-        if key.startswith("backbone.") and not key.endswith("num_batches_tracked"):
-            yield key.removeprefix("backbone."), value
-
-
-def to_mmaction2_tin(model) -> dict:
-    """mmaction2 ResNetTIN: conv1.conv = CombineNet(net1 = TemporalInterlace, net2 = the conv), ConvModule names."""
-    out = {}
-    for key, value in _backbone_items(model):
-        if ".shift." in key:
-            block, rest = key.split(".shift.")
-            key = f"{block}.conv1.conv.net1.{rest}"
-        else:
-            key = resnet.to_mmaction2_key(key).replace(".conv1.conv.", ".conv1.conv.net2.", 1)
-        out["backbone." + key] = value
-    out["cls_head.fc_cls.weight"], out["cls_head.fc_cls.bias"] = model.fc.weight, model.fc.bias
-    return {"meta": {"mmaction2_version": "1.2.0"}, "state_dict": out}
-
-
-def to_official_tin(model) -> dict:
-    """deepcs233/TIN: module.base_model.*, conv1 = CombinNet(net1 = TemporalDeform(biasnet, weightnet), net2)."""
-    names = {"offset_net.conv.": "biasnet.net.conv.", "offset_net.fc1.": "biasnet.net.fc.",
-             "offset_net.fc2.": "biasnet.net.lastlayer.", "weight_net.conv.": "weightnet.net.lastlayer."}
-    out = {}
-    for key, value in _backbone_items(model):
-        if ".shift." in key:
-            block, rest = key.split(".shift.")
-            old = next(o for o in names if rest.startswith(o))
-            key = f"{block}.conv1.net1.{names[old]}{rest[len(old):]}"
-        elif key.startswith("layer"):
-            key = key.replace(".conv1.", ".conv1.net2.", 1)
-        out["module.base_model." + key] = value
-    out["module.new_fc.weight"], out["module.new_fc.bias"] = model.fc.weight, model.fc.bias
-    return {"epoch": 40, "arch": "resnet50", "state_dict": out}
-
-
 @pytest.mark.parametrize("fmt,convert", [("mmaction2", to_mmaction2_tin), ("mit-han-lab", to_official_tin)])
 def test_foreign_tin_layout_loads_to_identical_outputs(tmp_path, fmt, convert):
     source = _tin_model(seed=3)
@@ -218,7 +182,5 @@ def test_strict_loading_names_a_wrong_tin_key():
 
 
 def test_tsm_checkpoint_does_not_fit_tin():
-    from .test_checkpoint import to_mmaction2
-
     with pytest.raises(CheckpointError, match=r"missing keys: .*backbone\.layer1\.0\.shift\.offset_net"):
         load_checkpoint(create("tin_r50", num_classes=6, width=8), to_mmaction2(create("tsm_r50", width=8)))

@@ -16,6 +16,7 @@ from streamtsm.models import uniformer  # noqa: F401  (registers the UniFormer c
 from streamtsm.models.uniformer import CBlock, SABlock, SplitSABlock
 
 from .conftest import randomize_
+from .layouts import to_mmaction2_uniformer as to_mmaction2, to_official_uniformer as to_official
 
 NAMES = ("uniformer_s", "uniformer_b")
 # mmaction2 configs/recognition/uniformer/README.md (Kinetics-400, 16x4x1): UniFormer-S 21.4M, -B 49.8M.
@@ -78,19 +79,6 @@ def test_uniformer_rejects_frames_last_input():
 
 
 # -- foreign layouts (inverse key maps) ---------------------------------------------------------------------
-
-
-def to_official(model) -> dict:
-    """Sense-X/UniFormer video_classification: this package's names, as saved by the official training code."""
-    return {"model": dict(model.state_dict())}
-
-
-def to_mmaction2(model) -> dict:
-    """mmaction2 1.x UniFormer (v1) backbone + I3DHead: backbone.<official name>, cls_head.fc_cls.*."""
-    out = {}
-    for key, value in model.state_dict().items():
-        out["cls_head.fc_cls." + key[5:] if key.startswith("head.") else "backbone." + key] = value
-    return {"meta": {"mmaction2_version": "1.2.0"}, "state_dict": out}
 
 
 LAYOUTS = [("official", to_official, ("streamtsm", "uniformer")), ("mmaction2", to_mmaction2, ("mmaction2",))]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 
 import numpy as np
@@ -15,6 +14,7 @@ from streamtsm.models import create, load_checkpoint
 from streamtsm.models import x3d  # noqa: F401  (registers the X3D configurations)
 
 from .conftest import randomize_
+from .layouts import to_mmaction2_x3d as to_mmaction2, to_pytorchvideo
 
 NAMES = ("x3d_xs", "x3d_s", "x3d_m", "x3d_l")
 # pytorchvideo docs/source/model_zoo.md (Kinetics-400, 400 classes): XS/S/M 3.79M, L 6.15M parameters.
@@ -81,62 +81,6 @@ def test_x3d_rejects_frames_last_input():
 
 
 # -- foreign layouts (inverse key maps) ---------------------------------------------------------------------
-
-
-def to_mmaction2(model) -> dict:
-    """mmaction2 X3D + X3DHead: ConvModule names (.conv/.bn), se_module, cls_head.fc1/fc2 (linear layers)."""
-    rules = [
-        (r"^backbone\.conv1_([st])\.", r"backbone.conv1_\1.conv."),
-        (r"^backbone\.bn1\.", "backbone.conv1_t.bn."),
-        (r"^backbone\.conv5\.", "backbone.conv5.conv."),
-        (r"^backbone\.bn5\.", "backbone.conv5.bn."),
-        (r"^(backbone\.layer\d\.\d+\.)conv(\d)\.", r"\1conv\2.conv."),
-        (r"^(backbone\.layer\d\.\d+\.)bn(\d)\.", r"\1conv\2.bn."),
-        (r"^(backbone\.layer\d\.\d+\.)se\.", r"\1se_module."),
-        (r"^(backbone\.layer\d\.\d+\.)downsample\.0\.", r"\1downsample.conv."),
-        (r"^(backbone\.layer\d\.\d+\.)downsample\.1\.", r"\1downsample.bn."),
-        (r"^head\.", "cls_head."),
-    ]
-    out = {}
-    for key, value in model.state_dict().items():
-        for pattern, repl in rules:
-            key, n = re.subn(pattern, repl, key, count=1)
-            if n:
-                break
-        out[key] = value.flatten(1) if key == "cls_head.fc1.weight" else value
-    return {"meta": {"mmaction2_version": "1.2.0"}, "state_dict": out}
-
-
-def to_pytorchvideo(model) -> dict:
-    """pytorchvideo create_x3d: blocks.N.*, swapped stem names, no layer1.0 shortcut BN."""
-    rules = [
-        (r"^backbone\.conv1_s\.", "blocks.0.conv.conv_t."),
-        (r"^backbone\.conv1_t\.", "blocks.0.conv.conv_xy."),
-        (r"^backbone\.bn1\.", "blocks.0.norm."),
-        (r"^backbone\.conv5\.", "blocks.5.pool.pre_conv."),
-        (r"^backbone\.bn5\.", "blocks.5.pool.pre_norm."),
-        (r"^head\.fc1\.", "blocks.5.pool.post_conv."),
-        (r"^head\.fc2\.", "blocks.5.proj."),
-    ]
-    inner = {"conv1": "branch2.conv_a", "bn1": "branch2.norm_a", "conv2": "branch2.conv_b",
-             "bn2": "branch2.norm_b.0", "se.fc1": "branch2.norm_b.1.block.0", "se.fc2": "branch2.norm_b.1.block.2",
-             "conv3": "branch2.conv_c", "bn3": "branch2.norm_c", "downsample.0": "branch1_conv",
-             "downsample.1": "branch1_norm"}
-    out = {}
-    for key, value in model.state_dict().items():
-        m = re.match(r"^backbone\.layer(\d)\.(\d+)\.(.+)\.(\w+)$", key)
-        if m:
-            stage, i, module, param = m.groups()
-            if (stage, i, module) == ("1", "0", "downsample.1"):
-                continue  # pytorchvideo's layer1.0 shortcut has no BN
-            key = f"blocks.{stage}.res_blocks.{i}.{inner[module]}.{param}"
-        else:
-            for pattern, repl in rules:
-                key, n = re.subn(pattern, repl, key, count=1)
-                if n:
-                    break
-        out[key] = value
-    return out
 
 
 def _with_identity_layer1_shortcut_bn(model):

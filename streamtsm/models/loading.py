@@ -12,37 +12,87 @@ so the rules below hold everywhere:
 A streamtsm checkpoint records every architecture argument, so an override that contradicts one is an error:
 only the data settings (:data:`DATA_FIELDS`) and the arguments that leave the weights' meaning alone
 (:data:`RETUNABLE_ARCH`) may change, and the class count only with ``reset_head``.
+
+Weights may also name a published checkpoint of the catalog (:mod:`streamtsm.hub.catalog`):
+``load("x3d_s_kinetics400")`` fetches the file once into the cache, builds the entry's architecture with the
+publisher's settings (clip length, frame interval, input size, mean/std) and class count, loads it strictly and
+names the classes from the entry's label file. A path that exists is always a path; a string that is neither a path
+nor an entry's name is one error naming close entries. The caller's arguments still win where they keep the
+weights' meaning: ``labels_file``, ``num_classes`` with ``reset_head``, data settings, and ``model`` for an ImageNet
+backbone entry or with ``allow_shift_mismatch``. (``create`` builds fresh weights only; ``load`` is the one way to
+a published model.)
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
+from ..hub import catalog
+from ..hub.catalog import Entry
 from ..labels import read_labels, resolve_labels
 from .checkpoint import FORMAT_NAME, load_checkpoint, read_checkpoint
-from .registry import create
+from .registry import create, list_models
 
 # How the model is fed and how its output is named: a run may change them without touching the weights.
 DATA_FIELDS = ("input_size", "resize_size", "mean", "std", "clip_len", "frame_interval", "labels")
 # Architecture arguments the weights do not depend on: TSM's shift has no parameters, so a model trained on
 # 8 segments runs on any number, and dropout acts only while training.
 RETUNABLE_ARCH = ("num_segments", "dropout")
+# What an entry's weights expect of their input, kept when they go into another architecture.
+INPUT_FIELDS = ("input_size", "resize_size", "mean", "std")
 
-Weights = str | os.PathLike | dict
+Weights = str | os.PathLike | dict | Entry
 
 
-def read_weights(weights: Weights) -> tuple[dict, str]:
+def catalog_entry(weights: Weights | None) -> Entry | None:
+    """The catalog entry ``weights`` names: an :class:`~streamtsm.hub.catalog.Entry`, or a string that is no
+    existing path and is an entry's name; None for anything else (a path, a dict, None).
+
+    Raises:
+        CheckpointError: a string or path that exists neither as a file nor as an entry's name; the message names
+            the closest entries.
+    """
+    if isinstance(weights, Entry):
+        return weights
+    if weights is None or isinstance(weights, dict) or os.path.exists(weights):
+        return None
+    text = os.fspath(weights)
+    if catalog.is_entry_name(text):
+        return catalog.get_entry(text)
+    if not re.fullmatch(r"[\w-]+", text):  # a path (a folder, a suffix): an entry's name has neither
+        raise CheckpointError(f"checkpoint not found: {text}")
+    close = catalog.close_names(text)
+    if close:
+        hint = f"nor a catalog entry (did you mean {', '.join(close)}?)"
+    elif text in list_models():
+        hint = (f"nor a catalog entry: {text} is an architecture (model={text!r} / --model {text}); "
+                "`streamtsm models` lists the published checkpoints")
+    else:
+        hint = "nor a catalog entry (`streamtsm models` lists them)"
+    raise CheckpointError(f"checkpoint not found: {text} is no file, {hint}")
+
+
+def read_weights(weights: Weights, *, offline: bool | None = None, progress: bool = True) -> tuple[dict, str]:
     """The checkpoint dict of ``weights`` and the name errors call it by.
 
-    A path is read with :func:`~streamtsm.models.read_checkpoint`; a dict is taken as already read. A catalog of
-    published checkpoints resolves its names here, before the file is read.
+    A path is read with :func:`~streamtsm.models.read_checkpoint`; a dict is taken as already read; a catalog
+    entry (or its name) is fetched first (:func:`streamtsm.hub.catalog.fetch`, downloading it once).
+
+    Raises:
+        CheckpointError: no such file or entry, or a file that is no usable checkpoint.
+        DownloadError: an entry's file cannot be downloaded or verified.
     """
     if isinstance(weights, dict):
         return weights, "given checkpoint"
+    entry = catalog_entry(weights)
+    if entry is not None:
+        path = catalog.fetch(entry, offline=offline, progress=progress)
+        return read_checkpoint(path), f"{entry.name} ({path})"
     return read_checkpoint(weights), str(weights)
 
 
@@ -57,9 +107,11 @@ def load(weights: Weights | None = None, *, model: str | None = None, num_classe
     """Build a model and load its weights; see the module docstring for the rules.
 
     Args:
-        weights: a checkpoint path or an already read checkpoint / state dict; None for fresh weights.
+        weights: a checkpoint path, a catalog entry or its name (``streamtsm models`` lists them), or an already
+            read checkpoint / state dict; None for fresh weights.
         model: a registry name; required for foreign weights and without weights, optional (and checked)
-            for a streamtsm checkpoint.
+            for a streamtsm checkpoint or a catalog entry (another one only for a backbone entry, or with
+            ``allow_shift_mismatch``).
         num_classes: the classifier size; default: the checkpoint's, else the label file's count, else the
             model's default. Another size than a streamtsm checkpoint's needs ``reset_head``.
         labels_file: class names, one per line; their count must equal the model's classes.
@@ -72,14 +124,19 @@ def load(weights: Weights | None = None, *, model: str | None = None, num_classe
 
     Returns:
         The model in eval mode, ``model.cfg`` set, its class names in ``model.cfg.labels``: the label file's, else
-        the checkpoint's (when the class count is kept), else None.
+        the checkpoint's or the catalog entry's (when the class count is kept), else None.
 
     Raises:
         ConfigError: no model to build, a model or override that contradicts the checkpoint, a label file that
             does not fit.
-        CheckpointError: weights that cannot be read or do not fit the model.
+        CheckpointError: weights that cannot be found, read, or do not fit the model.
+        DownloadError: a catalog entry's file cannot be downloaded or verified.
     """
     file_labels = read_labels(labels_file) if labels_file is not None else None
+    entry = catalog_entry(weights)
+    if entry is not None and entry.layout != FORMAT_NAME:
+        return _load_entry(entry, model, num_classes, file_labels, labels_file, reset_head, allow_shift_mismatch,
+                           overrides)
     if weights is None:
         if not model:
             raise ConfigError("no model to build: give --model NAME, --weights CHECKPOINT, or both")
@@ -131,6 +188,32 @@ def _load_own(checkpoint: dict, where: str, saved: ModelConfig, num_classes: int
     return _with_labels(net, file_labels, kept, labels_file)
 
 
+def _load_entry(entry: Entry, model: str | None, num_classes: int | None, file_labels: list[str] | None,
+                labels_file, reset_head: bool, allow_shift_mismatch: bool, overrides: dict) -> nn.Module:
+    """A published checkpoint in its publisher's layout, built as the catalog says, with the overrides it allows."""
+    settings = dict(entry.overrides)
+    if model is not None and model != entry.arch:
+        if not (entry.backbone or allow_shift_mismatch):
+            raise ConfigError(
+                f"--model {model} does not match the catalog entry {entry.name}, which holds {entry.arch}; leave "
+                f"--model out (or pass --allow-shift-mismatch to load its weights into {model})")
+        # Another architecture keeps what the weights expect of their input, not the entry's clip settings.
+        settings = {k: v for k, v in settings.items() if k in INPUT_FIELDS}
+    arch = model or entry.arch
+    classes = _class_count(num_classes, file_labels if reset_head else None) or entry.num_classes
+    if classes != entry.num_classes and not reset_head:
+        raise ConfigError(f"{classes} classes asked for but the catalog entry {entry.name} has {entry.num_classes} "
+                          "classes; pass reset_head=True (--reset-head) to fine-tune a fresh classifier on new classes")
+    checkpoint, where = read_weights(entry)
+    net = create(arch, num_classes=classes, **{**settings, **overrides})
+    try:
+        load_checkpoint(net, checkpoint, reset_head=reset_head, allow_shift_mismatch=allow_shift_mismatch)
+    except CheckpointError as e:
+        raise CheckpointError(f"catalog entry {where}: {e}") from None
+    named = catalog.label_names(entry) if classes == entry.num_classes else None
+    return _with_labels(net, file_labels, named, labels_file)
+
+
 def _class_count(num_classes: int | None, file_labels: list[str] | None) -> int | None:
     """The class count asked for: ``num_classes``, else the label file's, else None (the model's own)."""
     if num_classes is not None:
@@ -149,4 +232,4 @@ def _with_labels(net: nn.Module, file_labels: list[str] | None, saved: list[str]
     return net.eval()
 
 
-__all__ = ["DATA_FIELDS", "RETUNABLE_ARCH", "is_streamtsm", "load", "read_weights"]
+__all__ = ["DATA_FIELDS", "INPUT_FIELDS", "RETUNABLE_ARCH", "catalog_entry", "is_streamtsm", "load", "read_weights"]

@@ -1,7 +1,8 @@
 """MobileNetV2 (Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks", CVPR 2018), the
 backbone of the online TSM.
 
-Parameter names follow the official TSM online checkpoint (and torchvision)::
+Parameter names follow the official TSM online checkpoint (torchvision's nest each conv + BN + ReLU6 one level
+deeper; :func:`from_torchvision` renames them)::
 
     features.0.{0,1}        stem: 3x3 conv stride 2, BN (ReLU6 at .2)
     features.1..17.conv.M   inverted residual blocks (M indexes conv/BN/ReLU6 inside the block)
@@ -163,3 +164,35 @@ def to_mmaction2_key(key: str) -> str:
         stage = max(i for i, off in enumerate(_STAGE_OFFSETS[:-1]) if off <= feature)
         return f"layer{stage + 1}.{feature - _STAGE_OFFSETS[stage]}.conv.{position // 3}.{kind}.{rest}"
     return f"conv{1 if feature == 0 else 2}.{kind}.{rest}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torchvision (0.3 and later) wraps each conv + BN + ReLU6 of a block in a Sequential of its own, and leaves the
+# projection conv and its BN flat after them; k is the number of wrapped groups in the block (1 or 2):
+#
+#   torchvision                        this package
+#   features.N.conv.A.B (A < k)        features.N.conv.(3A + B)
+#   features.N.conv.J   (J = k, k + 1) features.N.conv.(2k + J)
+#   features.0.*, features.18.*        the same
+# ---------------------------------------------------------------------------------------------------------------
+
+_TV_WRAPPED = re.compile(r"^(features\.\d+\.conv\.)(\d+)\.(\d+)\.(.+)$")
+_TV_FLAT = re.compile(r"^(features\.\d+\.conv\.)(\d+)\.(.+)$")
+
+
+def from_torchvision(state_dict: dict) -> dict:
+    """torchvision's MobileNetV2 keys renamed to this package's; keys of any other layout are left as they are."""
+    wrapped: dict[str, set[int]] = {}
+    for key in state_dict:
+        m = _TV_WRAPPED.match(key)
+        if m:
+            wrapped.setdefault(m.group(1), set()).add(int(m.group(2)))
+    out = {}
+    for key, value in state_dict.items():
+        m = _TV_WRAPPED.match(key)
+        if m:
+            key = f"{m.group(1)}{3 * int(m.group(2)) + int(m.group(3))}.{m.group(4)}"
+        elif (m := _TV_FLAT.match(key)) and m.group(1) in wrapped:
+            key = f"{m.group(1)}{2 * len(wrapped[m.group(1)]) + int(m.group(2))}.{m.group(3)}"
+        out[key] = value
+    return out

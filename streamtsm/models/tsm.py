@@ -253,9 +253,9 @@ _register_tsm("tsn_r50", _tsm_resnet(50), kind="online",
 #                  [module.]new_fc.*                            fc.*
 #   mmaction2      backbone.X (ConvModule names, .net. shifts)  backbone.<family rule>(X)
 #                  cls_head.fc_cls.*                            fc.*
-#   plain          features.* / conv1.*, layerK.*               backbone.*
-#   (online demo,  classifier.* | classifier.1.* | fc.*         fc.*
-#    torchvision)
+#   plain          features.* / conv1.*, layerK.*               backbone.* (torchvision's MobileNetV2 block names
+#   (online demo,                                               renamed by mobilenetv2.from_torchvision)
+#    torchvision)  classifier.* | classifier.1.* | fc.*         fc.*
 
 
 def strip_net(key: str) -> str:
@@ -283,7 +283,7 @@ def convert_mit_han_lab(state_dict: dict) -> dict:
 def convert_plain(state_dict: dict) -> dict:
     """Bare backbone + classifier layouts: the official online MobileNetV2 demo checkpoint, torchvision."""
     out = {}
-    for key, value in state_dict.items():
+    for key, value in mobilenetv2.from_torchvision(state_dict).items():
         head = rename_head(key, ("classifier.1", "classifier", "fc"))
         out[head or "backbone." + key] = value
     return out
