@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError, StreamTSMError
@@ -82,10 +84,20 @@ def _groups_from_args(args: argparse.Namespace, settings: dict):
     specs = [StreamSpec(src, names[i] if i < len(names) else None, frame_stride=args.frame_stride)
              for i, src in enumerate(sources)]
     providers = args.providers.split(",") if args.providers else None
+    if _runs_the_demo_model(args, settings) and any(not str(src).startswith("synthetic") for src in sources):
+        print("streamtsm: note: the built-in demo model knows only the synthetic scene's nine motions; on a camera "
+              "use a catalog model, e.g. --weights tsm_mobilenetv2_jester_online (hand gestures) or --weights "
+              "x3d_m_kinetics400 (Kinetics actions); `streamtsm models` lists them", file=sys.stderr, flush=True)
     engine = build_engine(model=args.model, weights=args.weights, onnx=args.onnx, labels_file=args.labels,
                           device=settings["device"], providers=providers, threads=args.threads,
                           backend=settings["backend"], url=args.url, triton_model=args.triton_model)
     return [ModelGroup(engine, specs, clip_stride=settings["clip_stride"])]
+
+
+def _runs_the_demo_model(args: argparse.Namespace, settings: dict) -> bool:
+    """Whether `run` falls back to the shipped demo model: no model, weights, ONNX file or server named."""
+    named = (args.model, args.weights, args.onnx, args.url, args.triton_model)
+    return all(v is None for v in named) and settings["backend"] in ("auto", "torch")
 
 
 def _refuse_camera_options(args: argparse.Namespace) -> None:
@@ -221,10 +233,32 @@ def _cmd_listen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_download(args: argparse.Namespace) -> int:
+    from .hub import catalog
+    from .hub.download import checkpoints_dir, home
+
+    target = Path(args.to) if args.to else None
+    for name in args.names:  # every name checked before the first download, so a typo costs no transfer
+        catalog.get_entry(name)
+    for name in args.names:
+        entry = catalog.get_entry(name)
+        path = catalog.fetch(entry, home=target, progress=not args.quiet and sys.stderr.isatty())
+        print(f"{entry.name}: {path}")
+    if target is not None:
+        print(f"copy {target} to the site and set STREAMTSM_HOME={target} there (its files are in "
+              f"{checkpoints_dir(target)}); streamtsm then uses them without a network")
+    elif not args.quiet:
+        print(f"cache: {home()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamtsm", description="Streaming action recognition for live cameras.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--offline", action="store_true",
+                        help="never touch the network: catalog checkpoints come from the cache only "
+                             "(same as STREAMTSM_OFFLINE=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("models", help="list the architectures and the published checkpoints of the catalog")
@@ -288,6 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="tcp://*:5560", help="where clients subscribe (listen --connect here)")
     p.set_defaults(func=_cmd_broker)
 
+    p = sub.add_parser("download", help="fetch catalog checkpoints into the cache (or --to DIR for another machine)",
+                       description="Download and verify catalog checkpoints (see `streamtsm models`) ahead of use, "
+                                   "e.g. for a site without internet.")
+    p.add_argument("names", nargs="+", metavar="NAME", help="catalog entry names")
+    p.add_argument("--to", metavar="DIR", help="a folder to use as STREAMTSM_HOME elsewhere (default: this "
+                                                "machine's cache)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_download)
+
     p = sub.add_parser("listen", help="print the messages a recognizer publishes")
     p.add_argument("--connect", default="tcp://127.0.0.1:5556", help="endpoint of the publisher or broker")
     p.add_argument("--topic", action="append", help="topic prefix to subscribe to (repeatable; default: all)")
@@ -306,7 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --offline is a global flag, but a user writes it after the command too (`streamtsm run --offline ...`).
+    offline = "--offline" in argv
+    args = parser.parse_args([a for a in argv if a != "--offline"])
+    if offline:
+        os.environ["STREAMTSM_OFFLINE"] = "1"  # read by every download, in this process and the ones it starts
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 
 from .engine.factory import BACKENDS
 from .errors import ConfigError, StreamTSMError
+from .hub.catalog import is_entry_name
 from .settings import RUN_DEFAULTS, merge_settings
 
 if TYPE_CHECKING:
@@ -202,7 +203,9 @@ def load_site_config(path: str | Path) -> SiteConfig:
             merged["crop"] = tuple(merged["crop"])
         for key in ("weights", "onnx", "labels", "source"):
             if isinstance(merged.get(key), str):
-                merged[key] = _beside(path, merged[key], must_exist=key == "source")
+                # weights may also name a catalog entry: kept as a name unless a file of that name is beside it.
+                must_exist = key == "source" or (key == "weights" and is_entry_name(merged[key]))
+                merged[key] = _beside(path, merged[key], must_exist=must_exist)
         cameras.append(CameraConfig(**merged, line=loc.camera_line(i)))
 
     return SiteConfig(
@@ -218,8 +221,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
 
 def _beside(config: Path, value: str, *, must_exist: bool) -> str:
     """A relative file path in the config, resolved from the config's folder (as a site's files travel with it);
-    absolute paths, URLs and patterns stay as written. A source is only resolved when that file exists there, since a
-    source string can also be a URL, ``synthetic[...]`` or a device name."""
+    absolute paths, URLs and patterns stay as written. With ``must_exist`` it is only resolved when that file exists
+    there: a source string can also be a URL, ``synthetic[...]`` or a device name, and weights a catalog name."""
     if "://" in value or value.startswith("synthetic") or Path(value).is_absolute():
         return value
     candidate = config.resolve().parent / value

@@ -154,13 +154,15 @@ def test_bad_input_is_one_line_and_exit_code_2(dataset, tmp_path, capsys, case, 
     assert len(err.splitlines()) == 1 and match in err
 
 
-def test_train_weights_of_a_streamtsm_checkpoint_need_no_architecture_flags(dataset, tmp_path):
+@pytest.mark.parametrize("by", ["path", "catalog name"])
+def test_train_weights_of_a_streamtsm_checkpoint_need_no_architecture_flags(dataset, tmp_path, by):
     from streamtsm.engine.factory import DEMO_WEIGHTS
 
     run = tmp_path / "tuned"
+    weights = str(DEMO_WEIGHTS) if by == "path" else "streamtsm_demo"  # the catalog's entry for the packaged file
     # The demo checkpoint names its architecture (tsm_r18_online, width 16, 64 px, shift_div 2): no --model,
     # --width, --input-size or --model-arg; --reset-head swaps its nine-motion classifier for the data's three.
-    assert main(["train", "--weights", str(DEMO_WEIGHTS), "--reset-head", "--train", str(dataset / "train.txt"),
+    assert main(["train", "--weights", weights, "--reset-head", "--train", str(dataset / "train.txt"),
                  "--epochs", "1", *COMMON, "--out", str(run)]) == 0
     demo, tuned = read_checkpoint(DEMO_WEIGHTS)["config"], load(run / "checkpoint.pth").cfg
     assert tuned.name == demo["name"] and tuned.arch == demo["arch"] and tuned.input_size == demo["input_size"]

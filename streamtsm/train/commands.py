@@ -199,7 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..models import read_checkpoint
+    from ..models.loading import read_weights
     from .annotations import load_records
     from .evaluate import evaluate, format_table
     from .loop import check_labels, load_for_eval, resolve_device
@@ -210,7 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sampling = args.sampling
     if sampling == "auto":
         # As the model was trained (streamtsm train records it), else the family's usual sampling.
-        sampling = (read_checkpoint(args.weights).get("extra") or {}).get("recipe", {}).get("sampling", "auto")
+        sampling = (read_weights(args.weights)[0].get("extra") or {}).get("recipe", {}).get("sampling", "auto")
     overrides = {k: v for k, v in (("clip_len", args.clip_len), ("frame_interval", args.frame_interval)) if v}
     if overrides:
         model.cfg = dataclasses.replace(model.cfg, **overrides)

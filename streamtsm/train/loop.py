@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ..errors import CheckpointError, ConfigError, StreamTSMError
 from ..labels import read_labels
 from ..models import get_spec, load, read_checkpoint, save_checkpoint
-from ..models.loading import is_streamtsm
+from ..models.loading import is_streamtsm, read_weights
 from .annotations import FRAME_TEMPLATE, VideoRecord, load_records
 from .data import ClipDataset, MatchedBatchSampler, collate_clips, worker_init
 from .evaluate import classification_metrics, predict_offline
@@ -191,7 +191,7 @@ class TrainData:
 
 def saved_config(weights: str | os.PathLike) -> dict:
     """The config a streamtsm checkpoint records (name, classes, labels, ...); empty for a foreign one."""
-    checkpoint = read_checkpoint(weights)
+    checkpoint = read_weights(weights)[0]  # a path or a catalog name (fetched once, then cached)
     return (checkpoint.get("config") or {}) if is_streamtsm(checkpoint) else {}
 
 
