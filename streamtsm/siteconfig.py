@@ -28,8 +28,9 @@
 Relative paths (``weights``, ``onnx``, ``labels``, a file ``source``) are read from the config file's folder.
 A camera takes every key it does not set from ``[defaults]``, except that the keys of a model (``model``,
 ``weights``, ``onnx``, ``labels``, ``triton_model``) come as one: a camera that names another model (its own
-``model``, ``onnx``, ``triton_model`` or ``backend``) inherits none of them, so the site's weights and labels are
-never loaded into another network. A camera served by Triton sets ``backend = "triton"``, ``url`` and
+``model``, ``onnx``, ``triton_model`` or ``backend``, or weights that are a catalog name) inherits none of them, so
+the site's weights and labels are never loaded into another network. ``weights`` may name a catalog entry
+(``streamtsm models``): it is kept as a name unless a file of that name lies beside the config. A camera served by Triton sets ``backend = "triton"``, ``url`` and
 ``triton_model``.
 Cameras with the same model, weights, onnx file, labels, device, providers, backend, url, Triton model and
 clip_stride share one batched model call (a group).
@@ -186,7 +187,9 @@ def load_site_config(path: str | Path) -> SiteConfig:
             if key not in raw:
                 raise loc.error(f"camera {i + 1}: missing {key!r}", key, camera=i)
         inherited = {k: v for k, v in defaults.items() if k in _CAMERA_KEYS}
-        if any(k in raw and raw[k] != defaults.get(k) for k in _MODEL_IDENTITY_KEYS):
+        # A catalog name as weights names a whole model (architecture, labels, settings) just as `model` does.
+        own_entry = is_entry_name(raw.get("weights")) and raw["weights"] != defaults.get("weights")
+        if own_entry or any(k in raw and raw[k] != defaults.get(k) for k in _MODEL_IDENTITY_KEYS):
             inherited = {k: v for k, v in inherited.items() if k not in _MODEL_KEYS}
         # The camera's own keys beat [defaults]; what neither sets takes CameraConfig's defaults (RUN_DEFAULTS).
         merged = merge_settings(raw, inherited, names=dict.fromkeys([*inherited, *raw]), defaults={})

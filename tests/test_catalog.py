@@ -225,3 +225,25 @@ def test_models_command_lists_the_catalog_beside_the_architectures(home, capsys)
         row = next(line for line in out.splitlines() if line.startswith(entry.name + " "))
         assert entry.arch in row and entry.accuracy in row
         assert ("packaged" if entry.packaged else " no ") in row
+
+
+def test_create_with_pretrained_is_load_through_the_catalog():
+    # The packaged demo entry: no download. create(name, pretrained=...) is load(pretrained, model=name).
+    built = create("tsm_r18_online", pretrained="streamtsm_demo")
+    loaded = load("streamtsm_demo")
+    assert built.cfg == loaded.cfg
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(StreamTSMError, match="tsm_mobilenetv2_online"):
+        create("tsm_mobilenetv2_online", pretrained="streamtsm_demo")  # another architecture than the entry's
+
+
+def test_models_page_is_what_the_catalog_gives():
+    # docs/models.md is written from the catalog; a catalog change without re-running the tool fails here.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "tools/make_models_doc.py", "--check"], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -109,3 +109,16 @@ def test_run_with_the_demo_model_on_a_camera_names_catalog_models_in_one_line(tm
     if noted:
         assert JESTER in notes[0] and "streamtsm models" in notes[0]
         assert all(name in catalog.names() for name in (JESTER, "x3d_m_kinetics400"))
+
+
+def test_site_camera_with_a_catalog_name_inherits_no_model_keys_from_defaults(tmp_path):
+    # [defaults] names the site's own model; a camera naming a catalog entry gets none of its model, labels.
+    (tmp_path / "site.pth").write_bytes(b"")
+    (tmp_path / "site.txt").write_text("a\nb\n")
+    config = tmp_path / "site.toml"
+    config.write_text('[defaults]\nmodel = "tsm_mobilenetv2_online"\nweights = "site.pth"\nlabels = "site.txt"\n'
+                      '[[camera]]\nid = "door"\nsource = "synthetic"\n'
+                      '[[camera]]\nid = "yard"\nsource = "synthetic"\nweights = "x3d_s_kinetics400"\n')
+    door, yard = load_site_config(config).cameras
+    assert (door.model, door.labels) == ("tsm_mobilenetv2_online", str(tmp_path / "site.txt"))
+    assert (yard.model, yard.weights, yard.labels) == (None, "x3d_s_kinetics400", None)

@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = ap.parse_args()
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         data = work / "data"
@@ -92,6 +93,7 @@ def main() -> None:
             train("fine-tuned from the demo model", data, work, ["--weights", str(DEMO), "--reset-head"],
                   args.finetune_epochs, args.seed),
         ]
+    load_after = os.getloadavg()
     scratch, tuned = runs
     best = {r["name"]: max(100 * e["val"]["top1"] for e in r["epochs"]) for r in runs}
     body = (
@@ -107,8 +109,9 @@ def main() -> None:
         f"| from scratch | {args.scratch_epochs} | {best[scratch['name']]:.1f} | {scratch['wall_s']:.0f} s |\n"
         f"| fine-tuned from the demo model | {args.finetune_epochs} | {best[tuned['name']]:.1f} | "
         f"{tuned['wall_s']:.0f} s |\n\n"
-        f"Load average before/after is not controlled: training runs in one process on the machine's "
-        f"{os.cpu_count()} cores (DataLoader: 1 worker).\n")
+        f"Training runs in one process on the machine's {os.cpu_count()} cores (DataLoader: 1 worker). Load "
+        f"average (1/5/15 min) before: {' / '.join(f'{x:.1f}' for x in load_before)}, after: "
+        f"{' / '.join(f'{x:.1f}' for x in load_after)}.\n")
     print(body)
     if not args.no_write:
         write_section("finetune", "Fine-tuning vs training from scratch (CPU)", body)

@@ -64,18 +64,25 @@ def get_spec(name: str) -> ModelSpec:
         raise ConfigError(f"unknown model {name!r}; expected one of: {', '.join(list_models())}") from None
 
 
-def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
-    """Build a registered model with fresh weights.
+def create(name: str, num_classes: int | None = None, *, pretrained: str | None = None, **overrides) -> nn.Module:
+    """Build a registered model with fresh weights, or with published ones.
 
     Args:
         name: a name from :func:`list_models`.
         num_classes: classifier size (the config's default when None).
+        pretrained: a catalog entry's name (``streamtsm models``) or a checkpoint path: the model is then
+            ``streamtsm.models.load(pretrained, model=name, num_classes=num_classes, **overrides)``, the one
+            loading path (``reset_head=True`` among the overrides fine-tunes on another class count).
         **overrides: architecture arguments of the family (e.g. ``width_mult``, ``shift_div``, ``num_segments``)
             or :class:`ModelConfig` fields (``input_size``, ``mean``, ...).
 
     Returns:
         The model in eval mode, with ``model.cfg`` set.
     """
+    if pretrained is not None:
+        from .loading import load  # the loader builds through this function: imported here, not at the top
+
+        return load(pretrained, model=name, num_classes=num_classes, **overrides)
     spec = get_spec(name)
     values = {**spec.defaults, **overrides}
     if num_classes is None:
