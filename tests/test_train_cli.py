@@ -219,3 +219,17 @@ def test_train_temporary_checkpoint_is_never_taken_for_a_checkpoint(dataset, tmp
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{flag} {tmp} is a temporary file" in err
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--weights"])
+def test_train_checkpoint_with_implausible_config_is_one_line_exit_2(dataset, tmp_path, capsys, flag):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--train", str(dataset / "train.txt"), "--epochs", "1", "--out", str(run)]) == 0
+    checkpoint = read_checkpoint(run / "checkpoint.pth")
+    checkpoint["config"]["std"] = [0.2, 0.0, 0.2]
+    torch.save(checkpoint, tmp_path / "bad.pth")
+    args = ["train", "--train", str(dataset / "train.txt"), flag, str(tmp_path / "bad.pth"), "--epochs", "2",
+            "--out", str(tmp_path / "again"), *COMMON]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "std = [0.2, 0.0, 0.2]" in err

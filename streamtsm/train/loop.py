@@ -37,6 +37,7 @@ from tqdm import tqdm
 from ..errors import CheckpointError, ConfigError, StreamTSMError, first_line
 from ..labels import read_labels
 from ..models import get_spec, load, read_checkpoint, save_checkpoint
+from ..models.checkpoint import check_recorded_config
 from ..models.loading import is_streamtsm, read_weights
 from .annotations import FRAME_TEMPLATE, VideoRecord, load_records
 from .data import ClipDataset, MatchedBatchSampler, collate_clips, worker_init
@@ -177,6 +178,7 @@ def read_resume(o: TrainOptions) -> dict | None:
     checkpoint = read_checkpoint(o.resume)
     if not is_streamtsm(checkpoint) or "extra" not in checkpoint or "optimizer" not in checkpoint["extra"]:
         raise CheckpointError(f"{o.resume} is not a training checkpoint of streamtsm train (no optimizer state)")
+    check_recorded_config(checkpoint, str(o.resume))  # its labels and config are read before models.load checks
     saved = checkpoint["extra"].get("recipe", {})
     for key in ("optimizer", "schedule"):
         if key in saved and saved[key] != getattr(o, key):
@@ -196,8 +198,11 @@ class TrainData:
 
 def saved_config(weights: str | os.PathLike) -> dict:
     """The config a streamtsm checkpoint records (name, classes, labels, ...); empty for a foreign one."""
-    checkpoint = read_weights(weights)[0]  # a path or a catalog name (fetched once, then cached)
-    return (checkpoint.get("config") or {}) if is_streamtsm(checkpoint) else {}
+    checkpoint, where = read_weights(weights)  # a path or a catalog name (fetched once, then cached)
+    if not is_streamtsm(checkpoint):
+        return {}
+    check_recorded_config(checkpoint, where)
+    return checkpoint["config"]
 
 
 def data_labels(option, folder_labels: list[str] | None, train_source, records: Sequence[VideoRecord],
