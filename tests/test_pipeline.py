@@ -305,15 +305,17 @@ def test_online_model_trained_on_every_kth_frame_is_fed_every_kth_frame_unless_t
 
 
 class MarkedSource(FakeLiveSource):
-    """Dark frames, except a bright one at read ``bright_at``: the frame the NaN model below goes wrong on."""
+    """Dark frames, except bright ones at the reads ``bright_at``: the frames the NaN model below goes wrong on."""
 
-    def __init__(self, bright_at: int | None):
+    is_live = False  # every frame reaches the model (a live source may drop the bright one)
+
+    def __init__(self, bright_at: tuple[int, ...] = ()):
         super().__init__(fps=100)
         self.bright_at = bright_at
 
     def read(self):
         image = super().read()
-        return np.full_like(image, 250 if self.reads == self.bright_at else 10)
+        return np.full_like(image, 250 if self.reads in self.bright_at else 10)
 
 
 class NanOnBrightEngine:
@@ -341,12 +343,12 @@ class NanOnBrightEngine:
         return logits, new_state
 
 
-def test_pipeline_nan_output_counts_resets_state_and_never_reaches_the_wire(engine, pubsub):
+def test_pipeline_nan_output_counts_resets_state_and_never_reaches_the_wire(engine, pubsub, caplog):
     from streamtsm.sinks.metrics import MetricsSink
 
     pub, sub = pubsub
     metrics = MetricsSink()
-    specs = [StreamSpec(MarkedSource(bright_at=5), "bad"), StreamSpec(MarkedSource(bright_at=None), "good")]
+    specs = [StreamSpec(MarkedSource(bright_at=(5, 9)), "bad"), StreamSpec(MarkedSource(), "good")]
     pipeline = Pipeline(NanOnBrightEngine(engine), specs, sinks=[pub, metrics],
                         options=PipelineOptions(max_frames=20))
     pipeline.start()
@@ -355,10 +357,12 @@ def test_pipeline_nan_output_counts_resets_state_and_never_reaches_the_wire(engi
     payloads = [p for _, p in _drain(sub)]
     assert sub.malformed == 0, "every published payload is valid JSON"
     preds = [p for p in payloads if p["type"] == "pred"]
-    assert final["bad"]["nonfinite"] == 1, "the state was reset: the NaN did not live on in later frames"
+    assert final["bad"]["nonfinite"] == 2, "the state was reset: the NaN did not live on in later frames"
     assert final["good"]["nonfinite"] == 0 and final["good"]["frames"] == 20
     assert final["bad"]["frames"] == 20 and final["bad"]["step_errors"] == 0
-    assert sum(p["stream"] == "bad" for p in preds) == 19, "no prediction for the NaN frame"
+    assert sum(p["stream"] == "bad" for p in preds) == 18, "no prediction for the NaN frames"
     assert sum(p["stream"] == "good" for p in preds) == 20
     assert all(isinstance(t["score"], float) for p in preds for t in p["topk"])
-    assert metrics.registry.get_sample_value("streamtsm_nonfinite_total", {"stream": "bad"}) == 1
+    assert metrics.registry.get_sample_value("streamtsm_nonfinite_total", {"stream": "bad"}) == 2
+    warnings = [r for r in caplog.records if "NaN or infinity" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].getMessage().startswith("bad:"), "a warning once per stream"
