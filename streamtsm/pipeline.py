@@ -240,7 +240,14 @@ class Pipeline:
             s.rate.tick()
             s.last_seen = (f.index, f.timestamp)
             if row is not None and not np.isfinite(row).all():
-                self._nonfinite(s, group)
+                # NaN or infinity (bad weights, fp16/int8 overflow): no prediction for this frame, smoothing and open
+                # events left as they were, and the stream's model state restarts, since an online model's NaN would
+                # otherwise live on in its cached folds and poison every later frame.
+                s.nonfinite += 1
+                if s.nonfinite == 1:
+                    log.warning("%s: the model output NaN or infinity; the frame is skipped and the stream's model "
+                                "state reset (counted in the stats' nonfinite; further ones are not logged)", s.id)
+                group.runner.reset(s.id)
             elif row is not None:
                 topk, events = s.post.process(row, f.index, f.timestamp)
                 self._out.prediction(s.id, group.model_name, f, topk)
@@ -252,16 +259,6 @@ class Pipeline:
                 self._end_stream(s)
         if reported:
             self._out.step(StepReport(group.key, ms, tuple(reported)))
-
-    def _nonfinite(self, s: StreamState, group: GroupState) -> None:
-        """A NaN or infinite output (bad weights, fp16/int8 overflow): the frame gets no prediction, and the
-        stream's model state restarts, since an online model's NaN would otherwise live on in its cached folds
-        and poison every later frame. Smoothing and open events are left as they were."""
-        s.nonfinite += 1
-        if s.nonfinite == 1:
-            log.warning("%s: the model output NaN or infinity; the frame is skipped and the stream's model state "
-                        "reset (counted in the stats' nonfinite; further ones are not logged)", s.id)
-        group.runner.reset(s.id)
 
     def _publish_events(self, s: StreamState, events: list[ActionEvent], frame_index: int, capture_ts: float) -> None:
         self._out.events(s.id, s.group.model_name, events, frame_index, capture_ts)
