@@ -239,7 +239,16 @@ class Pipeline:
             s.processed += 1
             s.rate.tick()
             s.last_seen = (f.index, f.timestamp)
-            if row is not None:
+            if row is not None and not np.isfinite(row).all():
+                # NaN or infinity (bad weights, fp16/int8 overflow): no prediction for this frame, smoothing and open
+                # events left as they were, and the stream's model state restarts, since an online model's NaN would
+                # otherwise live on in its cached folds and poison every later frame.
+                s.nonfinite += 1
+                if s.nonfinite == 1:
+                    log.warning("%s: the model output NaN or infinity; the frame is skipped and the stream's model "
+                                "state reset (counted in the stats' nonfinite; further ones are not logged)", s.id)
+                group.runner.reset(s.id)
+            elif row is not None:
                 topk, events = s.post.process(row, f.index, f.timestamp)
                 self._out.prediction(s.id, group.model_name, f, topk)
                 self._publish_events(s, events, f.index, f.timestamp)

@@ -114,6 +114,7 @@ class StreamState:
         self.generation = 0
         self.processed = 0
         self.step_errors = 0
+        self.nonfinite = 0  # model outputs holding NaN or infinity (skipped, state reset)
         self.latency = LatencyTracker()
         self.rate = RateMeter()
         self.done = False  # reached max_frames, or its source ended and its buffer is drained
@@ -135,6 +136,7 @@ class StreamState:
             "captured": c["frames_read"],
             **{key: c[key] for key in ("dropped", "skipped", "bad_frames", "reconnects", "generation", "stalled")},
             "step_errors": self.step_errors,
+            "nonfinite": self.nonfinite,
             "latency_p50_ms": rounded(self.latency.percentile(50)),
             "latency_p99_ms": rounded(self.latency.percentile(99)),
             "last_error": c["last_error"],

@@ -137,3 +137,14 @@ def test_two_groups_of_one_model_keep_apart_in_stats_and_step_metrics():
     for key, m in stats["models"].items():
         assert m["model"] == name and m["steps"] > 0
         assert sink.registry.get_sample_value("streamtsm_model_step_seconds_count", {"model": key}) == m["steps"]
+
+
+def test_metrics_nonfinite_counter_follows_the_stats_per_stream():
+    sink = MetricsSink()
+    for bad in (0, 2, 2, 5):
+        sink.on_message("streamtsm.stats", stats_message(streams={
+            "cam0": {"fps": 10.0, "status": "running", "frames": 9, "dropped": 0, "reconnects": 0, "nonfinite": bad},
+            "cam1": {"fps": 10.0, "status": "running", "frames": 9, "dropped": 0, "reconnects": 0, "nonfinite": 0}}))
+    get = sink.registry.get_sample_value
+    assert get("streamtsm_nonfinite_total", {"stream": "cam0"}) == 5
+    assert get("streamtsm_nonfinite_total", {"stream": "cam1"}) == 0

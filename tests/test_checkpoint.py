@@ -217,3 +217,67 @@ def test_load_streamtsm_checkpoint_into_another_model_only_with_allow_shift_mism
     online = load(tmp_path / "bi.pth", model="tsm_mobilenetv2_online", num_classes=6, width_mult=0.25,
                   allow_shift_mismatch=True)
     assert online.cfg.name == "tsm_mobilenetv2_online" and torch.equal(online.fc.weight, offline.fc.weight)
+
+
+def _with_config(**changes):
+    def change(config):
+        for key, value in changes.items():
+            if value is _DROP:
+                config.pop(key)
+            else:
+                config[key] = value
+    return change
+
+
+_DROP = object()
+
+IMPLAUSIBLE = [
+    ("num_classes", _with_config(num_classes=0), "num_classes = 0, expected an integer from 1"),
+    ("num_classes", _with_config(num_classes=-3), "num_classes = -3"),
+    ("num_classes", _with_config(num_classes=10**9), "num_classes = 1000000000, expected an integer from 1 to 100000"),
+    ("num_classes", _with_config(num_classes=2.5), "num_classes = 2.5"),
+    ("num_classes", _with_config(num_classes=_DROP), "records no num_classes"),
+    ("input_size", _with_config(input_size=0), "input_size = 0"),
+    ("input_size", _with_config(input_size=-32), "input_size = -32"),
+    ("input_size", _with_config(input_size=100_000), "input_size = 100000, expected an integer from 1 to 4096"),
+    ("input_size", _with_config(input_size="32"), "input_size = '32'"),
+    ("mean", _with_config(mean=[0.5, 0.5]), "mean = [0.5, 0.5], expected 3 finite numbers"),
+    ("mean", _with_config(mean=[0.5, float("nan"), 0.5]), "mean = [0.5, nan, 0.5]"),
+    ("std", _with_config(std=[0.2, 0.2, 0.2, 0.2]), "std = [0.2, 0.2, 0.2, 0.2]"),
+    ("std", _with_config(std=[0.2, 0.0, 0.2]), "std = [0.2, 0.0, 0.2], expected 3 finite numbers above 0"),
+    ("std", _with_config(std=None), "std = None"),
+    ("clip_len", _with_config(clip_len=0), "clip_len = 0, expected an integer from 1"),
+    ("frame_interval", _with_config(frame_interval=0), "frame_interval = 0"),
+    ("frame_interval", _with_config(frame_interval=-1), "frame_interval = -1"),
+    ("num_segments", _with_config(num_segments=0), "num_segments = 0"),
+    ("name", _with_config(name="tsm_r999"), "name = 'tsm_r999', expected a registered model name"),
+    ("name", _with_config(name=_DROP), "records no name"),
+    ("kind", _with_config(kind="batch"), "kind = 'batch', expected one of online, clip"),
+    ("labels", _with_config(labels="abc"), "labels = 'abc'"),
+    ("arch", _with_config(arch=[1, 2]), "arch = [1, 2]"),
+]
+
+
+@pytest.mark.parametrize(("field", "change", "match"), IMPLAUSIBLE, ids=[f"{f}-{m}" for f, _, m in IMPLAUSIBLE])
+def test_checkpoint_with_implausible_recorded_config_is_one_error_naming_the_field(tmp_path, field, change, match):
+    save_checkpoint(_model("tsm_r18", num_segments=4), tmp_path / "m.pth", labels=list("abcdef"))
+    checkpoint = read_checkpoint(tmp_path / "m.pth")
+    change(checkpoint["config"])
+    torch.save(checkpoint, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="^checkpoint .*bad.pth ") as info:
+        load(tmp_path / "bad.pth")
+    assert match in str(info.value) and field in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("config", [None, [1, 2], "tsm_r18"])
+def test_checkpoint_without_a_config_table_is_one_error(tmp_path, config):
+    save_checkpoint(_model("tsm_r18", num_segments=4), tmp_path / "m.pth")
+    checkpoint = read_checkpoint(tmp_path / "m.pth")
+    checkpoint["config"] = config
+    with pytest.raises(CheckpointError, match="records no config table"):
+        load(checkpoint)
+
+
+def test_checkpoint_plausible_config_loads_as_before(tmp_path):
+    save_checkpoint(_model("tsm_r18", num_segments=4), tmp_path / "m.pth")
+    assert load(tmp_path / "m.pth").cfg.name == "tsm_r18"

@@ -242,3 +242,52 @@ def test_an_onnx_file_whose_inputs_do_not_match_its_metadata_is_a_config_error(o
     _edit(online[1], tmp_path / "fixed.onnx", fix_batch)
     with pytest.raises(StreamTSMError, match=r"input 'state_0' has shape \[4, .*expected \[batch, "):
         load_onnx_engine(tmp_path / "fixed.onnx")
+
+
+def _with_metadata(src, dst, change):
+    """A copy of ``src`` whose streamtsm metadata is ``change(meta)``'s, the graph untouched."""
+    from streamtsm.formats import META_CONFIG, META_KIND, META_STATE, read_metadata, write_metadata
+
+    dst.write_bytes(src.read_bytes())
+    meta = read_metadata(src)
+    change(meta)
+    write_metadata(dst, {META_CONFIG: meta["config"], META_KIND: meta["kind"], META_STATE: meta["state"]})
+    return dst
+
+
+def _set_kind(kind):
+    return lambda m: m.update(kind=kind)
+
+
+def _drop_last_state(m):
+    m["state"].pop()
+
+
+def _grow_state_0(m):
+    m["state"][0]["shape"][0] += 1
+
+
+def _config(key, value):
+    return lambda m: m["config"].update({key: value})
+
+
+@pytest.mark.parametrize(("which", "change", "match"), [
+    ("online", _set_kind("clip"), r"kind is 'clip' but the graph has no 'clip' input"),
+    ("clip", _set_kind("online"), r"kind is 'online' but the graph has no 'frame' input"),
+    ("online", _drop_last_state, r"metadata lists \d+ state tensors, the graph takes \d+"),
+    ("online", _grow_state_0, r"state 'state_0' is \[batch, \d+, .*\] in the metadata, \[batch, .*\] in the graph"),
+    ("clip", lambda m: m["state"].append({"name": "state_0", "output": "new_state_0", "shape": [1]}),
+     r"kind is 'clip' but the metadata lists 1 state tensors"),
+    ("online", _config("input_size", 48), r"config input_size is 48 but the graph's 'frame' is \[batch, 3, 32, 32\]"),
+    ("clip", _config("input_size", 48), r"config input_size is 48 but the graph's 'clip' is"),
+    ("online", _config("num_classes", 7), r"config num_classes is 7 but the graph's 'logits' is \[batch, 5\]"),
+    ("clip", _config("num_classes", 3), r"config num_classes is 3 but the graph's 'logits' is \[batch, 5\]"),
+])
+def test_onnx_file_whose_metadata_disagrees_with_its_graph_is_one_error_naming_it(online, clip, tmp_path, which,
+                                                                                  change, match):
+    src = (online if which == "online" else clip)[1]
+    path = _with_metadata(src, tmp_path / "edited.onnx", change)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_onnx_engine(path)
+    assert str(info.value).startswith(f"{path} does not match its streamtsm metadata")
+    assert "\n" not in str(info.value)

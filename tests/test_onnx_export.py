@@ -315,3 +315,39 @@ def test_cli_export_onnx_rejects_a_labels_file_of_another_size(tmp_path):
              "-o", str(tmp_path / "m.onnx")])
     with pytest.raises(ConfigError, match="give --model"):
         cli(["export-onnx", "-o", str(tmp_path / "m.onnx")])
+
+
+def _nan_model():
+    model = tiny_online(seed=3)
+    with torch.no_grad():
+        model.fc.bias[1] = float("nan")
+    return model
+
+
+def test_export_fails_on_a_model_that_outputs_nan_and_leaves_no_file(tmp_path):
+    with pytest.raises(ExportError, match="NaN or infinity") as info:
+        export_onnx(_nan_model(), tmp_path / "nan.onnx")
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_verify_onnx_fails_on_a_graph_whose_outputs_are_not_finite(tmp_path, bad):
+    # The graph goes wrong where torch does not (an fp16/int8 overflow, a damaged file): before issue 16 an all-NaN
+    # graph was reported as verified with a difference of 0.
+    model = tiny_online(seed=3)
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.fc.bias[:] = bad
+    export_onnx(broken, tmp_path / "bad.onnx", verify=False)
+    with pytest.raises(ExportError, match="onnxruntime output .* NaN or infinity"):
+        verify_onnx(model, tmp_path / "bad.onnx")
+
+
+def test_quantize_fails_on_a_graph_that_outputs_nan_and_writes_nothing(tmp_path):
+    export_onnx(_nan_model(), tmp_path / "nan.onnx", verify=False)
+    frames = calibration_frames(ModelConfig.from_dict(read_metadata(tmp_path / "nan.onnx")["config"]),
+                                num_frames=24, sequence_length=12)
+    with pytest.raises(ExportError, match="NaN or infinity"):
+        quantize_int8(tmp_path / "nan.onnx", tmp_path / "int8.onnx", frames)
+    assert not (tmp_path / "int8.onnx").exists()

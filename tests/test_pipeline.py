@@ -302,3 +302,67 @@ def test_online_model_trained_on_every_kth_frame_is_fed_every_kth_frame_unless_t
     pipeline.run()
     assert seen["default"] == list(range(0, 30, 3))
     assert seen["every"] == list(range(10))
+
+
+class MarkedSource(FakeLiveSource):
+    """Dark frames, except bright ones at the reads ``bright_at``: the frames the NaN model below goes wrong on."""
+
+    is_live = False  # every frame reaches the model (a live source may drop the bright one)
+
+    def __init__(self, bright_at: tuple[int, ...] = ()):
+        super().__init__(fps=100)
+        self.bright_at = bright_at
+
+    def read(self):
+        image = super().read()
+        return np.full_like(image, 250 if self.reads in self.bright_at else 10)
+
+
+class NanOnBrightEngine:
+    """An online model gone wrong the way a real one does: a bright frame overflows it to NaN, and the NaN lives on
+    in that stream's state, so every later output of the stream is NaN too unless its state is reset."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def step(self, frames, state):
+        import torch
+
+        logits, new_state = self.inner.step(frames, state)
+        poisoned = np.array([bool(torch.isnan(state[n][b]).any()) for b in range(len(frames))
+                             for n in self.inner.state_names]).reshape(len(frames), -1).any(1)
+        bad = (frames.reshape(len(frames), -1).mean(1) > 0) | poisoned
+        logits = logits.copy()
+        logits[bad] = np.nan
+        mask = torch.from_numpy(bad)
+        new_state = {name: torch.where(mask.view(-1, *[1] * (t.dim() - 1)), torch.full_like(t, float("nan")), t)
+                     for name, t in new_state.items()}
+        return logits, new_state
+
+
+def test_pipeline_nan_output_counts_resets_state_and_never_reaches_the_wire(engine, pubsub, caplog):
+    from streamtsm.sinks.metrics import MetricsSink
+
+    pub, sub = pubsub
+    metrics = MetricsSink()
+    specs = [StreamSpec(MarkedSource(bright_at=(5, 9)), "bad"), StreamSpec(MarkedSource(), "good")]
+    pipeline = Pipeline(NanOnBrightEngine(engine), specs, sinks=[pub, metrics],
+                        options=PipelineOptions(max_frames=20))
+    pipeline.start()
+    final = pipeline.run()["streams"]
+    # The subscriber decodes strictly (json.loads refusing NaN/Infinity) and counts what it refuses.
+    payloads = [p for _, p in _drain(sub)]
+    assert sub.malformed == 0, "every published payload is valid JSON"
+    preds = [p for p in payloads if p["type"] == "pred"]
+    assert final["bad"]["nonfinite"] == 2, "the state was reset: the NaN did not live on in later frames"
+    assert final["good"]["nonfinite"] == 0 and final["good"]["frames"] == 20
+    assert final["bad"]["frames"] == 20 and final["bad"]["step_errors"] == 0
+    assert sum(p["stream"] == "bad" for p in preds) == 18, "no prediction for the NaN frames"
+    assert sum(p["stream"] == "good" for p in preds) == 20
+    assert all(isinstance(t["score"], float) for p in preds for t in p["topk"])
+    assert metrics.registry.get_sample_value("streamtsm_nonfinite_total", {"stream": "bad"}) == 2
+    warnings = [r for r in caplog.records if "NaN or infinity" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].getMessage().startswith("bad:"), "a warning once per stream"

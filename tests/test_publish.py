@@ -210,9 +210,15 @@ def test_encode_is_compact_utf8_json():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_encode_rejects_nan_and_infinity(bad):
-    with pytest.raises(ValueError):
-        encode("t", {"schema": 1, "score": bad})
+def test_encode_sends_nan_and_infinity_as_null(bad):
+    # Issue 16: NaN/Infinity are not JSON; raising here killed the recognizer. They go out as null.
+    _, body = encode("t", {"schema": 1, "score": bad, "topk": [{"label": "x", "score": bad}], "frame": 3})
+    assert json.loads(body, parse_constant=_refuse) == {"schema": 1, "score": None,
+                                                        "topk": [{"label": "x", "score": None}], "frame": 3}
+
+
+def _refuse(name):
+    raise AssertionError(f"non-JSON constant {name} on the wire")
 
 
 def test_encode_rejects_payload_without_schema_or_unserializable():
@@ -378,11 +384,10 @@ def test_publisher_counts_drops_behind_subscriber_that_never_reads(ctx):
     assert sent + dropped == attempts
 
 
-def test_publisher_send_rejects_nan_payload(ctx):
+def test_publisher_send_nan_payload_goes_out_as_valid_json(ctx):
     with Publisher(RANDOM_PORT, context=ctx) as publisher:
-        with pytest.raises(ValueError):
-            publisher.send("streamtsm.pred.cam0", pred(topk=[("x", float("nan"))]))
-        assert (publisher.sent, publisher.dropped) == (0, 0)
+        assert publisher.send("streamtsm.pred.cam0", pred(topk=[("x", float("nan"))]))
+        assert (publisher.sent, publisher.dropped) == (1, 0)
 
 
 def test_publisher_close_is_idempotent_and_send_after_close_raises(ctx):

@@ -177,3 +177,59 @@ def test_train_weights_with_a_contradicting_model_is_one_clear_error(dataset, tm
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--model tsm_mobilenetv2_online does not match" in err
     assert "which holds tsm_r18_online" in err
+
+
+@pytest.mark.parametrize("which", ["train", "val"])
+def test_train_list_with_no_readable_clip_is_exit_2_naming_the_list(dataset, tmp_path, capsys, which):
+    broken = []
+    for i, name in enumerate(CLASSES):
+        path = tmp_path / f"broken{i}.avi"
+        path.write_bytes(b"\x00" * 100)
+        broken.append(f"{path} {i}")
+    bad_list = tmp_path / f"{which}_broken.txt"
+    bad_list.write_text("\n".join(broken) + "\n")
+    lists = {"train": str(dataset / "train.txt"), "val": str(dataset / "val.txt"), which: str(bad_list)}
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--train", lists["train"], "--val", lists["val"], "--labels",
+                 str(dataset / "labels.txt"), "--epochs", "1", "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{which} list {bad_list}" in err and "none of its 3 clips can be read" in err
+    assert not (run / "checkpoint.pth").exists() and not (run / "best.pth").exists()
+
+
+def test_train_removes_stale_temporary_checkpoints_at_start(dataset, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("checkpoint.pth.tmp", "best.pth.tmp"):
+        (run / name).write_bytes(b"half a checkpoint")  # what a run killed inside torch.save leaves
+    (run / "notes.tmp").write_text("not ours")
+    data = ["--train", str(dataset / "train.txt"), "--labels", str(dataset / "labels.txt")]
+    assert main(["train", *TINY, *data, "--epochs", "1", "--out", str(run)]) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["best.pth", "checkpoint.pth", "labels.txt", "log.jsonl",
+                                                     "notes.tmp"]
+    assert read_checkpoint(run / "checkpoint.pth")["config"]["name"] == "tsm_mobilenetv2_online"
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--weights"])
+def test_train_temporary_checkpoint_is_never_taken_for_a_checkpoint(dataset, tmp_path, capsys, flag):
+    tmp = tmp_path / "checkpoint.pth.tmp"
+    tmp.write_bytes(b"half a checkpoint")
+    args = ["train", "--train", str(dataset / "train.txt"), flag, str(tmp), "--out", str(tmp_path / "r"), *COMMON]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{flag} {tmp} is a temporary file" in err
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--weights"])
+def test_train_checkpoint_with_implausible_config_is_one_line_exit_2(dataset, tmp_path, capsys, flag):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--train", str(dataset / "train.txt"), "--epochs", "1", "--out", str(run)]) == 0
+    checkpoint = read_checkpoint(run / "checkpoint.pth")
+    checkpoint["config"]["std"] = [0.2, 0.0, 0.2]
+    torch.save(checkpoint, tmp_path / "bad.pth")
+    args = ["train", "--train", str(dataset / "train.txt"), flag, str(tmp_path / "bad.pth"), "--epochs", "2",
+            "--out", str(tmp_path / "again"), *COMMON]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "std = [0.2, 0.0, 0.2]" in err

@@ -366,3 +366,25 @@ def test_optimizer_and_scheduler_state_survive_a_weights_only_checkpoint(tmp_pat
     buf = [s["momentum_buffer"] for s in opt.state.values()]
     buf2 = [s["momentum_buffer"] for s in opt2.state.values()]
     assert all(torch.equal(a, b) for a, b in zip(buf, buf2)) and len(buf) == len(buf2) > 0
+
+
+def test_dataset_first_readable_finds_the_first_clip_that_decodes(tmp_path):
+    good = tmp_path / "good.avi"
+    _write_video(good, _numbered_frames(10))
+    bad = tmp_path / "bad.avi"
+    bad.write_bytes(b"not a video at all")
+    cfg = create("tsm_mobilenetv2_online", num_classes=2, width_mult=0.25, num_segments=4, input_size=16,
+                 resize_size=18).cfg
+
+    def dataset(*paths):
+        return ClipDataset([VideoRecord(str(p), 0) for p in paths], SegmentSampler(4), TrainTransform.for_config(cfg),
+                           train=True)
+
+    assert dataset(good, bad).first_readable() == (0, None)
+    index, failure = dataset(bad, tmp_path / "gone.mp4", good).first_readable()
+    assert index == 2 and failure.path == str(bad)
+    index, failure = dataset(bad, tmp_path / "gone.mp4").first_readable()
+    assert index is None and failure.path == str(bad) and failure.reason
+    before = torch.random.get_rng_state()
+    dataset(bad, good).first_readable()
+    assert torch.equal(torch.random.get_rng_state(), before), "probing draws nothing from the run's generator"

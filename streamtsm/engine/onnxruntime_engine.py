@@ -128,9 +128,60 @@ def _shape_text(shape) -> str:
     return "[" + ", ".join(str(d) if isinstance(d, int) else BATCH if d == BATCH else f"{d}?" for d in shape) + "]"
 
 
-def _check_graph(path: Path, meta: dict, session: ort.InferenceSession) -> None:
-    """The graph's inputs and outputs are the ones its metadata promises, with the same shapes, all float32."""
+def _metadata_vs_graph(meta: dict, session: ort.InferenceSession) -> list[str]:
+    """What the metadata's kind, state list and config say the graph must be, against the graph itself. The io
+    table is checked apart: a file edited by hand, or merged from two exports, can carry an io table that matches
+    the graph and a kind, state or config that do not, and the engine trusts all of them."""
+    inputs = {v.name: v.shape for v in session.get_inputs()}
+    outputs = {v.name: v.shape for v in session.get_outputs()}
+    cfg, kind, states = meta["config"], meta["kind"], meta["state"]
+    if not isinstance(cfg, dict) or not isinstance(states, list) or not all(
+            isinstance(s, dict) and {"name", "output", "shape"} <= s.keys() for s in states):
+        return [f"metadata config {type(cfg).__name__} and state {states!r}: expected a config table and a list of "
+                "{name, output, shape} entries"]
     problems = []
+
+    def fixed(dim) -> int | None:
+        return dim if isinstance(dim, int) else None
+
+    size = cfg.get("input_size")
+    main = FRAME if kind == "online" else CLIP
+    if main not in inputs:
+        problems.append(f"kind is {kind!r} but the graph has no {main!r} input (its inputs: {', '.join(inputs)})")
+    else:
+        rank = 4 if kind == "online" else 5
+        shape = inputs[main]
+        if len(shape) != rank:
+            problems.append(f"kind is {kind!r} but the graph's {main!r} has rank {len(shape)}, expected {rank}")
+        elif any(fixed(d) not in (None, size) for d in shape[-2:]):
+            problems.append(f"config input_size is {size} but the graph's {main!r} is {_shape_text(shape)}")
+    if kind == "online":
+        graph_states = sorted(n for n in inputs if n != main)
+        if len(graph_states) != len(states):
+            problems.append(f"metadata lists {len(states)} state tensors, the graph takes {len(graph_states)}")
+        for st in states:
+            for name, side in ((st["name"], inputs), (st["output"], outputs)):
+                if name not in side:
+                    continue  # the io table's check names a missing tensor
+                got, want = side[name], [BATCH, *st["shape"]]
+                if len(got) != len(want) or any(fixed(g) not in (None, w) for g, w in zip(got[1:], want[1:])):
+                    problems.append(f"state {name!r} is {_shape_text(want)} in the metadata, "
+                                    f"{_shape_text(got)} in the graph")
+    elif states:
+        problems.append(f"kind is 'clip' but the metadata lists {len(states)} state tensors")
+    logits = outputs.get(LOGITS)
+    if logits is None:
+        problems.append(f"the graph has no {LOGITS!r} output")
+    elif len(logits) != 2 or fixed(logits[1]) not in (None, cfg.get("num_classes")):
+        problems.append(f"config num_classes is {cfg.get('num_classes')} but the graph's {LOGITS!r} is "
+                        f"{_shape_text(logits)}")
+    return problems
+
+
+def _check_graph(path: Path, meta: dict, session: ort.InferenceSession) -> None:
+    """The graph's inputs and outputs are the ones its metadata promises (its kind, state list, config and io
+    table), with the same shapes, all float32."""
+    problems = _metadata_vs_graph(meta, session)
     for side, found in (("input", session.get_inputs()), ("output", session.get_outputs())):
         expected = meta["io"][side + "s"]
         found = {v.name: v for v in found}
@@ -163,10 +214,10 @@ class _OrtModel:
             raise ConfigError(f"{self.path} holds a {self.meta['kind']} model; use load_onnx_engine() or the "
                               f"{'OrtOnlineEngine' if self.meta['kind'] == 'online' else 'OrtClipEngine'}")
         self.cfg = ModelConfig.from_dict(self.meta["config"])
+        self.session = _open_session(self.path, providers, threads)
+        _check_graph(self.path, self.meta, self.session)  # before the labels: a wrong class count is named here
         self.labels = resolve_labels(self.cfg.num_classes, labels_file=labels_file, given=labels,
                                      saved=self.cfg.labels)
-        self.session = _open_session(self.path, providers, threads)
-        _check_graph(self.path, self.meta, self.session)
         self.providers = self.session.get_providers()
 
 

@@ -280,7 +280,7 @@ def verify_onnx(model, path: str | os.PathLike, *, input_size: int | None = None
         occurred, and what was compared.
 
     Raises:
-        ExportError: a scaled difference exceeds ``tolerance``.
+        ExportError: a scaled difference exceeds ``tolerance``, or an output of either side is NaN or infinite.
     """
     import torch
 
@@ -296,6 +296,11 @@ def verify_onnx(model, path: str | os.PathLike, *, input_size: int | None = None
             if not a.size:
                 continue
             b = b.detach().cpu().numpy()
+            # NaN compares false with everything: without this an all-NaN graph would pass with a difference of 0.
+            for side, values in (("onnxruntime", a), ("torch", b)):
+                if not np.isfinite(values).all():
+                    raise ExportError(f"{side} output {name} at {where} holds NaN or infinity; the model is not "
+                                      "usable (bad weights or an overflow), expected finite outputs")
             d = float(np.abs(a - b).max())
             worst_abs = max(worst_abs, d)
             scaled = d / max(1.0, float(np.abs(b).max()))

@@ -190,7 +190,8 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
 
     Raises:
         ConfigError: the input is not an fp32 streamtsm export, or the frames do not fit it.
-        ExportError: quantization failed or left a non-float graph input/output.
+        ExportError: quantization failed or left a non-float graph input/output, or either model outputs NaN or
+            infinity on the held-out frames (the int8 file is then removed).
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -255,6 +256,13 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     int8 = cpu_session(out_path, threads)
     ref = _run_logits(fp32, holdout, meta, clip_len, interval)
     got = _run_logits(int8, holdout, meta, clip_len, interval)
+    for which, logits in (("fp32", ref), ("int8", got)):
+        if not np.isfinite(logits).all():
+            # NaN would make every comparison below false and the agreement figures meaningless; no file is kept.
+            out_path.unlink(missing_ok=True)
+            raise ExportError(f"the {which} model outputs NaN or infinity on the held-out frames "
+                              f"({int((~np.isfinite(logits)).any(1).sum())} of {len(logits)} predictions); "
+                              "expected finite logits, nothing written")
     diff = np.abs(ref - got)
     report = {
         "path": str(out_path),

@@ -16,6 +16,7 @@ only detects, dispatches and checks. Every file is read with ``torch.load(..., w
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..config import MODEL_KINDS
 from .registry import ModelConfig
 
 FORMAT_NAME = "streamtsm"
@@ -51,6 +53,64 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"cannot read checkpoint {path}: expected a dict of tensors, got {type(obj).__name__}")
     return obj
+
+
+# Bounds of a recorded config that any real model stays within; beyond them the file is damaged or hand-made, and
+# building the model would fail deep inside torch (or allocate a classifier of a billion rows) instead.
+MAX_CLASSES = 100_000
+MAX_INPUT_SIZE = 4096
+MAX_FRAMES = 10_000  # num_segments, clip_len, frame_interval
+
+
+def _int_in(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _channel_triple(value, *, positive: bool) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            and (not positive or all(v > 0 for v in value)))
+
+
+def check_recorded_config(checkpoint: dict, where: str) -> None:
+    """Check the config a streamtsm checkpoint records before anything is built from it.
+
+    Raises:
+        CheckpointError: naming the first implausible field, what it holds and what was expected.
+    """
+    from .registry import list_models  # registry imports nothing of this module's; late to keep import order free
+
+    config = checkpoint.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {where} records no config table (got {type(config).__name__}); "
+                              "expected the one save_checkpoint writes")
+    names = list_models()
+    rules = [
+        ("name", lambda v: v in names, "a registered model name (`streamtsm models` lists them)"),
+        ("kind", lambda v: v in MODEL_KINDS, f"one of {', '.join(MODEL_KINDS)}"),
+        ("num_classes", lambda v: _int_in(v, 1, MAX_CLASSES), f"an integer from 1 to {MAX_CLASSES}"),
+        ("input_size", lambda v: _int_in(v, 1, MAX_INPUT_SIZE), f"an integer from 1 to {MAX_INPUT_SIZE}"),
+        ("resize_size", lambda v: _int_in(v, 1, 2 * MAX_INPUT_SIZE), f"an integer from 1 to {2 * MAX_INPUT_SIZE}"),
+        ("mean", lambda v: _channel_triple(v, positive=False), "3 finite numbers (R, G, B)"),
+        ("std", lambda v: _channel_triple(v, positive=True), "3 finite numbers above 0 (R, G, B)"),
+        ("num_segments", lambda v: _int_in(v, 1, MAX_FRAMES), f"an integer from 1 to {MAX_FRAMES}"),
+        ("clip_len", lambda v: _int_in(v, 1, MAX_FRAMES), f"an integer from 1 to {MAX_FRAMES}"),
+        ("frame_interval", lambda v: _int_in(v, 1, MAX_FRAMES), f"an integer from 1 to {MAX_FRAMES}"),
+        ("labels", lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+         "a list of class names or null"),
+        ("arch", lambda v: isinstance(v, dict), "a table of architecture arguments"),
+    ]
+    required = ("name", "num_classes")
+    for key, ok, expected in rules:
+        if key not in config:
+            if key in required:
+                raise CheckpointError(f"checkpoint {where} records no {key} in its config; expected {expected}")
+            continue
+        value = config[key]
+        if not ok(value):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise CheckpointError(f"checkpoint {where} records an implausible config: {key} = {shown}, "
+                                  f"expected {expected}")
 
 
 def unwrap(checkpoint: dict) -> tuple[dict, dict]:

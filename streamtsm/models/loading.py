@@ -35,7 +35,7 @@ from ..errors import CheckpointError, ConfigError
 from ..hub import catalog
 from ..hub.catalog import Entry
 from ..labels import read_labels, resolve_labels
-from .checkpoint import FORMAT_NAME, load_checkpoint, read_checkpoint
+from .checkpoint import FORMAT_NAME, check_recorded_config, load_checkpoint, read_checkpoint
 from .registry import create, list_models
 
 # How the model is fed and how its output is named: a run may change them without touching the weights.
@@ -145,6 +145,7 @@ def load(weights: Weights | None = None, *, model: str | None = None, num_classe
 
     checkpoint, where = read_weights(weights)
     if is_streamtsm(checkpoint):
+        check_recorded_config(checkpoint, where)
         saved = ModelConfig.from_dict(checkpoint["config"])
         if model is None or model == saved.name or not allow_shift_mismatch:
             if model is not None and model != saved.name:

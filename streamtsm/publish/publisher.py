@@ -158,7 +158,8 @@ class Publisher:
             True if ZeroMQ took the message, False if it was dropped (counted in ``dropped``).
 
         Raises:
-            ValueError: If the payload cannot be encoded (e.g. a NaN score).
+            ValueError: If the payload is not JSON-serializable (a NaN or infinite number is not a reason: it is
+                sent as null, see ``schema.encode``).
             PublishError: If the publisher is closed.
         """
         if self._closed:

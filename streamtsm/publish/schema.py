@@ -55,6 +55,7 @@ Stats (``type`` ``"stats"``)::
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -258,6 +259,10 @@ def _check_schema(payload: Any) -> None:
 def encode(topic: str, payload: dict) -> list[bytes]:
     """Serializes one message.
 
+    A float that is NaN or infinite (a model gone wrong, an overflowing fp16/int8 graph) is sent as null:
+    ``NaN``/``Infinity`` are not JSON, and a strict subscriber would refuse the whole message, while raising
+    here would take down the process that publishes.
+
     Args:
         topic: The topic, e.g. ``topic_for(TOPIC_PRED, "cam0")``.
         payload: A JSON-serializable dict with a ``schema`` field.
@@ -266,17 +271,38 @@ def encode(topic: str, payload: dict) -> list[bytes]:
         ``[topic as UTF-8, compact JSON as UTF-8]``, ready for ``send_multipart``.
 
     Raises:
-        ValueError: If the topic is not a string, the payload has no supported ``schema``, holds NaN or
-            Infinity, or is not JSON-serializable.
+        ValueError: If the topic is not a string, the payload has no supported ``schema``, or is not
+            JSON-serializable.
     """
     if not isinstance(topic, str):
         raise ValueError(f"topic must be a string, got {type(topic).__name__}")
     _check_schema(payload)
     try:
-        body = json.dumps(payload, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        try:
+            body = _dumps(payload)
+        except ValueError:
+            # Only a non-finite float (or a circular reference) gets here: the common path never walks the payload.
+            body = _dumps(_finite_or_null(payload))
     except TypeError as error:
         raise ValueError(f"payload is not JSON-serializable: {error}") from None
+    except RecursionError:
+        raise ValueError("payload is nested too deeply or refers to itself") from None
     return [topic.encode("utf-8"), body.encode("utf-8")]
+
+
+def _dumps(payload: dict) -> str:
+    return json.dumps(payload, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None, containers copied, the rest as it was."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def _refuse_constant(name: str) -> None:

@@ -37,6 +37,8 @@ class MetricsSink:
         self.frames = Counter("streamtsm_stream_frames", "Frames processed", ["stream"], registry=r)
         self.dropped = Counter("streamtsm_stream_dropped_frames", "Frames dropped because the model was busy",
                                ["stream"], registry=r)
+        self.nonfinite = Counter("streamtsm_nonfinite", "Model outputs holding NaN or infinity (frame skipped)",
+                                 ["stream"], registry=r)
         self.reconnects = Counter("streamtsm_stream_reconnects", "Source reconnects", ["stream"], registry=r)
         self.latency = Histogram("streamtsm_capture_to_publish_seconds", "Capture to publish latency",
                                  ["stream"], buckets=_LATENCY_BUCKETS_S, registry=r)
@@ -73,6 +75,7 @@ class MetricsSink:
                 self._advance(self.frames.labels(sid), (sid, "frames"), s["frames"])
                 self._advance(self.dropped.labels(sid), (sid, "dropped"), s["dropped"])
                 self._advance(self.reconnects.labels(sid), (sid, "reconnects"), s["reconnects"])
+                self._advance(self.nonfinite.labels(sid), (sid, "nonfinite"), s.get("nonfinite", 0))
             self._advance(self.publish_dropped, ("", "publish_dropped"), payload.get("publish_dropped", 0))
 
     def close(self) -> None:

@@ -78,6 +78,20 @@ class ClipDataset(Dataset):
         position = {int(i): j for j, i in enumerate(needed)}
         return [frames[[position[int(i)] for i in v]] for v in views], record.label
 
+    def first_readable(self) -> tuple[int | None, Skipped | None]:
+        """Decode clips in list order until one reads: ``(its index, the first failure before it)``, or
+        ``(None, the first failure)`` when none does. Usually one decode; draws nothing from torch's generator,
+        so a run's random draws stay those of its seed."""
+        first_failure = None
+        for index, record in enumerate(self.records):
+            try:
+                self.load(index, np.random.default_rng(0))
+            except (VideoReadError, cv2.error) as e:
+                first_failure = first_failure or Skipped(record.path, str(e))
+                continue
+            return index, first_failure
+        return None, first_failure
+
     def __getitem__(self, index: int | tuple[int, int]):
         # (index, seed): a sampler that wants several clips to share their random draws (MatchedBatchSampler).
         index, seed = index if isinstance(index, tuple) else (index, int(torch.randint(0, 2**62, (1,)).item()))

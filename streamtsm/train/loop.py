@@ -34,9 +34,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..errors import CheckpointError, ConfigError, StreamTSMError
+from ..errors import CheckpointError, ConfigError, StreamTSMError, first_line
 from ..labels import read_labels
 from ..models import get_spec, load, read_checkpoint, save_checkpoint
+from ..models.checkpoint import check_recorded_config
 from ..models.loading import is_streamtsm, read_weights
 from .annotations import FRAME_TEMPLATE, VideoRecord, load_records
 from .data import ClipDataset, MatchedBatchSampler, collate_clips, worker_init
@@ -146,6 +147,11 @@ def check_options(o: TrainOptions) -> None:
         raise ConfigError(f"crop scales must be fractions in (0, 1], got {list(o.scales)}")
     if o.frame_loss < 0:
         raise ConfigError(f"frame loss frames must be >= 0, got {o.frame_loss}")
+    for key in ("resume", "weights"):
+        value = getattr(o, key)
+        if isinstance(value, (str, os.PathLike)) and str(value).endswith(".tmp"):
+            raise ConfigError(f"--{key} {value} is a temporary file a checkpoint is written to before it is "
+                              "renamed (partial if left behind); expected a .pth checkpoint")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -172,6 +178,7 @@ def read_resume(o: TrainOptions) -> dict | None:
     checkpoint = read_checkpoint(o.resume)
     if not is_streamtsm(checkpoint) or "extra" not in checkpoint or "optimizer" not in checkpoint["extra"]:
         raise CheckpointError(f"{o.resume} is not a training checkpoint of streamtsm train (no optimizer state)")
+    check_recorded_config(checkpoint, str(o.resume))  # its labels and config are read before models.load checks
     saved = checkpoint["extra"].get("recipe", {})
     for key in ("optimizer", "schedule"):
         if key in saved and saved[key] != getattr(o, key):
@@ -191,8 +198,11 @@ class TrainData:
 
 def saved_config(weights: str | os.PathLike) -> dict:
     """The config a streamtsm checkpoint records (name, classes, labels, ...); empty for a foreign one."""
-    checkpoint = read_weights(weights)[0]  # a path or a catalog name (fetched once, then cached)
-    return (checkpoint.get("config") or {}) if is_streamtsm(checkpoint) else {}
+    checkpoint, where = read_weights(weights)  # a path or a catalog name (fetched once, then cached)
+    if not is_streamtsm(checkpoint):
+        return {}
+    check_recorded_config(checkpoint, where)
+    return checkpoint["config"]
 
 
 def data_labels(option, folder_labels: list[str] | None, train_source, records: Sequence[VideoRecord],
@@ -315,6 +325,23 @@ class Loaders:
         return self.matched[epoch - 1] if epoch <= len(self.matched) else self.train
 
 
+def require_readable(dataset: ClipDataset, source, what: str) -> None:
+    """Refuse a list none of whose clips can be read: the run would "train" on nothing (every batch skipped) or
+    validate on nothing, and write a checkpoint that looks like a trained model.
+
+    Raises:
+        ConfigError: naming the list, how many clips it has and the first reason a clip could not be read.
+    """
+    index, failure = dataset.first_readable()
+    if index is None:
+        name = f"{what} list {source}" if isinstance(source, (str, os.PathLike)) else f"the {what} data"
+        raise ConfigError(f"{name}: none of its {len(dataset)} clips can be read (e.g. {failure.path}: "
+                          f"{first_line(failure.reason)}); expected at least one readable clip")
+    if failure is not None:
+        log.warning("%s data: %s is unreadable (%s); its other clips are read as they come", what, failure.path,
+                    first_line(failure.reason))
+
+
 def prepare_loaders(o: TrainOptions, model: nn.Module, data: TrainData, device: torch.device) -> Loaders:
     """The train (and matched warm-up) loaders and the val set. Dense sampling records its clips in ``model.cfg``.
 
@@ -347,10 +374,12 @@ def prepare_loaders(o: TrainOptions, model: nn.Module, data: TrainData, device: 
                               persistent_workers=o.workers > 0)
     if len(train_loader) == 0:
         raise ConfigError("the train data holds no clips")
+    require_readable(train_set, o.train, "train")
     val_set = None
     if data.val is not None:
         val_set = ClipDataset(data.val, sampler_for(model, train=False, **sampling), TestTransform(cfg, 1),
                               train=False, **common)
+        require_readable(val_set, o.val, "val")
     matched = []
     for e in range(o.matched_warmup_epochs):
         # One scene per batch at first, then geometrically more scenes (and fewer classes of each) per batch,
@@ -510,6 +539,7 @@ class RunLog:
     def __init__(self, o: TrainOptions, labels: list[str], run_info: dict, start_epoch: int) -> None:
         self.out = Path(o.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.out)
         (self.out / "labels.txt").write_text("\n".join(labels) + "\n")
         self.path = self.out / "log.jsonl"
         if o.resume is None and self.path.exists():
@@ -530,6 +560,18 @@ class RunLog:
             save_checkpoint(model, self.out / "best.pth", labels=labels,
                             extra={"epoch": extra["epoch"], "val": extra["val"], "best_top1": extra["best_top1"],
                                    "recipe": extra["recipe"]})
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete the ``*.pth.tmp`` files a killed run left in its out folder (a checkpoint is written to ``.tmp`` and
+    renamed, so such a file is a partial write, never a checkpoint). Returns the files removed."""
+    removed = []
+    for tmp in sorted(out.glob("*.pth.tmp")):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+            log.info("removed %s, a partial checkpoint left by an interrupted run", tmp)
+    return removed
 
 
 def run_info(model: nn.Module, device: torch.device, opt: Optimization, loaders: Loaders, data: TrainData) -> dict:
