@@ -117,9 +117,9 @@ class StreamState:
         self.latency = LatencyTracker()
         self.rate = RateMeter()
         self.done = False  # reached max_frames, or its source ended and its buffer is drained
-        # (index, capture time) of the newest processed frame: end-of-stream events refer to it. Not the frame
-        # itself, whose image would stay alive between steps for nothing.
-        self.last_seen: tuple[int, float] | None = None
+        # (index, capture time, media time) of the newest processed frame: end-of-stream events refer to it. Not
+        # the frame itself, whose image would stay alive between steps for nothing.
+        self.last_seen: tuple[int, float, float | None] | None = None
 
     def stats(self) -> dict:
         """The stream's entry in the stats message's ``streams``."""

@@ -233,6 +233,9 @@ class CaptureThread(threading.Thread):
                     return
                 continue
             frame_index, index = index, index + 1
+            # The position in a file: every image decoded counts, as in ``index`` (a file is read by one thread
+            # from its start; only live readers are ever replaced).
+            media_ts = frame_index / self.source.fps if not self.source.is_live and self.source.fps else None
             with self._lock:
                 self._frames_read += 1
                 self._read_times.append(now)
@@ -248,7 +251,7 @@ class CaptureThread(threading.Thread):
                     self._bad_frames += 1
                 continue
             self._failed_attempts = 0
-            frame = Frame(self.stream_id, frame_index, timestamp, bgr, self.generation)
+            frame = Frame(self.stream_id, frame_index, timestamp, bgr, self.generation, media_ts)
             if not self.buffer.put(frame, self._halt):
                 return
 
