@@ -135,6 +135,7 @@ class StreamState:
             "captured": c["frames_read"],
             **{key: c[key] for key in ("dropped", "skipped", "bad_frames", "reconnects", "generation", "stalled")},
             "step_errors": self.step_errors,
+            "missing_frames": c["missing_frames"],  # frames a file or image sequence failed to deliver
             "latency_p50_ms": rounded(self.latency.percentile(50)),
             "latency_p99_ms": rounded(self.latency.percentile(99)),
             "last_error": c["last_error"],

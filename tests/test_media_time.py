@@ -169,3 +169,15 @@ def test_pipeline_live_source_keeps_wall_clock_durations(engine):
         assert e["start_media_ts"] is None and e["end_media_ts"] is None and e["media_ts"] is None
         assert e["duration_s"] == pytest.approx(e["end_ts"] - e["start_ts"], abs=1e-5)
 
+
+def test_pipeline_stats_count_the_frames_a_truncated_file_lost(engine, tmp_path):
+    # Item 6's figure as the stats message carries it (the clip from above, cut in half).
+    data = Path(write_clip(tmp_path / "whole.avi")).read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) // 2])
+    options = PipelineOptions(smooth=1, realtime=False)
+    pipeline = Pipeline(engine, [StreamSpec(str(cut), "cut", frame_stride=1)], options=options)
+    pipeline.start()
+    stream = pipeline.run()["streams"]["cut"]
+    assert stream["status"] == "done" and 0 < stream["captured"] < 30
+    assert stream["missing_frames"] == 30 - stream["captured"]
