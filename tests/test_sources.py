@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -336,3 +339,40 @@ def test_video_source_real_clips_report_no_loss(name):
 def test_video_source_network_stream_reports_no_loss():
     assert VideoSource("rtsp://10.0.0.5/live").losses() == []
 
+
+# -- native libraries keep quiet ----------------------------------------------------------------------------------
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    return subprocess.run([sys.executable, "-m", "streamtsm.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def _not_a_video(tmp_path: Path) -> str:
+    path = tmp_path / "notes.mp4"  # FFmpeg's mp4 demuxer complains about it on stderr ("moov atom not found")
+    path.write_text("these are meeting notes, not a video\n" * 20)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["file", "camera"])
+def test_cli_run_bad_source_is_one_error_line_without_native_noise(tmp_path, kind):
+    # A camera index that names no device: OpenCV's V4L2 and FFmpeg backends each print a warning for it.
+    source, named = (_not_a_video(tmp_path), "notes.mp4") if kind == "file" else ("99", "camera 99")
+    result = _run_cli("run", "--source", source)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("streamtsm: error:")]
+    assert errors == [lines[-1]] and named in errors[0]
+    # Nothing from OpenCV, FFmpeg or onnxruntime: every line is streamtsm's own (its start-up note and banner,
+    # then the error).
+    assert [line for line in lines if not line.startswith("streamtsm: ")] == []
+
+
+def test_cli_run_bad_file_with_debug_log_level_lets_native_messages_through(tmp_path):
+    result = _run_cli("--log-level", "DEBUG", "run", "--source", _not_a_video(tmp_path))
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert lines[-1].startswith("streamtsm: error:")
+    assert [line for line in lines if line.startswith("[")], "FFmpeg's own line, e.g. [mov,mp4,...] moov atom"
