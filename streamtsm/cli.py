@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input (one line on stderr; the traceback only with 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -20,6 +21,33 @@ if TYPE_CHECKING:
     from .siteconfig import SiteConfig
 
 log = logging.getLogger("streamtsm")
+
+# Commands that may load onnxruntime (an .onnx model to run, or an export to verify).
+_ONNXRUNTIME_COMMANDS = ("run", "eval", "export-onnx", "quantize", "export-triton")
+
+
+def _quiet_native_libraries(command: str, verbose: bool) -> None:
+    """Keeps OpenCV's, FFmpeg's and onnxruntime's own messages off the terminal unless ``verbose``.
+
+    They print from C++ straight to stderr, past Python's logging, so a camera that does not open would
+    otherwise be a screen of FFmpeg and OpenCV lines around our one-line error. Their levels must be set before
+    a capture is opened: the environment variables for a cv2 not imported yet (OpenCV reads them on its first
+    log line, FFmpeg when its backend starts), OpenCV's log level for one already imported. A level the user
+    set in the environment is kept.
+    """
+    if verbose:
+        return
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "SILENT")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+    if "cv2" in sys.modules and os.environ["OPENCV_LOG_LEVEL"] == "SILENT":
+        import cv2.utils.logging  # OpenCV 4 also has cv2.setLogLevel; 5 only this
+
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    # onnxruntime takes ~0.4 s to import: only for the commands that may use it, and only where installed.
+    if command in _ONNXRUNTIME_COMMANDS and importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)  # errors only
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -356,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if offline:
         os.environ["STREAMTSM_OFFLINE"] = "1"  # read by every download, in this process and the ones it starts
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_native_libraries(args.command, verbose=args.debug or args.log_level == "DEBUG")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

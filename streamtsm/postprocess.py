@@ -134,6 +134,8 @@ class ActionEvent:
         end_ts: Capture time of ``end_frame``; None for an onset.
         score: Mean top-1 score over the steps where the action qualified: the ``hold`` steps for an onset, the
             whole action for an offset.
+        start_media_ts: Position of ``start_frame`` in its file in seconds; None for live sources.
+        end_media_ts: Position of ``end_frame`` in its file; None for an onset and for live sources.
 
     Raises:
         ValueError: If ``kind`` is neither ``"onset"`` nor ``"offset"``, an offset lacks its end, or an onset
@@ -147,6 +149,8 @@ class ActionEvent:
     end_frame: int | None
     end_ts: float | None
     score: float
+    start_media_ts: float | None = None
+    end_media_ts: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in EVENT_KINDS:
@@ -159,27 +163,40 @@ class ActionEvent:
 
     @property
     def duration_s(self) -> float | None:
-        """Seconds from ``start_ts`` to ``end_ts``; None for an onset."""
-        return None if self.end_ts is None else self.end_ts - self.start_ts
+        """How long the action lasted, in seconds; None for an onset.
+
+        In media time when both ends have one (a file is read as fast as the model goes, so its capture times
+        measure the processing, not the action), else from ``start_ts`` to ``end_ts``.
+        """
+        if self.end_ts is None:
+            return None
+        if self.start_media_ts is not None and self.end_media_ts is not None:
+            return self.end_media_ts - self.start_media_ts
+        return self.end_ts - self.start_ts
 
 
 class _Run:
     """A class that is (or may become) the active action: where it started and how it has scored."""
 
-    __slots__ = ("label", "start_frame", "start_ts", "last_frame", "last_ts", "steps", "score_sum")
+    __slots__ = ("label", "start_frame", "start_ts", "start_media_ts", "last_frame", "last_ts", "last_media_ts",
+                 "steps", "score_sum")
 
-    def __init__(self, label: str, frame_index: int, timestamp: float, score: float) -> None:
+    def __init__(self, label: str, frame_index: int, timestamp: float, score: float,
+                 media_ts: float | None = None) -> None:
         self.label = label
         self.start_frame = frame_index
         self.start_ts = timestamp
+        self.start_media_ts = media_ts
         self.last_frame = frame_index
         self.last_ts = timestamp
+        self.last_media_ts = media_ts
         self.steps = 1
         self.score_sum = score
 
-    def extend(self, frame_index: int, timestamp: float, score: float) -> None:
+    def extend(self, frame_index: int, timestamp: float, score: float, media_ts: float | None = None) -> None:
         self.last_frame = frame_index
         self.last_ts = timestamp
+        self.last_media_ts = media_ts
         self.steps += 1
         self.score_sum += score
 
@@ -187,7 +204,8 @@ class _Run:
         offset = kind == "offset"
         return ActionEvent(kind=kind, label=self.label, start_frame=self.start_frame, start_ts=self.start_ts,
                            end_frame=self.last_frame if offset else None, end_ts=self.last_ts if offset else None,
-                           score=self.score_sum / self.steps)
+                           score=self.score_sum / self.steps, start_media_ts=self.start_media_ts,
+                           end_media_ts=self.last_media_ts if offset else None)
 
 
 class EventDetector:
@@ -236,7 +254,8 @@ class EventDetector:
         """The label of the action in progress, or None."""
         return self._active.label if self._active else None
 
-    def update(self, label: str, score: float, frame_index: int, timestamp: float) -> list[ActionEvent]:
+    def update(self, label: str, score: float, frame_index: int, timestamp: float,
+               media_ts: float | None = None) -> list[ActionEvent]:
         """Feeds one step's (smoothed) top-1 prediction.
 
         Args:
@@ -244,6 +263,7 @@ class EventDetector:
             score: Its probability.
             frame_index: The step's frame index.
             timestamp: The step's capture time.
+            media_ts: The step's position in its file in seconds; None for a live source.
 
         Returns:
             The events this step decided: none, an onset, an offset, or an offset then an onset.
@@ -256,7 +276,7 @@ class EventDetector:
         active = self._active
 
         if active is not None and observed == active.label:
-            active.extend(frame_index, timestamp, score)
+            active.extend(frame_index, timestamp, score, media_ts)
             self._misses = 0
             self._candidate = None
             return events
@@ -266,9 +286,9 @@ class EventDetector:
         if observed is None:
             self._candidate = None
         elif self._candidate is not None and self._candidate.label == observed:
-            self._candidate.extend(frame_index, timestamp, score)
+            self._candidate.extend(frame_index, timestamp, score, media_ts)
         else:
-            self._candidate = _Run(observed, frame_index, timestamp, score)
+            self._candidate = _Run(observed, frame_index, timestamp, score, media_ts)
 
         if self._candidate is not None and self._candidate.steps >= self.hold:
             if active is not None:
@@ -354,7 +374,7 @@ class StreamPostprocessor:
         self.detector = EventDetector(hold=hold, threshold=threshold, background=background)
 
     def process(
-        self, logits: np.ndarray, frame_index: int, timestamp: float
+        self, logits: np.ndarray, frame_index: int, timestamp: float, media_ts: float | None = None
     ) -> tuple[list[tuple[str, float]], list[ActionEvent]]:
         """Post-processes one step.
 
@@ -362,6 +382,7 @@ class StreamPostprocessor:
             logits: The model's output for this step, shape ``[K]``.
             frame_index: The step's frame index.
             timestamp: The step's capture time.
+            media_ts: The step's position in its file in seconds (``Frame.media_ts``); None for a live source.
 
         Returns:
             ``(top-k of the smoothed probabilities, events)``; see ``EventDetector.update`` for events.
@@ -377,7 +398,7 @@ class StreamPostprocessor:
         probs = softmax(self.smoother.update(logits))
         ranked = topk(probs, self.k, self.labels)
         label, score = ranked[0]
-        return ranked, self.detector.update(label, score, frame_index, timestamp)
+        return ranked, self.detector.update(label, score, frame_index, timestamp, media_ts)
 
     def flush(self, frame_index: int | None = None, timestamp: float | None = None) -> list[ActionEvent]:
         """Ends the stream; returns the pending offset, if any (see ``EventDetector.flush``)."""

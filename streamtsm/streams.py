@@ -118,9 +118,9 @@ class StreamState:
         self.latency = LatencyTracker()
         self.rate = RateMeter()
         self.done = False  # reached max_frames, or its source ended and its buffer is drained
-        # (index, capture time) of the newest processed frame: end-of-stream events refer to it. Not the frame
-        # itself, whose image would stay alive between steps for nothing.
-        self.last_seen: tuple[int, float] | None = None
+        # (index, capture time, media time) of the newest processed frame: end-of-stream events refer to it. Not
+        # the frame itself, whose image would stay alive between steps for nothing.
+        self.last_seen: tuple[int, float, float | None] | None = None
 
     def stats(self) -> dict:
         """The stream's entry in the stats message's ``streams``."""
@@ -136,6 +136,7 @@ class StreamState:
             "captured": c["frames_read"],
             **{key: c[key] for key in ("dropped", "skipped", "bad_frames", "reconnects", "generation", "stalled")},
             "step_errors": self.step_errors,
+            "missing_frames": c["missing_frames"],  # frames a file or image sequence failed to deliver
             "nonfinite": self.nonfinite,
             "latency_p50_ms": rounded(self.latency.percentile(50)),
             "latency_p99_ms": rounded(self.latency.percentile(99)),

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import threading
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 
 from streamtsm.capture import (STATUSES, TRANSITIONS, CameraSource, CaptureThread, Frame, FrameBuffer, Source,
                                StatusTransitionError, StreamCapture, StreamStatus, VideoSource, check_transition)
+from streamtsm.capture.sources import Loss
 from streamtsm.errors import ConfigError, SourceError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -261,6 +264,76 @@ def test_capture_thread_realtime_file_gives_every_frame():
     assert thread.status == "ended"
 
 
+class LossyFile(FakeFile):
+    """A FakeFile that, once ended, says it fell short: twice a truncation, once a gap."""
+
+    def losses(self):
+        return [Loss("truncated", 2, "fake file: 2 frames short"), Loss("truncated", 3, "fake file: 3 more short"),
+                Loss("gap", 1, "fake file: a gap")]
+
+
+def _mjpg(path: Path, frames: int = 30) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(frames):
+        writer.write(np.full((48, 64, 3), i * 8, np.uint8))
+    writer.release()
+    return path
+
+
+def test_capture_thread_truncated_file_is_not_a_quiet_end(tmp_path, caplog):
+    whole = _mjpg(tmp_path / "whole.avi").read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(whole[: len(whole) // 2])
+    buffer = FrameBuffer(capacity=4, policy="wait")
+    with caplog.at_level(logging.WARNING, logger="streamtsm.capture"):
+        thread = CaptureThread(VideoSource(str(cut)), "cut", buffer).start()
+        frames = _drain(buffer, thread)
+    stats = thread.stats()
+    assert stats["status"] == "ended" and 0 < len(frames) < 30
+    assert stats["missing_frames"] == 30 - len(frames)
+    assert "of the 30 frames its header gives" in stats["last_error"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("stream cut: file cut.avi ended after")
+
+
+def test_capture_thread_image_sequence_gap_is_not_a_quiet_end(tmp_path, caplog):
+    for n in (1, 2, 5):
+        cv2.imwrite(str(tmp_path / f"img_{n:05d}.jpg"), np.full((16, 16, 3), n * 10, np.uint8))
+    buffer = FrameBuffer(capacity=4, policy="wait")
+    with caplog.at_level(logging.WARNING, logger="streamtsm.capture"):
+        thread = CaptureThread(VideoSource(str(tmp_path / "img_%05d.jpg")), "seq", buffer).start()
+        frames = _drain(buffer, thread)
+    assert len(frames) == 2 and thread.status == "ended"
+    assert thread.stats()["missing_frames"] == 3
+    assert [r.getMessage() for r in caplog.records if "number 3 is missing" in r.getMessage()]
+
+
+def test_capture_thread_warns_once_per_kind_of_loss_and_counts_every_frame(caplog):
+    buffer = FrameBuffer(capacity=4, policy="wait")
+    with caplog.at_level(logging.WARNING, logger="streamtsm.capture"):
+        thread = CaptureThread(LossyFile([np.zeros((4, 4, 3), np.uint8)] * 3), "f", buffer).start()
+        _drain(buffer, thread)
+    assert thread.stats()["missing_frames"] == 6
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["stream f: fake file: 2 frames short", "stream f: fake file: a gap"]
+
+
+def test_capture_thread_complete_file_has_no_missing_frames(caplog):
+    buffer = FrameBuffer(capacity=4, policy="wait")
+    with caplog.at_level(logging.WARNING, logger="streamtsm.capture"):
+        thread = CaptureThread(FakeFile([np.zeros((4, 4, 3), np.uint8)] * 3), "f", buffer).start()
+        _drain(buffer, thread)
+    assert thread.stats()["missing_frames"] == 0 and thread.stats()["last_error"] is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_stream_capture_stats_report_missing_frames():
+    capture = StreamCapture(LossyFile([np.zeros((4, 4, 3), np.uint8)] * 3), "f").start()
+    frames = _pop_all(capture, lambda _: capture.finished)
+    capture.join(WAIT_S)
+    assert len(frames) == 3 and capture.stats()["missing_frames"] == 6
+
+
 def test_capture_thread_counts_and_converts_bad_frames():
     images = [
         np.full((4, 4), 7, np.uint8),  # gray
@@ -444,7 +517,7 @@ def test_capture_thread_stats_report_counters_and_fps():
     assert stats["stream_id"] == "cam" and stats["source"] == "fake camera" and stats["status"] == "running"
     assert stats["fps"] > 0 and stats["skipped"] > 0 and stats["last_error"] is None
     assert set(stats) == {"stream_id", "source", "status", "stalled", "frames_read", "skipped", "bad_frames",
-                          "dropped", "reconnects", "generation", "fps", "last_error"}
+                          "missing_frames", "dropped", "reconnects", "generation", "fps", "last_error"}
 
 
 @pytest.mark.parametrize("kwargs", [{"frame_stride": 0}, {"backoff": (2.0, 1.0)}, {"max_reconnects": -1},

@@ -83,7 +83,12 @@ def _check_events(events, model):
             assert e["event"] == "offset" and e["label"] == onset["label"]
             assert (e["start_frame"], e["start_ts"]) == (onset["start_frame"], onset["start_ts"])
             assert e["start_frame"] <= e["end_frame"] <= e["frame"]
-            assert e["duration_s"] == pytest.approx(e["end_ts"] - e["start_ts"], abs=1e-3)
+            # A file's actions last in media time (issue 16, item 7); a live source's in wall-clock time.
+            if e["start_media_ts"] is None:
+                assert e["end_media_ts"] is None
+                assert e["duration_s"] == pytest.approx(e["end_ts"] - e["start_ts"], abs=1e-3)
+            else:
+                assert e["duration_s"] == pytest.approx(e["end_media_ts"] - e["start_media_ts"], abs=1e-3)
     assert not open_, "every onset gets its offset by the end of the run"
 
 

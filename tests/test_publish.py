@@ -122,6 +122,7 @@ def test_prediction_message_has_every_field():
         "topk": [{"label": "arm wrestling", "score": 0.912346}, {"label": "punching", "score": 0.03}],
         "label": "arm wrestling",
         "score": 0.912346,
+        "media_ts": None,  # a live source has no position
     }
 
 
@@ -168,6 +169,9 @@ def test_event_message_onset_has_every_field():
         "capture_ts": 10.2,
         "publish_ts": 10.25,
         "latency_ms": 50.0,
+        "media_ts": None,  # a live source has no position
+        "start_media_ts": None,
+        "end_media_ts": None,
     }
 
 

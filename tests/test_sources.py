@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -235,3 +238,141 @@ def test_synthetic_source_gives_scene_frames_after_open():
 def test_synthetic_source_rejects_non_positive_fps():
     with pytest.raises(ConfigError, match="fps must be > 0"):
         SyntheticSource(fps=0)
+
+
+# -- what a file fails to deliver ---------------------------------------------------------------------------------
+
+
+def _mjpg(path: Path, frames: int = 30) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        writer.write(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    return path
+
+
+def _opened(spec) -> VideoSource:
+    source = VideoSource(str(spec))
+    source.open()
+    return source
+
+
+def test_video_source_complete_file_reports_no_loss(tmp_path):
+    source = _opened(_mjpg(tmp_path / "whole.avi"))
+    assert len(_read_all(source)) == 30 and source.frame_count == 30
+    assert source.losses() == []
+
+
+def test_video_source_truncated_file_reports_the_frames_its_header_promised(tmp_path):
+    whole = _mjpg(tmp_path / "whole.avi").read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(whole[: len(whole) // 2])  # the header still says 30 frames
+    source = _opened(cut)
+    read = len(_read_all(source))
+    assert 0 < read < 30
+    (loss,) = source.losses()
+    assert (loss.kind, loss.frames) == ("truncated", 30 - read)
+    assert "cut.avi" in loss.message and f"after {read} of the 30 frames" in loss.message
+
+
+def test_video_source_corrupt_frame_mid_file_reports_a_loss(tmp_path):
+    data = bytearray(_mjpg(tmp_path / "whole.avi").read_bytes())
+    middle = len(data) // 2
+    data[middle: middle + 2000] = np.random.default_rng(1).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    broken = tmp_path / "broken.avi"
+    broken.write_bytes(bytes(data))
+    source = _opened(broken)
+    read = len(_read_all(source))
+    assert read < 30, "the decoder dropped the corrupt frame"
+    assert [(loss.kind, loss.frames) for loss in source.losses()] == [("truncated", 30 - read)]
+
+
+def test_video_source_decode_error_is_reported(tmp_path):
+    source = _opened(_mjpg(tmp_path / "whole.avi"))
+
+    class RaisingCapture:
+        def read(self):
+            raise cv2.error("OpenCV(4) decoder: corrupt packet")
+
+        def release(self):
+            pass
+
+    source.read()  # the frame decoded while opening
+    source._capture.release()
+    source._capture = RaisingCapture()  # a decoder that raises mid-file, as some backends do
+    assert source.read() is None
+    kinds = {loss.kind: loss for loss in source.losses()}
+    assert set(kinds) == {"decode_error", "truncated"}
+    assert "corrupt packet" in kinds["decode_error"].message and kinds["truncated"].frames == 29
+
+
+def _sequence(folder: Path, numbers) -> str:
+    for n in numbers:
+        cv2.imwrite(str(folder / f"img_{n:05d}.jpg"), np.full((16, 16, 3), n * 10, np.uint8))
+    return str(folder / "img_%05d.jpg")
+
+
+def test_video_source_image_sequence_gap_reports_the_unread_files(tmp_path):
+    (tmp_path / "img_7.jpg").write_bytes(b"not of the pattern")  # %05d does not name it: ignored
+    source = _opened(_sequence(tmp_path, [1, 2, 5]))
+    assert len(_read_all(source)) == 2  # OpenCV stops at the missing number 3
+    (loss,) = source.losses()
+    # Numbers 3 to 5 never reached the model: two missing, one file not read.
+    assert (loss.kind, loss.frames) == ("gap", 3)
+    assert "number 3 is missing" in loss.message and "1 later files (up to number 5)" in loss.message
+
+
+def test_video_source_image_sequence_without_gap_reports_no_loss(tmp_path):
+    source = _opened(_sequence(tmp_path, [1, 2, 3]))
+    assert len(_read_all(source)) == 3
+    assert source.losses() == []
+
+
+@pytest.mark.parametrize("name", ["sample.mp4", "sample.avi", "arm_wrestling.mp4"])
+def test_video_source_real_clips_report_no_loss(name):
+    source = _opened(_video(name))
+    assert len(_read_all(source)) == source.frame_count
+    assert source.losses() == []
+
+
+def test_video_source_network_stream_reports_no_loss():
+    assert VideoSource("rtsp://10.0.0.5/live").losses() == []
+
+
+# -- native libraries keep quiet ----------------------------------------------------------------------------------
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    return subprocess.run([sys.executable, "-m", "streamtsm.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def _not_a_video(tmp_path: Path) -> str:
+    path = tmp_path / "notes.mp4"  # FFmpeg's mp4 demuxer complains about it on stderr ("moov atom not found")
+    path.write_text("these are meeting notes, not a video\n" * 20)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["file", "camera"])
+def test_cli_run_bad_source_is_one_error_line_without_native_noise(tmp_path, kind):
+    # A camera index that names no device: OpenCV's V4L2 and FFmpeg backends each print a warning for it.
+    source, named = (_not_a_video(tmp_path), "notes.mp4") if kind == "file" else ("99", "camera 99")
+    result = _run_cli("run", "--source", source)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("streamtsm: error:")]
+    assert errors == [lines[-1]] and named in errors[0]
+    # Nothing from OpenCV, FFmpeg or onnxruntime: every line is streamtsm's own (its start-up note and banner,
+    # then the error).
+    assert [line for line in lines if not line.startswith("streamtsm: ")] == []
+
+
+def test_cli_run_bad_file_with_debug_log_level_lets_native_messages_through(tmp_path):
+    result = _run_cli("--log-level", "DEBUG", "run", "--source", _not_a_video(tmp_path))
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert lines[-1].startswith("streamtsm: error:")
+    assert [line for line in lines if line.startswith("[")], "FFmpeg's own line, e.g. [mov,mp4,...] moov atom"

@@ -21,6 +21,9 @@ class Frame:
         image: H x W x 3 uint8 image in BGR order (OpenCV's).
         generation: Incremented every time the source is reopened (reconnect or restart); the model state of the
             stream must be reset when it changes.
+        media_ts: For a file or image sequence with a known frame rate, the frame's position in it in seconds
+            (the number of images decoded before it since the source was opened, over the source's fps); None
+            for live sources, which have no position, and for files whose fps is unknown.
     """
 
     stream_id: str
@@ -28,3 +31,4 @@ class Frame:
     timestamp: float
     image: np.ndarray = field(repr=False)
     generation: int = 0
+    media_ts: float | None = None

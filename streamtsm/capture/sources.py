@@ -8,9 +8,11 @@ the images it rejects.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -60,6 +62,22 @@ def to_bgr(image: np.ndarray | None) -> np.ndarray | None:
     return None
 
 
+@dataclass(frozen=True)
+class Loss:
+    """Frames a source failed to deliver, found out when it ended (see ``Source.losses``).
+
+    Attributes:
+        kind: ``"truncated"`` (fewer frames than the file's header gives), ``"gap"`` (an image sequence stopped at
+            a missing number while files with later numbers exist) or ``"decode_error"`` (the decoder raised).
+        frames: How many frames were lost (0 when it cannot be told).
+        message: One line for the log, naming the source.
+    """
+
+    kind: str
+    frames: int
+    message: str
+
+
 class Source(ABC):
     """A source of video frames.
 
@@ -94,6 +112,10 @@ class Source(ABC):
     def release(self) -> None:
         """Releases the decoder; safe to call more than once or before ``open``."""
 
+    def losses(self) -> list[Loss]:
+        """What this source failed to deliver, asked once it has ended; nothing for sources that cannot tell."""
+        return []
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
@@ -109,15 +131,21 @@ class _OpenCVSource(Source):
 
     def __init__(self) -> None:
         self._capture: cv2.VideoCapture | None = None
+        self.decoded = 0  # images read since the last open
+        self.read_error: str | None = None  # the decoder's exception that ended the reading, if any
 
     def read(self) -> np.ndarray | None:
         if self._capture is None:
             return None
         try:
             ok, image = self._capture.read()
-        except cv2.error:
+        except cv2.error as exc:
+            self.read_error = _first_line(exc)
             return None
-        return image if ok else None
+        if not ok:
+            return None
+        self.decoded += 1
+        return image
 
     def release(self) -> None:
         if self._capture is not None:
@@ -149,6 +177,7 @@ class CameraSource(_OpenCVSource):
             capture.release()
             raise SourceError(f"cannot open camera {self.index}: no such device, or it is busy")
         self._capture = capture
+        self.decoded = 0
         self.fps = _native_fps(capture)
 
 
@@ -192,15 +221,20 @@ class VideoSource(_OpenCVSource):
         else:
             self.name = f"file {Path(self.spec).name}"
         self._pending: np.ndarray | None = None
+        self.frame_count: int | None = None  # frames the file's header gives (files only)
 
     def open(self) -> None:
         self.release()
+        self.read_error = None
+        self.decoded = 0
         if self.is_url:
             capture = self._open_url()
         else:
             capture = self._open_file()
         self._capture = capture
         self.fps = _native_fps(capture)
+        count = capture.get(cv2.CAP_PROP_FRAME_COUNT)
+        self.frame_count = int(count) if not self.is_url and math.isfinite(count) and count > 0 else None
 
     def _open_url(self) -> cv2.VideoCapture:
         timeout_ms = int(self.timeout * 1000)
@@ -243,8 +277,54 @@ class VideoSource(_OpenCVSource):
     def read(self) -> np.ndarray | None:
         if self._pending is not None:
             image, self._pending = self._pending, None
+            self.decoded += 1
             return image
         return super().read()
+
+    def losses(self) -> list[Loss]:
+        """What the file or image sequence failed to deliver, once ``read`` has returned None.
+
+        A video is compared with the frame count of its header: a truncated file, or frames the decoder dropped
+        as corrupt, both leave it short. An image sequence is compared with the files in its folder: OpenCV stops
+        at the first missing number, so files after a gap would otherwise be skipped without a word.
+        """
+        if self.is_url:
+            return []
+        found = []
+        if self.read_error is not None:
+            found.append(Loss("decode_error", 0, f"{self.name}: decoding failed after {self.decoded} frames: "
+                                                 f"{self.read_error}"))
+        if self.is_sequence:
+            found.extend(self._sequence_gap())
+        elif self.frame_count is not None and self.decoded < self.frame_count:
+            missing = self.frame_count - self.decoded
+            found.append(Loss("truncated", missing,
+                              f"{self.name} ended after {self.decoded} of the {self.frame_count} frames its header "
+                              f"gives ({missing} lost): the file is truncated or some frames could not be decoded"))
+        return found
+
+    def _sequence_gap(self) -> list[Loss]:
+        path = Path(self.spec)
+        pattern = path.name
+        match = _SEQUENCE.search(pattern)
+        numbered = re.compile(re.escape(pattern[:match.start()]) + "([0-9]+)" + re.escape(pattern[match.end():]))
+        numbers = []
+        for entry in path.parent.iterdir():
+            m = numbered.fullmatch(entry.name)
+            # The printf pattern must give back the very name (img_%05d.jpg does not name img_1.jpg).
+            if m and pattern.replace(match.group(0), match.group(0) % int(m.group(1)), 1) == entry.name:
+                numbers.append(int(m.group(1)))
+        if not numbers or not self.decoded:
+            return []
+        last_read = min(numbers) + self.decoded - 1
+        later = [n for n in numbers if n > last_read]
+        if not later:
+            return []
+        missing = max(later) - last_read  # positions of the sequence that never reached the model
+        absent = sorted(set(range(last_read + 1, max(later) + 1)) - set(later))
+        why = f"number {absent[0]} is missing" if absent else "the next file could not be decoded"
+        return [Loss("gap", missing, f"{self.name} stopped at number {last_read}: {why}, so {len(later)} later "
+                                     f"files (up to number {max(later)}) were not read")]
 
     def release(self) -> None:
         self._pending = None

@@ -81,7 +81,7 @@ def check_transition(old: StreamStatus, new: StreamStatus) -> None:
                                     f"allowed from {old.value!r}: {allowed}")
 
 
-_COUNTERS = ("frames_read", "dropped", "skipped", "bad_frames", "reconnects")
+_COUNTERS = ("frames_read", "dropped", "skipped", "bad_frames", "missing_frames", "reconnects")
 
 
 class StreamCapture:
@@ -253,7 +253,7 @@ class StreamCapture:
 
         Returns:
             Dict with source, status (a stats-message string), stalled, frames_read, dropped, skipped, bad_frames,
-            reconnects, generation, fps (of the current reader) and last_error.
+            missing_frames, reconnects, generation, fps (of the current reader) and last_error.
         """
         status = self._sync()
         c = self._thread.stats()

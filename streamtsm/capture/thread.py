@@ -18,6 +18,7 @@ with the thread alive. It is a daemon thread, so it does not keep the process fr
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -26,6 +27,8 @@ from streamtsm.capture.buffer import FrameBuffer
 from streamtsm.capture.frame import Frame
 from streamtsm.capture.sources import Source, to_bgr
 from streamtsm.errors import ConfigError, SourceError
+
+log = logging.getLogger(__name__)
 
 STATUSES = ("starting", "running", "reconnecting", "ended", "failed", "stopped")
 
@@ -40,7 +43,9 @@ class CaptureThread(threading.Thread):
     index is not a multiple of ``frame_stride`` are counted in ``skipped`` and not converted; images ``to_bgr``
     rejects are counted in ``bad_frames``; the rest go into the buffer as ``Frame``.
 
-    At the end of a non-live source the status becomes ``"ended"``. A live source that fails (read returns None,
+    At the end of a non-live source the status becomes ``"ended"``; what the source failed to deliver
+    (``Source.losses``: a truncated file, a gap in an image sequence, a decode error) is logged as a warning, once
+    per kind, and counted in ``missing_frames``. A live source that fails (read returns None,
     or a read hangs longer than ``read_timeout``) is released and reopened with exponential back-off; each
     successful reopen increments ``generation`` and ``reconnects``. A source that cannot be opened the first time
     (e.g. a camera that does not exist) fails at once: status ``"failed"``, the SourceError in ``error``. Whenever
@@ -93,6 +98,8 @@ class CaptureThread(threading.Thread):
         self._frames_read = 0
         self._skipped = 0
         self._bad_frames = 0
+        self._missing_frames = 0
+        self._warned: set[str] = set()  # kinds of loss already logged
         self._reconnects = 0
         self._generation = 0
         self._last_error: str | None = None
@@ -144,8 +151,9 @@ class CaptureThread(threading.Thread):
         """A consistent snapshot of the thread's counters and state.
 
         Returns:
-            Dict with stream_id, source, status, stalled, frames_read, skipped, bad_frames, dropped (by the
-            buffer), reconnects, generation, fps (reads per second over the last ~2 s) and last_error (str or None).
+            Dict with stream_id, source, status, stalled, frames_read, skipped, bad_frames, missing_frames (frames
+            a file or image sequence failed to deliver), dropped (by the buffer), reconnects, generation, fps
+            (reads per second over the last ~2 s) and last_error (str or None).
         """
         now = time.monotonic()
         with self._lock:
@@ -159,6 +167,7 @@ class CaptureThread(threading.Thread):
                 "frames_read": self._frames_read,
                 "skipped": self._skipped,
                 "bad_frames": self._bad_frames,
+                "missing_frames": self._missing_frames,
                 "dropped": self.buffer.dropped,
                 "reconnects": self._reconnects,
                 "generation": self._generation,
@@ -222,6 +231,7 @@ class CaptureThread(threading.Thread):
                 return
             if image is None:
                 if not self.source.is_live:
+                    self._report_losses()
                     self._set_status("ended")
                     return
                 if not self._recover(f"lost {self.source.name}: read failed"):
@@ -233,6 +243,9 @@ class CaptureThread(threading.Thread):
                     return
                 continue
             frame_index, index = index, index + 1
+            # The position in a file: every image decoded counts, as in ``index`` (a file is read by one thread
+            # from its start; only live readers are ever replaced).
+            media_ts = frame_index / self.source.fps if not self.source.is_live and self.source.fps else None
             with self._lock:
                 self._frames_read += 1
                 self._read_times.append(now)
@@ -248,9 +261,20 @@ class CaptureThread(threading.Thread):
                     self._bad_frames += 1
                 continue
             self._failed_attempts = 0
-            frame = Frame(self.stream_id, frame_index, timestamp, bgr, self.generation)
+            frame = Frame(self.stream_id, frame_index, timestamp, bgr, self.generation, media_ts)
             if not self.buffer.put(frame, self._halt):
                 return
+
+    def _report_losses(self) -> None:
+        """Counts and logs what the ended source failed to deliver, so that a short file is not a quiet end."""
+        for loss in self.source.losses():
+            with self._lock:
+                self._missing_frames += loss.frames
+                if loss.kind in self._warned:
+                    continue
+                self._warned.add(loss.kind)
+                self._last_error = loss.message
+            log.warning("stream %s: %s", self.stream_id, loss.message)
 
     def _wait_until_due(self) -> bool:
         """Paces a file to its fps; False if stopped while waiting."""

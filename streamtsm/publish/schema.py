@@ -14,7 +14,7 @@ Every message has two frames:
    ``streamtsm`` gets everything, and ``streamtsm.pred.cam1`` also gets ``cam10``'s (check the
    payload's ``stream`` when ids share a prefix).
 
-2. the payload, one compact UTF-8 JSON object (never pickle; NaN and Infinity are refused). Every payload
+2. the payload, one compact UTF-8 JSON object (never pickle; a NaN or infinite number is sent as null). Every payload
    carries ``schema`` (``SCHEMA_VERSION``, bumped on any incompatible change) and ``type``. Times are Unix
    seconds (``time.time()``); ``capture_ts`` is when the frame was captured, ``publish_ts`` when the message
    was built, ``latency_ms`` their difference.
@@ -23,24 +23,30 @@ Prediction (``type`` ``"pred"``)::
 
     {"schema": 1, "type": "pred", "stream": "cam0", "frame": 120,
      "capture_ts": 1700000000.123456, "publish_ts": 1700000000.161, "latency_ms": 37.544,
-     "model": "tsm_mobilenetv2", "generation": 0,
+     "model": "tsm_mobilenetv2", "generation": 0, "media_ts": null,
      "topk": [{"label": "waving", "score": 0.91}, {"label": "clapping", "score": 0.03}],
      "label": "waving", "score": 0.91}
 
     ``label``/``score`` repeat the top-1 entry (null when ``topk`` is empty); ``generation`` counts the
-    stream's reconnects (the model state restarts with each). ``frame`` is the capture index.
+    stream's reconnects (the model state restarts with each). ``frame`` is the capture index. ``media_ts`` is
+    the frame's position in its file in seconds (for a file or image sequence of known fps; null for a live
+    source): a file is read as fast as the model goes, so ``capture_ts`` says when it was processed, not where.
 
 Event (``type`` ``"event"``)::
 
     {"schema": 1, "type": "event", "event": "offset", "stream": "cam0", "model": "tsm_mobilenetv2",
      "label": "waving", "start_frame": 100, "start_ts": 1700000000.0, "end_frame": 180,
      "end_ts": 1700000002.7, "duration_s": 2.7, "score": 0.84,
-     "frame": 183, "capture_ts": 1700000002.8, "publish_ts": 1700000002.83, "latency_ms": 30.0}
+     "frame": 183, "capture_ts": 1700000002.8, "publish_ts": 1700000002.83, "latency_ms": 30.0,
+     "media_ts": null, "start_media_ts": null, "end_media_ts": null}
 
     An ``onset`` has ``end_frame``, ``end_ts`` and ``duration_s`` null. ``start_*``/``end_*`` are the first
     and last frames where the action was the top-1 class; ``frame``/``capture_ts`` are of the frame whose
     prediction decided the event (later than ``start_frame`` or ``end_frame`` by the detector's hold).
-    Every onset is followed by exactly one offset for the same stream.
+    Every onset is followed by exactly one offset for the same stream. From a file, ``media_ts``,
+    ``start_media_ts`` and ``end_media_ts`` are the positions in the file of ``frame``, ``start_frame`` and
+    ``end_frame``, and ``duration_s`` is in media time (their difference); from a live source they are null and
+    ``duration_s`` is ``end_ts - start_ts``.
 
 Stats (``type`` ``"stats"``)::
 
@@ -75,7 +81,7 @@ _SCORE_DIGITS = 6
 
 _PRED_KEYS = frozenset(
     {"schema", "type", "stream", "frame", "capture_ts", "publish_ts", "latency_ms", "model", "generation",
-     "topk", "label", "score"}
+     "topk", "label", "score", "media_ts"}
 )
 _STATS_KEYS = frozenset({"schema", "type", "publish_ts", "streams"})
 
@@ -100,6 +106,10 @@ def topic_for(kind_prefix: str, stream_id: str) -> str:
 
 def _ts(value: float) -> float:
     return round(float(value), _TS_DIGITS)
+
+
+def _media_ts(value: float | None) -> float | None:
+    return None if value is None else _ts(value)
 
 
 def _score(value: float) -> float:
@@ -129,6 +139,7 @@ def prediction_message(
     generation: int = 0,
     publish_ts: float | None = None,
     extra: dict | None = None,
+    media_ts: float | None = None,
 ) -> dict[str, Any]:
     """Builds the payload of a prediction.
 
@@ -141,6 +152,7 @@ def prediction_message(
         generation: How many times the stream's source has reconnected.
         publish_ts: Unix time of publishing; ``time.time()`` when None.
         extra: Further top-level fields; they must not replace the ones above.
+        media_ts: The frame's position in its file in seconds; None for a live source.
 
     Returns:
         A JSON-serializable dict (see the module docstring).
@@ -164,6 +176,7 @@ def prediction_message(
         "topk": entries,
         "label": entries[0]["label"] if entries else None,
         "score": entries[0]["score"] if entries else None,
+        "media_ts": _media_ts(media_ts),
     }
     return _merge_extra(message, extra, _PRED_KEYS)
 
@@ -176,6 +189,7 @@ def event_message(
     frame_index: int,
     capture_ts: float,
     publish_ts: float | None = None,
+    media_ts: float | None = None,
 ) -> dict[str, Any]:
     """Builds the payload of an action onset or offset.
 
@@ -186,6 +200,7 @@ def event_message(
         frame_index: The frame whose prediction decided the event.
         capture_ts: Capture time of ``frame_index``.
         publish_ts: Unix time of publishing; ``time.time()`` when None.
+        media_ts: Position of ``frame_index`` in its file in seconds; None for a live source.
 
     Returns:
         A JSON-serializable dict (see the module docstring).
@@ -210,6 +225,9 @@ def event_message(
         "capture_ts": _ts(capture_ts),
         "publish_ts": _ts(publish_ts),
         "latency_ms": _latency_ms(publish_ts, capture_ts),
+        "media_ts": _media_ts(media_ts),
+        "start_media_ts": _media_ts(event.start_media_ts),
+        "end_media_ts": _media_ts(event.end_media_ts) if is_offset else None,
     }
 
 

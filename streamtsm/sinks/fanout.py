@@ -43,13 +43,15 @@ class Fanout:
         if self.sinks:
             self._emit(topic_for(TOPIC_PRED, stream_id), prediction_message(
                 stream_id=stream_id, frame_index=frame.index, capture_ts=frame.timestamp, model=model, topk=topk,
-                generation=frame.generation))
+                generation=frame.generation, media_ts=frame.media_ts))
 
     def events(self, stream_id: str, model: str, events: list[ActionEvent], frame_index: int,
-               capture_ts: float) -> None:
+               capture_ts: float, media_ts: float | None = None) -> None:
+        """``frame_index``, ``capture_ts`` and ``media_ts``: of the frame whose prediction decided the events."""
         for event in events:
             self._emit(topic_for(TOPIC_EVENT, stream_id), event_message(
-                stream_id=stream_id, model=model, event=event, frame_index=frame_index, capture_ts=capture_ts))
+                stream_id=stream_id, model=model, event=event, frame_index=frame_index, capture_ts=capture_ts,
+                media_ts=media_ts))
 
     def stats(self, stats: dict) -> None:
         """``stats``: the pipeline's stats (``streams``, ``models``, ``published``, ...)."""
