@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError, StreamTSMError
-from .settings import RUN_DEFAULTS, merge_settings
+from .settings import RUN_DEFAULTS, check_setting, merge_settings
+from .stream_ids import check_stream_id, unique_stream_id
 
 if TYPE_CHECKING:
     from .siteconfig import SiteConfig
@@ -90,7 +91,12 @@ class _AppendSource(argparse.Action):
 
     def __call__(self, parser, namespace, value, option_string=None):
         sources = list(getattr(namespace, "sources", None) or [])
-        sources.append(int(value) if option_string == "--camera" else value)
+        if option_string == "--camera":
+            try:
+                value = int(value)
+            except ValueError:
+                raise argparse.ArgumentError(self, f"invalid camera index: {value!r}") from None
+        sources.append(value)
         namespace.sources = sources
 
 
@@ -101,16 +107,50 @@ _CAMERA_OPTIONS = {"sources": "--camera/--source", "name": "--name", "model": "-
                    "frame_stride": "--frame-stride", "clip_stride": "--clip-stride"}
 
 
+# Numeric options of `run` and `listen`, each checked by the range of its setting (streamtsm.settings.RANGES).
+_NUMERIC_OPTIONS = ("max_frames", "duration", "stats_interval", "threshold", "topk", "hold", "smooth",
+                    "frame_stride", "clip_stride", "threads", "metrics_port", "max_messages", "timeout")
+# Options that name a file to read: a folder there is refused before anything is loaded.
+_FILE_OPTIONS = ("labels", "weights", "onnx", "config")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Every value of `run` (or `listen`) checked before anything starts: numbers in range, camera indices, stream
+    ids under the rule, files that are not folders.
+
+    Raises:
+        ConfigError: one line naming the option, what it takes and what was given.
+    """
+    for name in _NUMERIC_OPTIONS:
+        if getattr(args, name, None) is not None:
+            check_setting(name, getattr(args, name), "--" + name.replace("_", "-"))
+    for source in getattr(args, "sources", None) or []:
+        if isinstance(source, int):
+            check_setting("camera", source, "--camera")
+    for name in getattr(args, "name", None) or []:
+        check_stream_id(name, "--name")
+    for name in _FILE_OPTIONS:
+        value = getattr(args, name, None)
+        if value is not None and Path(value).is_dir():
+            raise ConfigError(f"--{name} must name a file, got the folder {value}")
+
+
 def _groups_from_args(args: argparse.Namespace, settings: dict):
+    from .capture import stream_name
     from .engine.factory import build_engine
     from .pipeline import ModelGroup, StreamSpec
 
     sources = args.sources or ["synthetic"]
-    names = args.name or []
+    names = list(args.name or [])
     if len(names) > len(sources):
         raise ConfigError(f"{len(names)} --name values for {len(sources)} sources")
-    specs = [StreamSpec(src, names[i] if i < len(names) else None, frame_stride=args.frame_stride)
-             for i, src in enumerate(sources)]
+    # A source without --name gets its derived id, made unique (two cameras "a/x.mp4", "b/x.mp4" -> x, x-2); the
+    # names given are checked by check_options and taken first.
+    taken = set(names)
+    for src in sources[len(names):]:
+        names.append(unique_stream_id(stream_name(src), taken))
+        taken.add(names[-1])
+    specs = [StreamSpec(src, names[i], frame_stride=args.frame_stride) for i, src in enumerate(sources)]
     providers = args.providers.split(",") if args.providers else None
     if _runs_the_demo_model(args, settings) and any(not str(src).startswith("synthetic") for src in sources):
         print("streamtsm: note: the built-in demo model knows only the synthetic scene's nine motions; on a camera "
@@ -164,6 +204,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .publish import Publisher
     from .sinks import ConsoleSink
 
+    check_options(args)
     site = None
     if args.config:
         from .siteconfig import load_site_config
@@ -256,6 +297,7 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 def _cmd_listen(args: argparse.Namespace) -> int:
     from .publish import listen
 
+    check_options(args)
     listen(args.connect, args.topic or ["streamtsm"], as_json=args.json, out=sys.stdout,
            max_messages=args.max_messages, timeout=args.timeout)
     return 0

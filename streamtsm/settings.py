@@ -9,15 +9,21 @@ file has no None (TOML cannot write one), so None always means "not said here". 
 camera's keys over its ``[defaults]``) and the pipeline's options (:class:`PipelineOptions`, built from the merged
 settings) all take their values through :func:`merge_settings` and their defaults from :data:`RUN_DEFAULTS`.
 
-This module imports nothing of the package, so any part of it can use it.
+Each numeric setting's range is written once, in :data:`RANGES`; :func:`check_setting` applies it to a value from
+the command line or from a site file alike, before anything starts.
+
+This module imports nothing of the package but its errors, so any part of it can use it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
+
+from .errors import ConfigError
 
 RUN_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     # output
@@ -42,6 +48,73 @@ RUN_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "read_timeout": 5.0,
     "backoff": (0.5, 8.0),
 })
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting takes: ``kind`` (int or float), ``low`` to ``high``, the low end open or not.
+    ``high`` is a sanity bound: beyond it a value is a typo or an attack, not a setting (and some would overflow
+    or allocate without end further in)."""
+
+    kind: type
+    low: float
+    high: float
+    low_open: bool = False  # True: ``low`` itself is refused (a duration of 0 s means nothing)
+    meaning: str = ""  # what the value is, for the message
+
+    def describe(self) -> str:
+        kind = "an integer" if self.kind is int else "a number"
+        low = f"> {self.low:g}" if self.low_open else f">= {self.low:g}"
+        return f"{low} and <= {self.high:g} ({kind}" + (f", {self.meaning})" if self.meaning else ")")
+
+
+_DAY = 86400.0
+# One range per numeric setting, used by the command line and the site config alike.
+RANGES: Mapping[str, Range] = MappingProxyType({
+    "camera": Range(int, 0, 1023, meaning="an OpenCV camera index"),
+    "smooth": Range(int, 1, 10_000, meaning="logits averaged"),
+    "topk": Range(int, 1, 10_000, meaning="classes per prediction"),
+    "threshold": Range(float, 0.0, 1.0, meaning="a probability"),
+    "hold": Range(int, 1, 10_000, meaning="steps"),
+    "frame_stride": Range(int, 1, 10_000),
+    "clip_stride": Range(int, 1, 10_000),
+    "threads": Range(int, 1, 4096),
+    "max_frames": Range(int, 1, 10**12),
+    "duration": Range(float, 0.0, 365 * _DAY, low_open=True, meaning="seconds"),
+    "stats_interval": Range(float, 0.0, _DAY, low_open=True, meaning="seconds"),
+    "metrics_port": Range(int, 1, 65535, meaning="a TCP port"),
+    # listen's
+    "max_messages": Range(int, 1, 10**12),
+    "timeout": Range(float, 0.0, 365 * _DAY, low_open=True, meaning="seconds"),
+})
+
+
+def check_setting(name: str, value: Any, where: str | None = None) -> Any:
+    """``value`` if it lies in the range of setting ``name`` (see :data:`RANGES`), else a one-line ConfigError.
+
+    Args:
+        name: the setting, e.g. ``"smooth"``; a name without a range passes any value.
+        value: the value given (None passes: not given).
+        where: how the message names it, e.g. ``"--smooth"`` or ``"site.toml:4: [defaults] smooth"``;
+            default: the name.
+
+    Raises:
+        ConfigError: the value is of another type, not finite, or out of range; the message says what was
+            expected and what was given.
+    """
+    rule = RANGES.get(name)
+    if rule is None or value is None:
+        return value
+    where = where or name
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not numeric or (rule.kind is int and not isinstance(value, int)):
+        raise ConfigError(f"{where} must be {rule.describe()}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be {rule.describe()}, got {value!r}")
+    too_low = value <= rule.low if rule.low_open else value < rule.low
+    if too_low or value > rule.high:
+        raise ConfigError(f"{where} must be {rule.describe()}, got {value!r}")
+    return value
 
 
 def merge_settings(*layers: Mapping[str, Any] | None, names: Iterable[str] | None = None,

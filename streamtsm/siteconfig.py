@@ -45,9 +45,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .engine.factory import BACKENDS
-from .errors import ConfigError, StreamTSMError
+from .errors import ConfigError, StreamTSMError, first_line
 from .hub.catalog import is_entry_name
-from .settings import RUN_DEFAULTS, merge_settings
+from .settings import RANGES, RUN_DEFAULTS, check_setting, merge_settings
+from .stream_ids import RULE as ID_RULE
+from .stream_ids import is_stream_id
 
 if TYPE_CHECKING:
     from .pipeline import ModelGroup
@@ -63,6 +65,8 @@ _TYPES = {"id": str, "model": str, "weights": str, "onnx": str, "labels": str, "
           "backend": str, "url": str, "triton_model": str, "frame_stride": int, "clip_stride": int, "smooth": int,
           "topk": int, "hold": int, "threshold": (int, float)}
 _CAMERA_HEADER = re.compile(r"^\s*\[\[\s*camera\s*\]\]")
+_TABLE_HEADER = re.compile(r"^\s*\[\s*([A-Za-z0-9_-]+)\s*\]")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
 
 
 @dataclass
@@ -104,31 +108,36 @@ class SiteConfig:
 
 
 class _Locator:
-    """Finds the line of a key in the TOML text, for errors that point at it."""
+    """Finds the line of a key in the TOML text, for errors that point at it.
+
+    The text is indexed once (:func:`index_lines`): the lines of every table header and of every ``key =`` line, so that
+    each question is a lookup, not a scan of the text. A config of 10,000 cameras checks every camera's keys, and a
+    scan per key made loading quadratic in the file's size.
+    """
 
     def __init__(self, path: Path, text: str) -> None:
-        self.path, self.lines = path, text.splitlines()
+        self.path = path
+        self._camera_headers, self._tables, self._keys = index_lines(text.splitlines())
 
     def line(self, key: str, camera: int | None = None, table: str | None = None) -> int | None:
-        start, end = 0, len(self.lines)
-        if camera is not None or table is not None:
-            header = _CAMERA_HEADER if camera is not None else re.compile(rf"^\s*\[\s*{table}\s*\]")
-            hits = [i for i, ln in enumerate(self.lines) if header.match(ln)]
-            idx = camera if camera is not None else 0
-            if idx >= len(hits):
+        if camera is not None:
+            if camera >= len(self._camera_headers):
                 return None
-            start = hits[idx] + 1
-            end = next((i for i in range(start, len(self.lines)) if self.lines[i].lstrip().startswith("[")), end)
-        pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
-        for i in range(start, end):
-            if pattern.match(self.lines[i]):
-                return i + 1
-        return start if camera is not None else None  # a missing key: point at its [[camera]] header
+            header = self._camera_headers[camera]
+            found = self._keys[header].get(key)
+            return found + 1 if found is not None else header + 1  # a missing key: point at its [[camera]] header
+        if table is not None:
+            header = self._tables.get(table)
+            if header is None:
+                return None
+            found = self._keys[header].get(key)
+        else:
+            found = next((keys[key] for keys in self._keys.values() if key in keys), None)
+        return found + 1 if found is not None else None
 
     def camera_line(self, camera: int) -> int | None:
         """The line of the ``camera``-th ``[[camera]]`` header (0-based index)."""
-        hits = [i for i, ln in enumerate(self.lines) if _CAMERA_HEADER.match(ln)]
-        return hits[camera] + 1 if camera < len(hits) else None
+        return self._camera_headers[camera] + 1 if camera < len(self._camera_headers) else None
 
     def error(self, message: str, key: str, camera: int | None = None, table: str | None = None) -> ConfigError:
         line = self.line(key, camera, table)
@@ -136,17 +145,52 @@ class _Locator:
         return ConfigError(f"{where}: {message}")
 
 
+def index_lines(lines: list[str]) -> tuple[list[int], dict[str, int], dict[int, dict[str, int]]]:
+    """One pass over a TOML text's lines: the 0-based lines of the ``[[camera]]`` headers, of the first header of
+    each ``[table]``, and for each section (keyed by the line of its header, -1 before any) the first line of each
+    ``key =`` in it. What :func:`load_site_config` needs to point an error at its line, built once per file."""
+    camera_headers: list[int] = []
+    tables: dict[str, int] = {}
+    keys: dict[int, dict[str, int]] = {-1: {}}
+    section = -1
+    for i, line in enumerate(lines):
+        stripped = line.lstrip()
+        if stripped.startswith("["):
+            section = i
+            keys[i] = {}
+            if _CAMERA_HEADER.match(line):
+                camera_headers.append(i)
+            else:
+                table = _TABLE_HEADER.match(line)
+                if table:
+                    tables.setdefault(table.group(1), i)
+            continue
+        key = _KEY.match(line)
+        if key:
+            keys[section].setdefault(key.group(1), i)
+    return camera_headers, tables, keys
+
+
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read and check a site config; every problem is one ConfigError naming the file, line and key."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw_bytes = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     try:
+        # TOML is UTF-8; "utf-8-sig" also takes the byte-order mark that some Windows editors write first.
+        text = raw_bytes.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw_bytes[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw_bytes[e.start]:02x} at offset {e.start}); "
+                          "save the config as UTF-8") from None
+    try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        raise ConfigError(f"{path}: not valid TOML: {first_line(e)}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(f"{path}: not a site config: values nested too deeply") from None
     loc = _Locator(path, text)
     for key in data:
         if key not in _TOP_KEYS:
@@ -159,8 +203,11 @@ def load_site_config(path: str | Path) -> SiteConfig:
                         table="publish")
     metrics = data.get("metrics", {})
     _check_table(loc, metrics, "metrics", {"port", "addr"})
-    if "port" in metrics and (not isinstance(metrics["port"], int) or isinstance(metrics["port"], bool)):
-        raise loc.error(f"metrics.port must be an integer, got {metrics['port']!r}", "port", table="metrics")
+    if "port" in metrics:
+        try:
+            check_setting("metrics_port", metrics["port"], "metrics.port")
+        except ConfigError as e:
+            raise loc.error(str(e), "port", table="metrics") from None
     if "addr" in metrics and not isinstance(metrics["addr"], str):
         raise loc.error(f"metrics.addr must be a string (an address to bind, e.g. \"127.0.0.1\"), "
                         f"got {metrics['addr']!r}", "addr", table="metrics")
@@ -179,6 +226,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
         raise ConfigError(f"{path}: no cameras: add at least one [[camera]] table with id and source")
     cameras, ids = [], set()
     for i, raw in enumerate(cameras_raw):
+        if not isinstance(raw, dict):  # e.g. camera = [1, 2] instead of [[camera]] tables
+            raise loc.error(f"camera {i + 1} must be a [[camera]] table, got {raw!r:.80}", "camera")
         for key in raw:
             if key not in _CAMERA_KEYS:
                 raise loc.error(f"camera {i + 1}: unknown key {key!r}; expected {', '.join(sorted(_CAMERA_KEYS))}",
@@ -196,9 +245,8 @@ def load_site_config(path: str | Path) -> SiteConfig:
         for key, value in merged.items():
             _check_value(loc, key, value, camera=i if key in raw else None,
                          table=None if key in raw else "defaults")
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", merged["id"]):
-            raise loc.error(f"camera id {merged['id']!r} may only hold letters, digits, '_' and '-' "
-                            "(it becomes a topic part)", "id", camera=i)
+        if not is_stream_id(merged["id"]):
+            raise loc.error(f"camera id {merged['id']!r} may only hold {ID_RULE}", "id", camera=i)
         if merged["id"] in ids:
             raise loc.error(f"camera id {merged['id']!r} is used twice", "id", camera=i)
         ids.add(merged["id"])
@@ -209,6 +257,9 @@ def load_site_config(path: str | Path) -> SiteConfig:
                 # weights may also name a catalog entry: kept as a name unless a file of that name is beside it.
                 must_exist = key == "source" or (key == "weights" and is_entry_name(merged[key]))
                 merged[key] = _beside(path, merged[key], must_exist=must_exist)
+                if key != "source" and Path(merged[key]).is_dir():
+                    raise loc.error(f"camera {i + 1}: {key} must name a file, got the folder {merged[key]}", key,
+                                    camera=i if key in raw else None, table=None if key in raw else "defaults")
         cameras.append(CameraConfig(**merged, line=loc.camera_line(i)))
 
     return SiteConfig(
@@ -288,8 +339,16 @@ def _check_value(loc: _Locator, key: str, value, camera: int | None = None, tabl
         raise loc.error(f"{where}{key} must be {name}, got {value!r}", key, camera, table)
     if key == "source" and not isinstance(value, (str, int)):
         raise loc.error(f"{where}source must be a string or a camera index, got {value!r}", key, camera, table)
-    if key in ("frame_stride", "clip_stride", "smooth", "hold", "topk") and value < 1:
-        raise loc.error(f"{where}{key} must be >= 1, got {value}", key, camera, table)
+    if key in RANGES:  # the same range as the command line's option (streamtsm.settings.RANGES)
+        try:
+            check_setting(key, value, f"{where}{key}")
+        except ConfigError as e:
+            raise loc.error(str(e), key, camera, table) from None
+    if key == "source" and isinstance(value, int) and not isinstance(value, bool):
+        try:
+            check_setting("camera", value, f"{where}source")
+        except ConfigError as e:
+            raise loc.error(str(e), key, camera, table) from None
     if key == "crop" and (not isinstance(value, list) or len(value) != 4
                           or not all(isinstance(v, int) and v >= 0 for v in value) or min(value[2:]) == 0):
         raise loc.error(f"{where}crop must be [x, y, width, height] of non-negative integers, got {value!r}",

@@ -549,3 +549,52 @@ def test_listen_returns_when_stop_is_set():
         stop.set()
         thread.join(timeout=TIMEOUT_S)
     assert not thread.is_alive() and result["count"] == 0
+
+
+def run_listen_raw(parts, **kwargs):
+    """Runs listen() while a bare PUB socket sends ``parts`` (what a foreign or hostile peer may send)."""
+    context = zmq.Context.instance()
+    pub = context.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    try:
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        out = io.StringIO()
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(
+            count=listen(f"tcp://127.0.0.1:{port}", ["streamtsm"], out=out, max_messages=1, timeout=TIMEOUT_S,
+                         **kwargs)))
+        thread.start()
+        deadline = time.monotonic() + TIMEOUT_S
+        while thread.is_alive() and time.monotonic() < deadline:
+            pub.send_multipart(parts)
+            thread.join(timeout=0.01)
+        thread.join(timeout=TIMEOUT_S)
+        assert not thread.is_alive(), "listen() did not return"
+    finally:
+        pub.close(linger=0)
+    return result["count"], out.getvalue()
+
+
+_HOSTILE = json.dumps({"schema": 1, "type": "pred", "stream": "cam0\n\x1b[2Jcam1", "frame": 1,
+                       "capture_ts": 1.0, "topk": [{"label": "wave\r\x07\x85", "score": 0.5}]})
+
+
+def test_listen_escapes_control_characters_when_it_prints():
+    count, text = run_listen_raw([b"streamtsm.pred.cam0", _HOSTILE.encode()], as_json=False)
+    assert count == 1 and text.count("\n") == 1
+    assert "\x1b" not in text and "\r" not in text and "\x07" not in text and "\x85" not in text
+    assert "cam0\\n\\x1b[2Jcam1" in text and "wave\\r\\x07\\x85" in text
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"schema": 1, "type": "stats", "label": "\\ud800 lone", "n": "a\\nb\\u0085"}',
+    _HOSTILE.encode(),
+])
+def test_listen_json_always_writes_one_valid_json_object_per_line(raw):
+    count, text = run_listen_raw([b"streamtsm.pred.cam0", raw], as_json=True)
+    lines = text.splitlines()
+    assert count == 1 and len(lines) == 1 and text.endswith("\n")
+    payload = json.loads(lines[0], parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert payload["schema"] == 1
+    text.encode("utf-8")  # printable to any UTF-8 terminal or file
+    assert payload == json.loads(raw)

@@ -287,3 +287,60 @@ def test_a_camera_with_another_model_inherits_none_of_the_default_models_keys(tm
     assert (other.model, other.weights, other.labels) == ("x3d_s", None, None)
     assert (served.model, served.weights, served.triton_model) == (None, None, "jester")
     assert {c.frame_stride for c in site.cameras} == {2}, "keys that are not the model's are still inherited"
+
+
+def test_load_site_config_accepts_a_byte_order_mark(tmp_path):
+    path = tmp_path / "site.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + '[[camera]]\nid = "door"\nsource = "synthetic"\n'.encode())
+    assert [cam.id for cam in load_site_config(path).cameras] == ["door"]
+
+
+def test_load_site_config_names_the_line_of_a_byte_that_is_not_utf8(tmp_path):
+    path = tmp_path / "site.toml"
+    path.write_bytes('[[camera]]\nid = "door"\n# caméra\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"site.toml:3: not UTF-8 text \(byte 0xe9"):
+        load_site_config(path)
+
+
+def _many_cameras(count: int) -> str:
+    head = '[publish]\nendpoint = "tcp://*:5556"\n[defaults]\nsmooth = 4\n'
+    return head + "".join(f'\n[[camera]]\nid = "cam{i}"\nsource = "synthetic"\nframe_stride = 2\n'
+                          for i in range(count))
+
+
+def test_load_site_config_of_10000_cameras_indexes_the_text_once(tmp_path, monkeypatch):
+    scans = []
+    original = streamtsm.siteconfig.index_lines
+
+    def counting(lines):
+        scans.append(len(lines))
+        return original(lines)
+
+    monkeypatch.setattr(streamtsm.siteconfig, "index_lines", counting)
+    path = tmp_path / "site.toml"
+    path.write_text(_many_cameras(10_000))
+    site = load_site_config(path)
+    assert len(site.cameras) == 10_000 and site.cameras[-1].id == "cam9999"
+    assert site.cameras[9999].line == 4 + 5 * 9999 + 2  # the header of the last camera, from the one index
+    assert len(scans) == 1
+
+
+def test_index_lines_finds_camera_headers_tables_and_keys():
+    lines = ['top = 1', '[metrics]', 'port = 1', '[[camera]]', 'id = "a"', ' [[ camera ]]', 'source = 0',
+             'id = "b"', 'id = "c"', '[defaults]', 'x = 1']
+    cameras, tables, keys = streamtsm.siteconfig.index_lines(lines)
+    assert cameras == [3, 5] and tables == {"metrics": 1, "defaults": 9}
+    assert keys == {-1: {"top": 0}, 1: {"port": 2}, 3: {"id": 4}, 5: {"source": 6, "id": 7}, 9: {"x": 10}}
+
+
+def test_load_site_config_errors_point_at_the_line_of_the_key(tmp_path):
+    path = tmp_path / "site.toml"
+    path.write_text('[metrics]\nport = 1\n[[camera]]\nid = "b"\nsource = 0\n[[camera]]\nsource = 0\nid = "b"\n')
+    with pytest.raises(ConfigError, match=r"site.toml:8: camera id 'b' is used twice"):
+        load_site_config(path)
+    path.write_text('[metrics]\nport = 0\n[[camera]]\nid = "b"\nsource = 0\n')
+    with pytest.raises(ConfigError, match=r"site.toml:2: metrics.port must be >= 1"):
+        load_site_config(path)
+    path.write_text('[[camera]]\nid = "a"\nsource = 0\n\n[[camera]]\nid = "b"\n')
+    with pytest.raises(ConfigError, match=r"site.toml:5: camera 2: missing 'source'"):
+        load_site_config(path)

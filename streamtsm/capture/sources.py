@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from streamtsm.errors import ConfigError, SourceError
+from streamtsm.stream_ids import sanitize_stream_id
 from streamtsm.synthetic import MotionScene
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -423,7 +424,7 @@ def open_source(spec: str | int, *, timeout: float = 5.0) -> Source:
 
 
 def stream_name(spec: str | int) -> str:
-    """A short stream id for a source spec, made of [A-Za-z0-9_-] only (it becomes part of ZeroMQ topics).
+    """A short stream id for a source spec, under the rule of :mod:`streamtsm.stream_ids` (a topic part).
 
     Examples: ``0`` -> ``"cam0"``, ``"videos/sample.mp4"`` -> ``"sample"``,
     ``"rtsp://user:pw@10.0.0.5:554/live"`` -> ``"10-0-0-5-554-live"``, ``"synthetic:160x120@15"`` -> ``"synthetic"``,
@@ -437,15 +438,17 @@ def stream_name(spec: str | int) -> str:
     if spec == "synthetic" or spec.startswith("synthetic:"):
         return "synthetic"
     if _URL.match(spec):
-        parts = urlsplit(spec)
         try:
-            port = parts.port
+            parts = urlsplit(spec)
+        except ValueError:  # a malformed URL ("rtsp://[" is an unclosed IPv6 host): its text is sanitized below
+            parts = None
+        try:
+            port = parts.port if parts else None
         except ValueError:  # a malformed port: keep the host and path only
             port = None
-        raw = (parts.hostname or "") + (f"-{port}" if port else "") + parts.path
+        raw = (parts.hostname or "") + (f"-{port}" if port else "") + parts.path if parts else spec
     else:
         path = Path(spec)
         raw = _SEQUENCE.sub("", path.stem) or path.parent.name
-    name = re.sub(r"[^A-Za-z0-9_-]+", "-", raw)
-    name = re.sub(r"-{2,}", "-", name).strip("-_")
-    return name or "stream"
+    # Under the one rule for stream ids (streamtsm.stream_ids), as a site config's or --name's id is.
+    return sanitize_stream_id(raw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from datetime import datetime
@@ -108,6 +109,27 @@ class Subscriber:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+# Characters that would act on a terminal instead of showing (C0 and C1 controls, DEL) and lone surrogates (which no
+# terminal encoding can write): a publisher on the network chooses them, so listen shows them escaped.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character and lone surrogate written as an escape (``\\n``, ``\\x1b``,
+    ``\\ud800``), so that one message is one line and cannot move the cursor or recolour a terminal."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def json_line(payload: dict) -> str:
+    """One payload as one line of valid JSON (``listen --json``): newlines inside strings are escaped by JSON, and
+    where the text holds DEL, C1 controls or lone surrogates (not encodable as UTF-8) it is written in ASCII escapes.
+    (Received payloads hold no NaN or infinity: :func:`schema.decode` refuses them.)"""
+    line = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if _UNPRINTABLE.search(line):  # json escapes C0 controls itself; what is left: DEL, C1, lone surrogates
+        line = json.dumps(payload, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return line
 
 
 def _clock(ts: Any) -> str:
@@ -234,9 +256,9 @@ def listen(
             last_message = time.monotonic()
             topic, payload = message
             if as_json:
-                line = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+                line = json_line(payload)
             else:
-                line = format_message(topic, payload)
+                line = escape_controls(format_message(topic, payload))
             out.write(line + "\n")
             out.flush()
             printed += 1
