@@ -13,6 +13,7 @@ libzmq's (``zmq_proxy_steerable``); this module only binds its sockets and stops
 from __future__ import annotations
 
 import threading
+import uuid
 
 import zmq
 
@@ -43,7 +44,9 @@ def run_broker(frontend: str, backend: str, *, stop: threading.Event | None = No
     try:
         attach(xsub, frontend, bind=True)
         attach(xpub, backend, bind=True)
-        address = f"inproc://streamtsm-broker-{id(xsub)}"
+        # A fresh name per broker: id() of a socket can be reused by the next broker in the process while the
+        # closed one's inproc name is still being released, and binding it again fails ("address already in use").
+        address = f"inproc://streamtsm-broker-{uuid.uuid4().hex}"
         control_in.bind(address)
         control_out.connect(address)
         if ready is not None:
