@@ -152,14 +152,20 @@ def _groups_from_args(args: argparse.Namespace, settings: dict):
         taken.add(names[-1])
     specs = [StreamSpec(src, names[i], frame_stride=args.frame_stride) for i, src in enumerate(sources)]
     providers = args.providers.split(",") if args.providers else None
-    if _runs_the_demo_model(args, settings) and any(not str(src).startswith("synthetic") for src in sources):
-        print("streamtsm: note: the built-in demo model knows only the synthetic scene's nine motions; on a camera "
-              "use a catalog model, e.g. --weights tsm_mobilenetv2_jester_online (hand gestures) or --weights "
-              "x3d_m_kinetics400 (Kinetics actions); `streamtsm models` lists them", file=sys.stderr, flush=True)
     engine = build_engine(model=args.model, weights=args.weights, onnx=args.onnx, labels_file=args.labels,
                           device=settings["device"], providers=providers, threads=args.threads,
                           backend=settings["backend"], url=args.url, triton_model=args.triton_model)
     return [ModelGroup(engine, specs, clip_stride=settings["clip_stride"])]
+
+
+def _demo_model_note(args: argparse.Namespace, settings: dict) -> str | None:
+    """The line `run` prints when the built-in demo model meets a real source (it knows only synthetic motions)."""
+    sources = args.sources or ["synthetic"]
+    if not _runs_the_demo_model(args, settings) or all(str(src).startswith("synthetic") for src in sources):
+        return None
+    return ("streamtsm: note: the built-in demo model knows only the synthetic scene's nine motions; on a camera use "
+            "a catalog model, e.g. --weights tsm_mobilenetv2_jester_online (hand gestures) or --weights "
+            "x3d_m_kinetics400 (Kinetics actions); `streamtsm models` lists them")
 
 
 def _runs_the_demo_model(args: argparse.Namespace, settings: dict) -> bool:
@@ -248,10 +254,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # Ctrl-C and SIGTERM end the loop at its next check (within ~50 ms), then everything is joined and closed.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
+        # The sources open first: a source that cannot be opened is the one line on stderr, no banner before it.
+        pipeline.start()
+        note = _demo_model_note(args, out) if site is None else None
+        if note:
+            print(note, file=sys.stderr, flush=True)
         models = ", ".join(f"{g.engine.model_name} ({g.engine.backend})" for g in groups)
         print(f"streamtsm: {models} on {', '.join(pipeline.stream_ids)}"
               + (f", publishing on {publisher.endpoint}" if publisher else ""), file=sys.stderr, flush=True)
-        pipeline.start()
         final = pipeline.run(stop)
     finally:
         try:

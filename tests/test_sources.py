@@ -363,11 +363,8 @@ def test_cli_run_bad_source_is_one_error_line_without_native_noise(tmp_path, kin
     result = _run_cli("run", "--source", source)
     assert result.returncode == 2
     lines = result.stderr.splitlines()
-    errors = [line for line in lines if line.startswith("streamtsm: error:")]
-    assert errors == [lines[-1]] and named in errors[0]
-    # Nothing from OpenCV, FFmpeg or onnxruntime: every line is streamtsm's own (its start-up note and banner,
-    # then the error).
-    assert [line for line in lines if not line.startswith("streamtsm: ")] == []
+    # Exactly one line: nothing from OpenCV, FFmpeg or onnxruntime, and no note or banner before the sources open.
+    assert len(lines) == 1 and lines[0].startswith("streamtsm: error:") and named in lines[0], lines
 
 
 def test_cli_run_bad_file_with_debug_log_level_lets_native_messages_through(tmp_path):
