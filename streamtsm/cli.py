@@ -109,7 +109,8 @@ _CAMERA_OPTIONS = {"sources": "--camera/--source", "name": "--name", "model": "-
 
 # Numeric options of `run` and `listen`, each checked by the range of its setting (streamtsm.settings.RANGES).
 _NUMERIC_OPTIONS = ("max_frames", "duration", "stats_interval", "threshold", "topk", "hold", "smooth",
-                    "frame_stride", "clip_stride", "threads", "metrics_port", "max_messages", "timeout")
+                    "frame_stride", "clip_stride", "threads", "metrics_port", "max_messages", "timeout",
+                    "startup_timeout")
 # Options that name a file to read: a folder there is refused before anything is loaded.
 _FILE_OPTIONS = ("labels", "weights", "onnx", "config")
 
@@ -395,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("run control")
     c.add_argument("--max-frames", type=int, help="stop each stream after this many processed frames")
     c.add_argument("--duration", type=float, help="stop after this many seconds")
+    c.add_argument("--startup-timeout", type=float, metavar="S",
+                   help=f"seconds a single source may take to open before run gives up (default: "
+                        f"{d['startup_timeout']:g}); with several sources, one that is down is retried while the "
+                        "others run")
+    c.add_argument("--keep-trying", action="store_const", const=True,
+                   help="a single source that does not open is retried with back-off instead of failing")
     p.set_defaults(func=_cmd_run, sources=None)
 
     p = sub.add_parser("broker", help="relay many recognizers to many subscribers (ZeroMQ XSUB/XPUB proxy)")

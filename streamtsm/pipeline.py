@@ -103,9 +103,10 @@ class Pipeline:
 
     def _make_stream(self, sid: str, spec: StreamSpec, group: GroupState) -> StreamState:
         o = self.options
+        # A live source that is down at start is retried (status "connecting"); start() decides how long to wait.
         capture = StreamCapture(spec.source, sid, frame_stride=effective_frame_stride(spec, group.engine),
                                 realtime=o.realtime, read_timeout=o.read_timeout, backoff=o.backoff,
-                                notify=self._notify)
+                                notify=self._notify, retry_open=True)
         labels = group.engine.labels
         post = StreamPostprocessor(labels, smooth=o.smooth, topk=o.topk, threshold=o.threshold, hold=o.hold,
                                    background=[b for b in o.background if b in labels])
@@ -119,7 +120,12 @@ class Pipeline:
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
     def start(self) -> Pipeline:
-        """Start every capture thread and wait until each has opened its source or failed.
+        """Start every capture thread and wait until each has opened its source, failed, or is being retried.
+
+        A source that cannot be opened is an error when it is a file (a typo). A live one (a camera, a URL) may be
+        down only for now: with several sources it is retried with back-off (status ``connecting``) while the
+        others run, and joins when it comes up; a single source is waited for up to ``startup_timeout`` seconds,
+        then it is an error, unless ``keep_trying``.
 
         Raises:
             SourceError: a source could not be opened (the other captures are stopped again).
@@ -127,13 +133,24 @@ class Pipeline:
         for s in self._streams:
             s.capture.start()
         deadline = time.monotonic() + self.options.startup_timeout
+        alone = len(self._streams) == 1 and not self.options.keep_trying
+        waiting = (StreamStatus.STARTING, StreamStatus.CONNECTING) if alone else (StreamStatus.STARTING,)
         for s in self._streams:
-            while s.capture.status is StreamStatus.STARTING and time.monotonic() < deadline:
+            while s.capture.status in waiting and time.monotonic() < deadline:
                 self._notify.wait(0.05)
-            if s.capture.status is StreamStatus.FAILED and s.capture.error is not None and s.processed == 0:
+            status = s.capture.status
+            if status is StreamStatus.FAILED and s.capture.error is not None and s.processed == 0:
                 self.stop()
                 err = s.capture.error
                 raise err if isinstance(err, SourceError) else SourceError(f"{s.id}: {err}")
+            if status is StreamStatus.CONNECTING:
+                reason = s.capture.stats()["last_error"]
+                if alone:
+                    self.stop()
+                    raise SourceError(f"{reason} (still not open after {self.options.startup_timeout:g} s; "
+                                      "--keep-trying waits for it)")
+                log.warning("stream %s: cannot open its source yet (%s); retrying with back-off while the other "
+                            "streams run", s.id, reason)
         return self
 
     def end_stream(self, stream_id: str) -> None:

@@ -44,7 +44,8 @@ RUN_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "realtime": False,
     "max_frames": None,
     "duration": None,
-    "startup_timeout": 15.0,
+    "startup_timeout": 15.0,  # seconds a single source may take to open (a site's cameras are waited for forever)
+    "keep_trying": False,  # a single source that does not open: keep retrying instead of failing at the timeout
     "read_timeout": 5.0,
     "backoff": (0.5, 8.0),
 })
@@ -82,6 +83,7 @@ RANGES: Mapping[str, Range] = MappingProxyType({
     "max_frames": Range(int, 1, 10**12),
     "duration": Range(float, 0.0, 365 * _DAY, low_open=True, meaning="seconds"),
     "stats_interval": Range(float, 0.0, _DAY, low_open=True, meaning="seconds"),
+    "startup_timeout": Range(float, 0.0, _DAY, low_open=True, meaning="seconds"),
     "metrics_port": Range(int, 1, 65535, meaning="a TCP port"),
     # listen's
     "max_messages": Range(int, 1, 10**12),
@@ -154,6 +156,7 @@ class PipelineOptions:
     duration: float | None = RUN_DEFAULTS["duration"]
     stats_interval: float = RUN_DEFAULTS["stats_interval"]
     startup_timeout: float = RUN_DEFAULTS["startup_timeout"]
+    keep_trying: bool = RUN_DEFAULTS["keep_trying"]
     read_timeout: float = RUN_DEFAULTS["read_timeout"]
     backoff: tuple[float, float] = RUN_DEFAULTS["backoff"]
 

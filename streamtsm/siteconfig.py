@@ -59,11 +59,11 @@ _CAMERA_KEYS = {"id", "source", "model", "weights", "onnx", "labels", "device", 
 # The keys that describe one model: inherited from [defaults] together or not at all (see the module docstring).
 _MODEL_KEYS = {"model", "weights", "onnx", "labels", "triton_model"}
 _MODEL_IDENTITY_KEYS = {"model", "onnx", "triton_model", "backend"}
-_OPTION_KEYS = {"smooth", "topk", "threshold", "hold", "background"}
+_OPTION_KEYS = {"smooth", "topk", "threshold", "hold", "background", "startup_timeout", "keep_trying"}
 _TOP_KEYS = {"publish", "metrics", "defaults", "camera"}
 _TYPES = {"id": str, "model": str, "weights": str, "onnx": str, "labels": str, "device": str, "providers": str,
           "backend": str, "url": str, "triton_model": str, "frame_stride": int, "clip_stride": int, "smooth": int,
-          "topk": int, "hold": int, "threshold": (int, float)}
+          "topk": int, "hold": int, "threshold": (int, float), "startup_timeout": (int, float), "keep_trying": bool}
 _CAMERA_HEADER = re.compile(r"^\s*\[\[\s*camera\s*\]\]")
 _TABLE_HEADER = re.compile(r"^\s*\[\s*([A-Za-z0-9_-]+)\s*\]")
 _KEY = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
@@ -334,7 +334,9 @@ def _check_table(loc: _Locator, value, name: str, allowed: set[str]) -> None:
 def _check_value(loc: _Locator, key: str, value, camera: int | None = None, table: str | None = None) -> None:
     where = f"camera {camera + 1}: " if camera is not None else (f"[{table}] " if table else "")
     expected = _TYPES.get(key)
-    if expected is not None and (not isinstance(value, expected) or isinstance(value, bool)):
+    if expected is bool and not isinstance(value, bool):
+        raise loc.error(f"{where}{key} must be true or false, got {value!r}", key, camera, table)
+    if expected not in (None, bool) and (not isinstance(value, expected) or isinstance(value, bool)):
         name = {int: "an integer", str: "a string"}.get(expected, "a number")
         raise loc.error(f"{where}{key} must be {name}, got {value!r}", key, camera, table)
     if key == "source" and not isinstance(value, (str, int)):

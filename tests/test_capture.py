@@ -666,3 +666,63 @@ def test_stream_status_transition_allowed(old, new):
 def test_stream_status_illegal_transition_raises_naming_both(old, new):
     with pytest.raises(StatusTransitionError, match=f"from '{old}' to '{new}'"):
         check_transition(StreamStatus(old), StreamStatus(new))
+
+
+class _DownThenUp(Source):
+    """A live source whose first ``down_for`` opens fail."""
+
+    is_live = True
+    name = "flaky camera"
+
+    def __init__(self, down_for: int, live: bool = True) -> None:
+        self.down_for, self.opens, self.is_live = down_for, 0, live
+
+    def open(self):
+        self.opens += 1
+        if self.opens <= self.down_for:
+            raise SourceError(f"{self.name} is down (open {self.opens})")
+
+    def read(self):
+        time.sleep(0.005)
+        return np.zeros((8, 8, 3), np.uint8)
+
+    def release(self):
+        pass
+
+
+def test_capture_thread_retry_open_connects_a_live_source_that_comes_up_later():
+    source = _DownThenUp(down_for=3)
+    thread = CaptureThread(source, "cam", FrameBuffer(1, "drop_oldest"), backoff=(0.01, 0.02), retry_open=True)
+    statuses = set()
+    thread.start()
+    deadline = time.monotonic() + 5
+    while thread.status != "running" and time.monotonic() < deadline:
+        statuses.add(thread.status)
+        time.sleep(0.002)
+    thread.stop()
+    thread.join(2)
+    assert "connecting" in statuses and source.opens == 4
+    stats = thread.stats()
+    assert stats["generation"] == 0 and stats["reconnects"] == 0  # never ran before: a first connection
+    assert "is down (open 3)" in stats["last_error"]
+
+
+def test_capture_thread_retry_open_still_fails_a_file_at_once():
+    thread = CaptureThread(_DownThenUp(down_for=1, live=False), "f", FrameBuffer(1, "wait"), retry_open=True)
+    thread.start()
+    thread.join(2)
+    assert thread.status == "failed" and isinstance(thread.error, SourceError)
+
+
+def test_capture_thread_stop_while_connecting_is_prompt():
+    thread = CaptureThread(_DownThenUp(down_for=10**9), "cam", FrameBuffer(1, "drop_oldest"), backoff=(5.0, 8.0),
+                           retry_open=True)
+    thread.start()
+    deadline = time.monotonic() + 2
+    while thread.status != "connecting" and time.monotonic() < deadline:
+        time.sleep(0.005)
+    t0 = time.monotonic()
+    thread.stop()
+    thread.join(2)
+    assert not thread.is_alive() and thread.status == "stopped"
+    assert time.monotonic() - t0 < 1.0  # a wait between attempts ends at once on stop

@@ -217,3 +217,24 @@ def test_run_config_values_apply_where_the_command_line_is_silent(site, capsys, 
 def test_run_contradictory_output_options_are_one_line_and_exit_2(capsys, argv, message):
     code, err = _run_cli(capsys, "run", "--model", "tsn_mobilenetv2", "--max-frames", "1", *argv)
     assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_run_single_camera_that_never_opens_is_one_line_after_the_startup_timeout(capsys):
+    assert main(["run", "--camera", "97", "--startup-timeout", "0.3", "--publish", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "camera 97" in err and "--keep-trying" in err
+
+
+def test_site_config_keys_startup_timeout_and_keep_trying_are_checked(tmp_path):
+    from streamtsm.errors import ConfigError
+    from streamtsm.siteconfig import load_site_config
+
+    config = tmp_path / "site.toml"
+    config.write_text('[defaults]\nstartup_timeout = 2.5\nkeep_trying = true\n[[camera]]\nid = "a"\nsource = 0\n')
+    assert load_site_config(config).options == {"startup_timeout": 2.5, "keep_trying": True}
+    config.write_text('[defaults]\nkeep_trying = "yes"\n[[camera]]\nid = "a"\nsource = 0\n')
+    with pytest.raises(ConfigError, match="keep_trying must be true or false"):
+        load_site_config(config)
+    config.write_text('[defaults]\nstartup_timeout = -1\n[[camera]]\nid = "a"\nsource = 0\n')
+    with pytest.raises(ConfigError, match="startup_timeout"):
+        load_site_config(config)

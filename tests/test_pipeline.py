@@ -236,13 +236,82 @@ def test_failing_model_step_resets_streams_and_the_run_continues(engine):
     assert final["frames"] == 10 and final["step_errors"] == 1
 
 
-def test_camera_that_does_not_open_is_one_clear_error(engine):
+class DownCamera(Source):
+    """A live source that refuses to open its first ``down_for`` times (a camera still booting, a link down)."""
+
+    is_live = True
+    fps = 100.0
+
+    def __init__(self, down_for: int = 10**9) -> None:
+        self.name = "camera down"
+        self.down_for = down_for
+        self.opens = 0
+
+    def open(self):
+        from streamtsm.errors import SourceError
+
+        self.opens += 1
+        if self.opens <= self.down_for:
+            raise SourceError(f"cannot open {self.name} (attempt {self.opens})")
+
+    def read(self):
+        time.sleep(0.01)
+        return np.zeros((32, 32, 3), np.uint8)
+
+    def release(self):
+        pass
+
+
+FAST_RETRY = dict(backoff=(0.02, 0.05), startup_timeout=0.5)
+
+
+def test_camera_down_at_start_is_retried_while_the_other_streams_run(engine):
+    seen = []  # the door's entry of every stats message: what a site's dashboard sees while the run goes on
+    sink = CallbackSink(messages=lambda topic, p: seen.append(p["streams"]["door"]) if p["type"] == "stats" else 0)
+    pipeline = Pipeline(engine, [StreamSpec("synthetic:32x32@30", "ok"), StreamSpec(DownCamera(), "door")],
+                        sinks=[sink], options=PipelineOptions(duration=1.0, stats_interval=0.2, **FAST_RETRY))
+    pipeline.start()  # returns: one camera down does not stop a site
+    final = pipeline.run()["streams"]
+    assert final["ok"]["frames"] > 0 and final["door"]["frames"] == 0
+    during = seen[:-1]  # the last is sent after the captures were stopped
+    assert during and all(d["status"] == "connecting" for d in during)
+    assert "cannot open camera down" in during[-1]["last_error"]
+
+
+def test_camera_that_comes_up_later_joins_the_run(engine):
+    late = DownCamera(down_for=3)
+    pipeline = Pipeline(engine, [StreamSpec("synthetic:32x32@30", "ok"), StreamSpec(late, "door")],
+                        options=PipelineOptions(duration=1.5, **FAST_RETRY))
+    pipeline.start()
+    final = pipeline.run()["streams"]
+    assert late.opens == 4 and final["door"]["frames"] > 0
+    assert final["door"]["reconnects"] == 0 and final["door"]["generation"] == 0  # it had never run: no reconnect
+
+
+def test_single_source_that_never_opens_is_one_clear_error_after_the_startup_timeout(engine):
     from streamtsm.errors import SourceError
 
-    pipeline = Pipeline(engine, [StreamSpec("synthetic:32x32@30", "ok"), StreamSpec(97, "missing")])
-    with pytest.raises(SourceError, match="camera 97"):
+    pipeline = Pipeline(engine, [StreamSpec(DownCamera(), "door")], options=PipelineOptions(**FAST_RETRY))
+    with pytest.raises(SourceError, match=r"cannot open camera down.*--keep-trying"):
         pipeline.start()
     assert all(not s.capture.is_alive() for s in pipeline._streams)
+
+
+def test_single_source_with_keep_trying_waits_for_its_camera(engine):
+    pipeline = Pipeline(engine, [StreamSpec(DownCamera(), "door")],
+                        options=PipelineOptions(keep_trying=True, duration=0.6, **FAST_RETRY))
+    pipeline.start()  # returns at once: the camera is being retried
+    assert pipeline.stats()["streams"]["door"]["status"] == "connecting"
+    assert pipeline.run()["streams"]["door"]["frames"] == 0  # and the run goes on until its duration
+
+
+def test_file_that_does_not_open_is_still_an_error_at_start(engine, tmp_path):
+    from streamtsm.errors import SourceError
+
+    pipeline = Pipeline(engine, [StreamSpec("synthetic:32x32@30", "ok"), StreamSpec(str(tmp_path / "gone.mp4"), "f")],
+                        options=PipelineOptions(**FAST_RETRY))
+    with pytest.raises(SourceError, match="gone.mp4"):
+        pipeline.start()
 
 
 def test_stop_event_ends_a_live_run_promptly(engine):

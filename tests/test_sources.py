@@ -360,7 +360,7 @@ def _not_a_video(tmp_path: Path) -> str:
 def test_cli_run_bad_source_is_one_error_line_without_native_noise(tmp_path, kind):
     # A camera index that names no device: OpenCV's V4L2 and FFmpeg backends each print a warning for it.
     source, named = (_not_a_video(tmp_path), "notes.mp4") if kind == "file" else ("99", "camera 99")
-    result = _run_cli("run", "--source", source)
+    result = _run_cli("run", "--source", source, "--startup-timeout", "1")  # a camera is retried until then
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     # Exactly one line: nothing from OpenCV, FFmpeg or onnxruntime, and no note or banner before the sources open.

@@ -39,6 +39,7 @@ class StreamStatus(str, Enum):
     """Where a stream stands. The values are the ``status`` strings of the stats message."""
 
     STARTING = "starting"  # the first source is being opened
+    CONNECTING = "connecting"  # a live source that has never opened is retried with back-off (see ``last_error``)
     RUNNING = "running"  # frames are coming
     RECONNECTING = "reconnecting"  # a live source is being reopened (a failed read, or a hung reader replaced)
     ENDED = "ended"  # a file reached its end; buffered frames may still come out
@@ -55,7 +56,8 @@ _S = StreamStatus
 # (a short file can go from starting to ended between two samples); what no sample can ever see is a stream coming
 # back from failed or done, or a file that ended starting to run again.
 TRANSITIONS: dict[StreamStatus, frozenset[StreamStatus]] = {
-    _S.STARTING: frozenset({_S.RUNNING, _S.RECONNECTING, _S.ENDED, _S.STOPPED, _S.FAILED, _S.DONE}),
+    _S.STARTING: frozenset({_S.CONNECTING, _S.RUNNING, _S.RECONNECTING, _S.ENDED, _S.STOPPED, _S.FAILED, _S.DONE}),
+    _S.CONNECTING: frozenset({_S.RUNNING, _S.RECONNECTING, _S.STOPPED, _S.FAILED, _S.DONE}),
     _S.RUNNING: frozenset({_S.RECONNECTING, _S.ENDED, _S.STOPPED, _S.FAILED, _S.DONE}),
     _S.RECONNECTING: frozenset({_S.RUNNING, _S.ENDED, _S.STOPPED, _S.FAILED, _S.DONE}),
     _S.ENDED: frozenset({_S.DONE}),
@@ -97,6 +99,8 @@ class StreamCapture:
         read_timeout: seconds a read may block before the reader counts as hung (see :class:`CaptureThread`).
         backoff: (first, longest) seconds between reopen attempts of a live source.
         notify: event set whenever a frame arrives or the capture closes its buffer (one event for many streams).
+        retry_open: a live source that cannot be opened at first is retried with back-off (``connecting``) instead
+            of failing (see :class:`CaptureThread`).
 
     Raises:
         SourceError: the source string names nothing that can be opened.
@@ -105,8 +109,9 @@ class StreamCapture:
 
     def __init__(self, source: str | int | Source | Callable[[], Source], stream_id: str, *, frame_stride: int = 1,
                  realtime: bool = False, read_timeout: float = 5.0, backoff: tuple[float, float] = (0.5, 8.0),
-                 notify: threading.Event | None = None) -> None:
+                 notify: threading.Event | None = None, retry_open: bool = False) -> None:
         self.stream_id = stream_id
+        self.retry_open = retry_open
         self.frame_stride = frame_stride
         self.realtime = realtime
         self.read_timeout = read_timeout
@@ -132,7 +137,8 @@ class StreamCapture:
         else:
             buffer = FrameBuffer(4, "wait", self._notify)
         thread = CaptureThread(source, self.stream_id, buffer, frame_stride=self.frame_stride,
-                               realtime=self.realtime, read_timeout=self.read_timeout, backoff=self.backoff)
+                               realtime=self.realtime, read_timeout=self.read_timeout, backoff=self.backoff,
+                               retry_open=self.retry_open)
         return thread, buffer
 
     # -- control ------------------------------------------------------------------------------------------------
@@ -216,7 +222,7 @@ class StreamCapture:
 
     def _from_thread(self, thread_status: str) -> StreamStatus:
         status = StreamStatus(thread_status)
-        if status is StreamStatus.STARTING and self._generation_base:
+        if status in (StreamStatus.STARTING, StreamStatus.CONNECTING) and self._generation_base:
             return StreamStatus.RECONNECTING  # a replacement reader opening its source
         if status in (StreamStatus.ENDED, StreamStatus.STOPPED) and self._consumer_done:
             return StreamStatus.DONE

@@ -30,7 +30,7 @@ from streamtsm.errors import ConfigError, SourceError
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("starting", "running", "reconnecting", "ended", "failed", "stopped")
+STATUSES = ("starting", "connecting", "running", "reconnecting", "ended", "failed", "stopped")
 
 _FPS_WINDOW_S = 2.0
 _MAX_CATCH_UP_S = 1.0  # a paced file read more than this late re-anchors its clock instead of bursting
@@ -48,7 +48,8 @@ class CaptureThread(threading.Thread):
     per kind, and counted in ``missing_frames``. A live source that fails (read returns None,
     or a read hangs longer than ``read_timeout``) is released and reopened with exponential back-off; each
     successful reopen increments ``generation`` and ``reconnects``. A source that cannot be opened the first time
-    (e.g. a camera that does not exist) fails at once: status ``"failed"``, the SourceError in ``error``. Whenever
+    (e.g. a camera that does not exist) fails at once: status ``"failed"``, the SourceError in ``error``; unless
+    ``retry_open`` is set and it is live (a camera down now may come up later): then it is ``"connecting"``. Whenever
     the thread exits it closes the buffer, which wakes the consumer.
 
     Args:
@@ -64,6 +65,9 @@ class CaptureThread(threading.Thread):
             None for no limit.
         read_timeout: Seconds a read may block before the thread counts as stalled and, for a live source, before
             the read counts as a failure (see the module docstring).
+        retry_open: A live source that cannot be opened the first time is retried with back-off (status
+            ``"connecting"``, the reason in ``last_error``) until it opens or the thread is stopped; without it, it
+            fails at once. A file always fails at once.
 
     Raises:
         ConfigError: If an option is out of range.
@@ -71,7 +75,7 @@ class CaptureThread(threading.Thread):
 
     def __init__(self, source: Source, stream_id: str, buffer: FrameBuffer, *, frame_stride: int = 1,
                  realtime: bool = False, reconnect: bool = True, backoff: tuple[float, float] = (0.5, 8.0),
-                 max_reconnects: int | None = None, read_timeout: float = 5.0):
+                 max_reconnects: int | None = None, read_timeout: float = 5.0, retry_open: bool = False):
         if isinstance(frame_stride, bool) or not isinstance(frame_stride, int) or frame_stride < 1:
             raise ConfigError(f"frame_stride must be an integer >= 1, got {frame_stride!r}")
         if len(backoff) != 2 or not 0 < backoff[0] <= backoff[1]:
@@ -90,6 +94,7 @@ class CaptureThread(threading.Thread):
         self.backoff = (float(backoff[0]), float(backoff[1]))
         self.max_reconnects = max_reconnects
         self.read_timeout = float(read_timeout)
+        self.retry_open = retry_open
         self.error: BaseException | None = None
 
         self._halt = threading.Event()
@@ -204,12 +209,36 @@ class CaptureThread(threading.Thread):
         try:
             self.source.open()
         except SourceError as exc:
-            # Never having worked means the user named something that is not there: fail, do not retry.
-            self._fail(exc)
-            return False
+            # A file that is not there is a typo: fail. A camera may just be down (power, network) and come up
+            # later: with retry_open it is retried, and meanwhile the stream says "connecting".
+            if not (self.retry_open and self.source.is_live):
+                self._fail(exc)
+                return False
+            if not self._connect(str(exc)):
+                return False
         self._set_status("running")
         self._next_due = time.monotonic()
         return True
+
+    def _connect(self, reason: str) -> bool:
+        """Retries a live source that has never opened, with back-off, until it opens (True) or the thread is
+        stopped (False). Not a reconnect: the generation stays 0, since no frame came before."""
+        self._set_status("connecting", reason)
+        self.source.release()
+        first, longest = self.backoff
+        attempts = 0
+        while True:
+            delay = min(first * 2 ** min(attempts, 30), longest)
+            attempts += 1
+            if self._halt.wait(delay):
+                return False
+            try:
+                self.source.open()
+            except SourceError as exc:
+                self._set_status("connecting", str(exc))
+                self.source.release()
+                continue
+            return True
 
     def _read_loop(self) -> None:
         index = 0
