@@ -203,15 +203,44 @@ def _output_settings(args: argparse.Namespace, site: SiteConfig | None) -> dict:
     return values
 
 
+class _StopRequested(BaseException):
+    """Ctrl-C or SIGTERM before the streams run (a model loading, a config being read): a clean exit 0, not a
+    traceback. A BaseException, so no ``except Exception`` on the way swallows it."""
+
+
+# Streams whose capture threads were left blocked in a decoder when `run` ended (see Pipeline.blocked_streams):
+# entry() then ends the process without the interpreter's clean-up.
+_blocked_at_exit: list[str] = []
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    check_options(args)
+    stop, running = threading.Event(), threading.Event()
+
+    def on_signal(*_) -> None:
+        # Ctrl-C and SIGTERM: once the streams run, the loop ends at its next check (within ~50 ms) and everything
+        # is joined and closed; before that (a model loading, sources opening) setup is abandoned at once.
+        stop.set()
+        if not running.is_set():
+            raise _StopRequested
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    try:
+        return _run(args, stop, running)
+    except _StopRequested:
+        print("streamtsm: stopped before the streams started", file=sys.stderr, flush=True)
+        return 0
+
+
+def _run(args: argparse.Namespace, stop, running) -> int:
     from .pipeline import Pipeline, PipelineOptions
     from .publish import Publisher
     from .sinks import ConsoleSink
 
-    check_options(args)
     site = None
     if args.config:
         from .siteconfig import load_site_config
@@ -231,7 +260,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         groups = _groups_from_args(args, out)
     options = PipelineOptions.from_settings(out)
-    stop = threading.Event()
     display = publisher = None
     sinks = []  # closed in the finally below, in the order made
     try:
@@ -252,11 +280,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             display = display_sink(stop)
             sinks.append(display)
         pipeline = Pipeline.from_groups(groups, sinks=sinks, options=options)
-        # Ctrl-C and SIGTERM end the loop at its next check (within ~50 ms), then everything is joined and closed.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+        running.set()  # from here a signal only sets stop: start() and run() end promptly and close what is open
+        if stop.is_set():
+            pipeline.stop()
+            return 0
         # The sources open first: a source that cannot be opened is the one line on stderr, no banner before it.
-        pipeline.start()
+        pipeline.start(stop)
         note = _demo_model_note(args, out) if site is None else None
         if note:
             print(note, file=sys.stderr, flush=True)
@@ -274,6 +303,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _print_summary(final)
     if display is not None:
         print(f"display: {display.dropped} steps dropped (the window could not keep up)")
+    _blocked_at_exit[:] = pipeline.blocked_streams
     return 0
 
 
@@ -456,5 +486,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `streamtsm` command. After `run`, a capture thread still blocked inside a decoder (a stalled network
+    camera) would be torn down by the interpreter's clean-up and abort the process (C++ terminate, exit 134):
+    the process then ends at once with its exit code, its output flushed."""
+    code = main()
+    if _blocked_at_exit:
+        logging.getLogger("streamtsm").warning("leaving %d capture thread(s) blocked in a decoder (%s)",
+                                               len(_blocked_at_exit), ", ".join(_blocked_at_exit))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

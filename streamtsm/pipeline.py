@@ -119,13 +119,14 @@ class Pipeline:
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
-    def start(self) -> Pipeline:
+    def start(self, stop: threading.Event | None = None) -> Pipeline:
         """Start every capture thread and wait until each has opened its source, failed, or is being retried.
 
         A source that cannot be opened is an error when it is a file (a typo). A live one (a camera, a URL) may be
         down only for now: with several sources it is retried with back-off (status ``connecting``) while the
         others run, and joins when it comes up; a single source is waited for up to ``startup_timeout`` seconds,
-        then it is an error, unless ``keep_trying``.
+        then it is an error, unless ``keep_trying``. ``stop`` (the run's stop event) ends the wait at once: a stop
+        while a source opens is prompt, and :meth:`run` then ends at once and closes everything.
 
         Raises:
             SourceError: a source could not be opened (the other captures are stopped again).
@@ -137,6 +138,8 @@ class Pipeline:
         waiting = (StreamStatus.STARTING, StreamStatus.CONNECTING) if alone else (StreamStatus.STARTING,)
         for s in self._streams:
             while s.capture.status in waiting and time.monotonic() < deadline:
+                if stop is not None and stop.is_set():
+                    return self
                 self._notify.wait(0.05)
             status = s.capture.status
             if status is StreamStatus.FAILED and s.capture.error is not None and s.processed == 0:
@@ -152,6 +155,13 @@ class Pipeline:
                 log.warning("stream %s: cannot open its source yet (%s); retrying with back-off while the other "
                             "streams run", s.id, reason)
         return self
+
+    @property
+    def blocked_streams(self) -> list[str]:
+        """Streams whose capture thread is still alive after :meth:`stop`: blocked inside a decoder call that
+        cannot be interrupted (a stalled network camera). Their threads are daemons; a process should end without
+        the interpreter's clean-up, which would tear the decoder down under them."""
+        return [s.id for s in self._streams if s.capture.is_alive()]
 
     def end_stream(self, stream_id: str) -> None:
         """Stop one stream's capture (e.g. a camera removed at run time); the frames already buffered are still

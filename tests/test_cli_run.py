@@ -238,3 +238,18 @@ def test_site_config_keys_startup_timeout_and_keep_trying_are_checked(tmp_path):
     config.write_text('[defaults]\nstartup_timeout = -1\n[[camera]]\nid = "a"\nsource = 0\n')
     with pytest.raises(ConfigError, match="startup_timeout"):
         load_site_config(config)
+
+
+@pytest.mark.parametrize("after_s", [1.0, 4.0])
+def test_sigterm_while_loading_or_while_a_source_opens_exits_0_promptly(after_s):
+    # camera 97 does not exist: a single source is waited for (startup timeout 15 s), so run sits in start().
+    # 1 s lands in setup (torch importing, the model loading), 4 s in start(): either way a prompt, clean exit 0.
+    proc = subprocess.Popen(RUN + ["run", "--camera", "97", "--publish", "none"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 3.0, "the stop waited for something"
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "error" not in err.lower()
