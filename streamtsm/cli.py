@@ -160,19 +160,16 @@ def _groups_from_args(args: argparse.Namespace, settings: dict):
 
 
 def _demo_model_note(args: argparse.Namespace, settings: dict) -> str | None:
-    """The line `run` prints when the built-in demo model meets a real source (it knows only synthetic motions)."""
+    """The line `run` prints when it falls back to the built-in demo model (no model, weights, ONNX file or server
+    named) on a real source: that model knows only the synthetic scene's motions."""
     sources = args.sources or ["synthetic"]
-    if not _runs_the_demo_model(args, settings) or all(str(src).startswith("synthetic") for src in sources):
+    named = (args.model, args.weights, args.onnx, args.url, args.triton_model)
+    if (any(v is not None for v in named) or settings["backend"] not in ("auto", "torch")
+            or all(str(src).startswith("synthetic") for src in sources)):
         return None
     return ("streamtsm: note: the built-in demo model knows only the synthetic scene's nine motions; on a camera use "
             "a catalog model, e.g. --weights tsm_mobilenetv2_jester_online (hand gestures) or --weights "
             "x3d_m_kinetics400 (Kinetics actions); `streamtsm models` lists them")
-
-
-def _runs_the_demo_model(args: argparse.Namespace, settings: dict) -> bool:
-    """Whether `run` falls back to the shipped demo model: no model, weights, ONNX file or server named."""
-    named = (args.model, args.weights, args.onnx, args.url, args.triton_model)
-    return all(v is None for v in named) and settings["backend"] in ("auto", "torch")
 
 
 def _refuse_camera_options(args: argparse.Namespace) -> None:
@@ -467,10 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    # --offline is a global flag, but a user writes it after the command too (`streamtsm run --offline ...`).
-    offline = "--offline" in argv
-    args = parser.parse_args([a for a in argv if a != "--offline"])
-    if offline:
+    # --offline is a global flag, but a user writes it after the command too (`streamtsm run --offline ...`): it is
+    # moved in front of the command, where the parser takes it.
+    if "--offline" in argv:
+        argv = ["--offline", *(a for a in argv if a != "--offline")]
+    args = parser.parse_args(argv)
+    if args.offline:
         os.environ["STREAMTSM_OFFLINE"] = "1"  # read by every download, in this process and the ones it starts
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_native_libraries(args.command, verbose=args.debug or args.log_level == "DEBUG")

@@ -241,7 +241,7 @@ class Pipeline:
         for s, f in batch:
             if f.generation != s.generation:
                 # The source reconnected: the runner resets the state; close any open action first.
-                self._publish_events(s, s.post.reset(), f.index, f.timestamp, f.media_ts)
+                self._publish_events(s, s.post.reset(), (f.index, f.timestamp, f.media_ts))
                 s.generation = f.generation
         t0 = time.perf_counter()
         try:
@@ -252,7 +252,7 @@ class Pipeline:
             for s, f in batch:
                 if s.id in e.stream_ids:
                     s.step_errors += 1
-                    self._publish_events(s, s.post.reset(), f.index, f.timestamp, f.media_ts)
+                    self._publish_events(s, s.post.reset(), (f.index, f.timestamp, f.media_ts))
             if self._consecutive_errors >= _MAX_CONSECUTIVE_STEP_ERRORS:
                 raise
             return
@@ -265,7 +265,7 @@ class Pipeline:
         for (s, f), row in zip(batch, results):
             s.processed += 1
             s.rate.tick()
-            s.last_seen = (f.index, f.timestamp, f.media_ts)
+            s.last_seen = at = (f.index, f.timestamp, f.media_ts)
             if row is not None and not np.isfinite(row).all():
                 # NaN or infinity (bad weights, fp16/int8 overflow): no prediction for this frame, smoothing and open
                 # events left as they were, and the stream's model state restarts, since an online model's NaN would
@@ -278,7 +278,7 @@ class Pipeline:
             elif row is not None:
                 topk, events = s.post.process(row, f.index, f.timestamp, f.media_ts)
                 self._out.prediction(s.id, group.model_name, f, topk)
-                self._publish_events(s, events, f.index, f.timestamp, f.media_ts)
+                self._publish_events(s, events, at)
                 s.latency.add((time.time() - f.timestamp) * 1e3)
                 if self._out.step_sinks:
                     reported.append(StreamResult(s.id, f, topk))
@@ -287,9 +287,10 @@ class Pipeline:
         if reported:
             self._out.step(StepReport(group.key, ms, tuple(reported)))
 
-    def _publish_events(self, s: StreamState, events: list[ActionEvent], frame_index: int, capture_ts: float,
-                        media_ts: float | None = None) -> None:
-        self._out.events(s.id, s.group.model_name, events, frame_index, capture_ts, media_ts)
+    def _publish_events(self, s: StreamState, events: list[ActionEvent], at: tuple[int, float, float | None]) -> None:
+        """``at``: (index, capture time, media time) of the frame whose prediction decided the events."""
+        if events:
+            self._out.events(s.id, s.group.model_name, events, *at)
 
     def _end_stream(self, s: StreamState) -> None:
         if s.done:
@@ -303,7 +304,7 @@ class Pipeline:
         """Close a stream's open action (its offset refers to the newest processed frame)."""
         events = s.post.flush()
         if events and s.last_seen is not None:
-            self._publish_events(s, events, *s.last_seen)
+            self._publish_events(s, events, s.last_seen)
 
     def _check_status_changes(self) -> None:
         changed = False
