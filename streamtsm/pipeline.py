@@ -42,6 +42,8 @@ __all__ = ["ModelGroup", "Pipeline", "PipelineOptions", "StreamSpec", "effective
 log = logging.getLogger(__name__)
 
 _MAX_CONSECUTIVE_STEP_ERRORS = 20
+# Seconds stop() waits for all capture threads together; one still alive then is blocked in a decoder.
+STOP_WAIT_S = 0.5
 
 
 class Pipeline:
@@ -161,7 +163,7 @@ class Pipeline:
         """Streams whose capture thread is still alive after :meth:`stop`: blocked inside a decoder call that
         cannot be interrupted (a stalled network camera). Their threads are daemons; a process should end without
         the interpreter's clean-up, which would tear the decoder down under them."""
-        return [s.id for s in self._streams if s.capture.is_alive()]
+        return [s.id for s in self._streams if s.capture.blocked()]
 
     def end_stream(self, stream_id: str) -> None:
         """Stop one stream's capture (e.g. a camera removed at run time); the frames already buffered are still
@@ -173,11 +175,14 @@ class Pipeline:
         raise ConfigError(f"no stream {stream_id!r}; streams: {', '.join(self.stream_ids)}")
 
     def stop(self) -> None:
-        """Stop the captures and wait for their threads (each releases its own source)."""
+        """Stop the captures and wait for their threads (each releases its own source), all of them together for at
+        most ``STOP_WAIT_S``: a thread that is reading returns within a frame period, one blocked in a decoder may
+        never return, and a stop must stay prompt however many streams there are."""
         for s in self._streams:
             s.capture.stop()
+        deadline = time.monotonic() + STOP_WAIT_S
         for s in self._streams:
-            s.capture.join(timeout=2.0)
+            s.capture.join(timeout=max(0.0, deadline - time.monotonic()))
             if s.capture.is_alive():
                 log.warning("capture thread of %s did not stop (blocked in a read); leaving it as a daemon", s.id)
 

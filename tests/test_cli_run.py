@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -13,6 +14,8 @@ import zmq
 from streamtsm.cli import main
 
 RUN = [sys.executable, "-m", "streamtsm.cli"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from ip_camera import IpCamera  # noqa: E402  (tools/: the IP camera the soak uses too)
 
 
 def _free_port() -> int:
@@ -253,3 +256,51 @@ def test_sigterm_while_loading_or_while_a_source_opens_exits_0_promptly(after_s)
     assert time.monotonic() - t0 < 3.0, "the stop waited for something"
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "error" not in err.lower()
+
+
+@pytest.mark.parametrize("stalled_s", [1.0, 7.0], ids=["inside-a-read", "after-the-hung-reader-was-replaced"])
+def test_sigterm_with_an_http_camera_stalled_in_the_decoder_exits_0_promptly(stalled_s):
+    # 1 s: the capture thread is blocked in FFmpeg's read. 7 s: past the 5 s read timeout the hung reader was
+    # abandoned and a new one connected and stalled too, so two threads sit in the decoder. The interpreter's
+    # clean-up under such a thread used to abort the process (C++ terminate, exit 134) after seconds.
+    with IpCamera("stall", frames=20) as camera:
+        proc = subprocess.Popen(RUN + ["run", "--source", camera.url, "--publish", "none", "--quiet"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            stalled_at = camera.wait_stalls(1, timeout=60)
+            time.sleep(max(0.0, stalled_at + stalled_s - time.monotonic()))
+            if stalled_s > 5:
+                camera.wait_stalls(2, timeout=30)
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert time.monotonic() - t0 < 3.0, "the stop waited for the stalled decoder"
+    assert "frames processed" in out  # the final stats were printed
+    assert "Traceback" not in err and "terminate" not in err
+
+
+def test_sigterm_with_a_flapping_camera_among_many_streams_exits_0_promptly():
+    # A camera that drops every 10 frames and answers 503 for a second, beside seven synthetic streams that keep
+    # the model busy: the stop lands while that camera reconnects with back-off and the others are mid-batch.
+    with IpCamera("flap", frames=10, down_s=1.0) as camera:
+        sources = ["--source", camera.url]
+        for _ in range(7):
+            sources += ["--source", "synthetic:96x72@30"]
+        proc = subprocess.Popen(RUN + ["run", *sources, "--publish", "none", "--quiet"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            camera.wait_stalls(2, timeout=60)  # it has dropped twice: the run is up and the camera reconnects
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert time.monotonic() - t0 < 3.0, "the stop waited for something"
+    camera_line = next(line for line in out.splitlines() if line.startswith("127-0-0-1-"))
+    assert " 0 reconnects" not in camera_line  # the drops were seen and counted
+    assert out.count("frames processed") == 8
+    assert "Traceback" not in err

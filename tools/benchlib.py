@@ -37,6 +37,14 @@ def os_threads() -> int:
     return int(n) if n else -1
 
 
+def open_fds() -> int:
+    """File descriptors this process holds open (-1 where /proc is missing)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -128,6 +128,8 @@ class StreamCapture:
         self._totals_base = dict.fromkeys(_COUNTERS, 0)
         self._status = StreamStatus.STARTING
         self._reported = StreamStatus.STARTING
+        # Readers abandoned while hung: still blocked in a decoder, perhaps for good (see blocked()).
+        self._abandoned: list[CaptureThread] = []
         self._thread, self._buffer = self._new_capture()
 
     def _new_capture(self) -> tuple[CaptureThread, FrameBuffer]:
@@ -168,6 +170,11 @@ class StreamCapture:
     def is_alive(self) -> bool:
         """True while the current capture thread runs."""
         return self._thread.is_alive()
+
+    def blocked(self) -> bool:
+        """True while any of this stream's capture threads, the current one or one abandoned as hung, is alive:
+        after :meth:`stop` and a join, such a thread is blocked inside a decoder call."""
+        return self._thread.is_alive() or any(t.is_alive() for t in self._abandoned)
 
     # -- frames -------------------------------------------------------------------------------------------------
 
@@ -243,6 +250,7 @@ class StreamCapture:
             log.warning("stream %s: a read hung for more than %.1f s; abandoning that capture and reopening %s",
                         self.stream_id, self.read_timeout, old.source.name)
             old.stop()
+            self._abandoned = [t for t in self._abandoned if t.is_alive()] + [old]
             for key in _COUNTERS:
                 self._totals_base[key] += stats[key]
             self._totals_base["reconnects"] += 1
