@@ -27,10 +27,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-try:
-    from streamtsm.overlay import ViewTracker, annotate
-except ModuleNotFoundError:  # TEMPORARY until the overlay lands
-    from streamtsm.web.overlay_fallback import ViewTracker, annotate
+from streamtsm.overlay import StreamView, ViewTracker, annotate
 from streamtsm.publish import encode
 from streamtsm.sinks.base import StepReport
 from streamtsm.web.health import Readiness
@@ -127,10 +124,10 @@ class WebSink:
 
     def on_message(self, topic: str, payload: dict) -> None:
         self.readiness.on_message(topic, payload)
+        self._tracker.on_message(topic, payload)  # it has a lock of its own
         kind = payload.get("type")
         forward = True
         with self._lock:
-            self._tracker.on_message(topic, payload)
             if kind == "pred":
                 sid = payload["stream"]
                 self._slot(sid)
@@ -255,7 +252,7 @@ class WebSink:
                     if not slot.viewers or slot.image is None or slot.seq == slot.encoded_seq:
                         continue
                     if now >= slot.next_due:
-                        due.append((slot, slot.image, slot.seq, self._view(sid)))
+                        due.append((slot, slot.image, slot.seq, self._tracker.view(sid)))
                     else:
                         wait = min(wait, slot.next_due - now)
                 if not due:
@@ -278,14 +275,13 @@ class WebSink:
                     self.frames_encoded += 1
                     self._new_jpeg.notify_all()
 
-    def _encode(self, image: np.ndarray, view) -> bytes | None:
+    def _encode(self, image: np.ndarray, view: StreamView) -> bytes | None:
         try:
             h, w = image.shape[:2]
             if w > self.max_width:
                 image = cv2.resize(image, (self.max_width, round(h * self.max_width / w)),
                                    interpolation=cv2.INTER_AREA)
-            if view is not None:
-                image = annotate(image, view)
+            image = annotate(image, view)
             ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
             if not ok:
                 raise ValueError(f"OpenCV could not encode a {image.shape} image as JPEG")
@@ -294,12 +290,6 @@ class WebSink:
             self._encode_errors += 1
             if self._encode_errors == 1:  # once: an overlay bug must not flood the log at 10 fps
                 log.exception("web view: a frame could not be drawn or encoded (further failures not logged)")
-            return None
-
-    def _view(self, stream_id: str):
-        try:
-            return self._tracker.view(stream_id)
-        except KeyError:
             return None
 
     def _slot(self, stream_id: str) -> _Slot:
