@@ -271,7 +271,7 @@ def _run(args: argparse.Namespace, stop, running) -> int:
     options = PipelineOptions.from_settings(out)
     display = publisher = web = None
     sinks = []  # closed in the finally below, in the order made
-    servers = []  # HTTP servers, closed first
+    servers = []  # the web view's HTTP server, closed first
     try:
         if out["connect"]:
             publisher = Publisher(out["connect"], bind=False)  # into a broker's frontend
@@ -291,7 +291,7 @@ def _run(args: argparse.Namespace, stop, running) -> int:
                                      registry=metrics.registry if shared else None).start())
         if metrics is not None:
             if out["metrics_port"] != out["http_port"]:
-                servers.append(metrics.serve(out["metrics_port"], out["metrics_addr"]))
+                metrics.serve(out["metrics_port"], out["metrics_addr"])  # its own server, closed with the sink
             sinks.append(metrics)
         if args.show:
             from .sinks.display import display_sink
@@ -312,8 +312,9 @@ def _run(args: argparse.Namespace, stop, running) -> int:
         models = ", ".join(f"{g.engine.model_name} ({g.engine.backend})" for g in groups)
         print(f"streamtsm: {models} on {', '.join(pipeline.stream_ids)}"
               + (f", publishing on {publisher.endpoint}" if publisher else ""), file=sys.stderr, flush=True)
-        for server in servers:
-            print(f"streamtsm: serving {_served(server)} at {server.url}", file=sys.stderr, flush=True)
+        for server in [*servers, metrics and metrics.server]:
+            if server:
+                print(f"streamtsm: serving {_served(server)} at {server.url}", file=sys.stderr, flush=True)
         final = pipeline.run(stop)
     finally:
         for server in servers:
@@ -337,7 +338,8 @@ def _run(args: argparse.Namespace, stop, running) -> int:
 
 def _served(server) -> str:
     """What a server of `run` serves, for its line at start."""
-    parts = (["the web view"] if server.view is not None else []) + (["/metrics"] if server.registry else [])
+    parts = ["the web view"] if server.view is not None else []
+    parts += ["/metrics"] if server.registry is not None else []
     return " and ".join(parts) + " (health: /healthz, /readyz)"
 
 

@@ -162,9 +162,9 @@ def test_web_sse_delivers_event_messages_as_on_the_wire_with_nan_as_null(web):
         records = _sse_records(resp)
         kind, data = next(records)
         assert kind == "message" and json.loads(data)["type"] == "stats"  # the newest stats, replayed at connect
-        event = event_message(stream_id="cam0", model="m", frame_index=12, capture_ts=time.time(),
-                              event=ActionEvent(kind="onset", label="waving", start_frame=10, start_ts=time.time(), end_frame=None, end_ts=None,
-                                                score=math.nan))
+        onset = ActionEvent(kind="onset", label="waving", start_frame=10, start_ts=time.time(), end_frame=None,
+                            end_ts=None, score=math.nan)
+        event = event_message(stream_id="cam0", model="m", frame_index=12, capture_ts=time.time(), event=onset)
         sink.on_message("streamtsm.event.cam0", event)
         got = next(json.loads(d) for k, d in records if k == "message" and json.loads(d)["type"] == "event")
     finally:

@@ -46,7 +46,8 @@ class Chromium:
     def __init__(self, url: str, profile: str) -> None:
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
-        # The protocol pipe is fd 3 (commands in) and fd 4 (replies out) of the browser: bash puts them there (dash takes single-digit fds only).
+        # The protocol pipe is fd 3 (commands in) and fd 4 (replies out) of the browser: bash puts them there (dash
+        # takes single-digit fds only).
         self.proc = subprocess.Popen(
             ["bash", "-c", f'exec "$@" 3<&{to_browser_r} 4>&{from_browser_w}', "bash", CHROMIUM, *self.FLAGS,
              f"--user-data-dir={profile}", url],
