@@ -110,7 +110,7 @@ _CAMERA_OPTIONS = {"sources": "--camera/--source", "name": "--name", "model": "-
 # Numeric options of `run` and `listen`, each checked by the range of its setting (streamtsm.settings.RANGES).
 _NUMERIC_OPTIONS = ("max_frames", "duration", "stats_interval", "threshold", "topk", "hold", "smooth",
                     "frame_stride", "clip_stride", "threads", "metrics_port", "max_messages", "timeout",
-                    "startup_timeout")
+                    "startup_timeout", "http_port")
 # Options that name a file to read: a folder there is refused before anything is loaded.
 _FILE_OPTIONS = ("labels", "weights", "onnx", "config")
 
@@ -197,7 +197,19 @@ def _output_settings(args: argparse.Namespace, site: SiteConfig | None) -> dict:
     if args.metrics_addr is not None and values["metrics_port"] is None:
         raise ConfigError(f"--metrics-addr {args.metrics_addr} needs a port: give --metrics-port PORT"
                           + (" or set [metrics] port in the config" if site is not None else ""))
+    _check_http(args, values)
     return values
+
+
+def _check_http(args: argparse.Namespace, values: dict) -> None:
+    """--http-addr needs --http-port; the web view and the metrics on one port are one server, on one address."""
+    if args.http_addr is not None and values["http_port"] is None:
+        raise ConfigError(f"--http-addr {args.http_addr} needs a port: give --http-port PORT")
+    if (values["http_port"] is not None and values["http_port"] == values["metrics_port"]
+            and values["http_addr"] != values["metrics_addr"]):
+        raise ConfigError(f"--http-port and --metrics-port are both {values['http_port']}: one server then serves the "
+                          f"page and /metrics, on one address; got --http-addr {values['http_addr']} and "
+                          f"--metrics-addr {values['metrics_addr']}")
 
 
 class _StopRequested(BaseException):
@@ -257,8 +269,9 @@ def _run(args: argparse.Namespace, stop, running) -> int:
     else:
         groups = _groups_from_args(args, out)
     options = PipelineOptions.from_settings(out)
-    display = publisher = None
+    display = publisher = web = None
     sinks = []  # closed in the finally below, in the order made
+    servers = []  # the web view's HTTP server, closed first
     try:
         if out["connect"]:
             publisher = Publisher(out["connect"], bind=False)  # into a broker's frontend
@@ -267,8 +280,18 @@ def _run(args: argparse.Namespace, stop, running) -> int:
         if publisher is not None:
             sinks.append(publisher)
         sinks.append(ConsoleSink(quiet=args.quiet))
+        if out["http_port"] is not None:
+            from .web import WebServer
+            from .web.sink import WebSink
+
+            web = WebSink()
+            sinks.append(web)
+            shared = metrics is not None and out["metrics_port"] == out["http_port"]
+            servers.append(WebServer(out["http_port"], out["http_addr"], view=web, what="the web view",
+                                     registry=metrics.registry if shared else None).start())
         if metrics is not None:
-            metrics.serve(out["metrics_port"], out["metrics_addr"])
+            if out["metrics_port"] != out["http_port"]:
+                metrics.serve(out["metrics_port"], out["metrics_addr"])  # its own server, closed with the sink
             sinks.append(metrics)
         if args.show:
             from .sinks.display import display_sink
@@ -289,8 +312,13 @@ def _run(args: argparse.Namespace, stop, running) -> int:
         models = ", ".join(f"{g.engine.model_name} ({g.engine.backend})" for g in groups)
         print(f"streamtsm: {models} on {', '.join(pipeline.stream_ids)}"
               + (f", publishing on {publisher.endpoint}" if publisher else ""), file=sys.stderr, flush=True)
+        for server in [*servers, metrics and metrics.server]:
+            if server:
+                print(f"streamtsm: serving {_served(server)} at {server.url}", file=sys.stderr, flush=True)
         final = pipeline.run(stop)
     finally:
+        for server in servers:
+            server.close()
         try:
             for sink in sinks:
                 sink.close()
@@ -300,8 +328,19 @@ def _run(args: argparse.Namespace, stop, running) -> int:
     _print_summary(final)
     if display is not None:
         print(f"display: {display.dropped} steps dropped (the window could not keep up)")
+    if web is not None:
+        w = web.stats()
+        print(f"web view: {w['frames_encoded']} frames encoded; {w['frames_dropped']} frames and "
+              f"{w['messages_dropped']} messages dropped for slow clients")
     _blocked_at_exit[:] = pipeline.blocked_streams
     return 0
+
+
+def _served(server) -> str:
+    """What a server of `run` serves, for its line at start."""
+    parts = ["the web view"] if server.view is not None else []
+    parts += ["/metrics"] if server.registry is not None else []
+    return " and ".join(parts) + " (health: /healthz, /readyz)"
 
 
 def _print_summary(stats: dict) -> None:
@@ -408,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     o.add_argument("--metrics-addr", metavar="ADDR",
                    help=f"address for --metrics-port (default: {d['metrics_addr']}, loopback)")
+    o.add_argument("--http-port", type=int, metavar="PORT",
+                   help="serve the live web view (every stream's annotated video, top-k, events, stats; /healthz, "
+                        "/readyz) on this port; the same port as --metrics-port also serves /metrics")
+    o.add_argument("--http-addr", metavar="ADDR",
+                   help=f"address for --http-port (default: {d['http_addr']}, loopback)")
     o.add_argument("--smooth", type=int, metavar="K", help=f"average the last K logits (default: {d['smooth']})")
     o.add_argument("--topk", type=int, metavar="K", help=f"classes per prediction (default: {d['topk']})")
     o.add_argument("--threshold", type=float,

@@ -29,6 +29,7 @@ RUN_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     # output
     "publish": "tcp://*:5556",  # ZeroMQ endpoint to bind; "none" publishes nothing
     "metrics_addr": "127.0.0.1",  # loopback: metrics are not served to the network unless asked
+    "http_addr": "127.0.0.1",  # the web view: loopback too, for the same reason
     "stats_interval": 1.0,  # seconds between stats messages
     # post-processing
     "smooth": 8,
@@ -85,6 +86,7 @@ RANGES: Mapping[str, Range] = MappingProxyType({
     "stats_interval": Range(float, 0.0, _DAY, low_open=True, meaning="seconds"),
     "startup_timeout": Range(float, 0.0, _DAY, low_open=True, meaning="seconds"),
     "metrics_port": Range(int, 1, 65535, meaning="a TCP port"),
+    "http_port": Range(int, 1, 65535, meaning="a TCP port"),
     # listen's
     "max_messages": Range(int, 1, 10**12),
     "timeout": Range(float, 0.0, 365 * _DAY, low_open=True, meaning="seconds"),

@@ -7,6 +7,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -148,3 +149,61 @@ def test_metrics_nonfinite_counter_follows_the_stats_per_stream():
     get = sink.registry.get_sample_value
     assert get("streamtsm_nonfinite_total", {"stream": "cam0"}) == 5
     assert get("streamtsm_nonfinite_total", {"stream": "cam1"}) == 0
+
+
+def _event(stream, label, kind):
+    from streamtsm.postprocess import ActionEvent
+    from streamtsm.publish.schema import event_message
+
+    offset = kind == "offset"
+    return event_message(stream_id=stream, model="m", frame_index=5, capture_ts=time.time(), event=ActionEvent(
+        kind=kind, label=label, start_frame=1, start_ts=time.time() - 1, end_frame=4 if offset else None,
+        end_ts=time.time() if offset else None, score=0.8))
+
+
+def test_metrics_events_total_counts_by_stream_label_and_kind():
+    sink = MetricsSink()
+    for stream, label, kind in [("cam0", "waving", "onset"), ("cam0", "waving", "offset"),
+                                ("cam0", "waving", "onset"), ("cam1", "clapping", "onset")]:
+        sink.on_message(f"streamtsm.event.{stream}", _event(stream, label, kind))
+    get = sink.registry.get_sample_value
+    assert get("streamtsm_events_total", {"stream": "cam0", "label": "waving", "event": "onset"}) == 2
+    assert get("streamtsm_events_total", {"stream": "cam0", "label": "waving", "event": "offset"}) == 1
+    assert get("streamtsm_events_total", {"stream": "cam1", "label": "clapping", "event": "onset"}) == 1
+    assert get("streamtsm_events_total", {"stream": "cam1", "label": "clapping", "event": "offset"}) is None
+
+
+def test_metrics_build_info_is_one_labelled_with_the_version():
+    import streamtsm
+
+    sink = MetricsSink()
+    assert sink.registry.get_sample_value("streamtsm_build_info", {"version": streamtsm.__version__}) == 1
+
+
+def test_metrics_server_answers_healthz_and_readyz_from_the_stats():
+    sink = MetricsSink()
+    server = sink.serve(0)
+    base = f"http://127.0.0.1:{server.port}"
+
+    def status(path):
+        try:
+            with urllib.request.urlopen(base + path, timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    try:
+        assert status("/healthz")[0] == 200
+        assert status("/readyz")[0] == 503  # no stats yet: no stream known to run
+        sink.on_message("streamtsm.stats", stats_message(streams={"cam0": {
+            "fps": 3.0, "status": "reconnecting", "frames": 1, "dropped": 0, "reconnects": 1}}))
+        code, body = status("/readyz")
+        assert code == 503 and b'"cam0": "reconnecting"' in body
+        sink.on_message("streamtsm.stats", stats_message(streams={"cam0": {
+            "fps": 3.0, "status": "running", "frames": 2, "dropped": 0, "reconnects": 1}}))
+        assert status("/readyz")[0] == 200
+        assert status("/")[0] == 404  # metrics only: no page
+    finally:
+        sink.close()
+    with pytest.raises(OSError):  # close() stopped the server
+        urllib.request.urlopen(base + "/healthz", timeout=5)

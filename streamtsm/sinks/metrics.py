@@ -1,18 +1,21 @@
 """Prometheus metrics for `streamtsm run --metrics-port`: per-stream fps, drops and reconnects; latency
-histograms for capture->publish and for the model step.
+histograms for capture->publish and for the model step; action events by stream, label and kind; the build.
 
 A sink: predictions feed the latency histogram, stats messages the gauges and counters, each model step the step
 histogram. Updating them is a few in-memory operations, so it runs inline in the pipeline's thread. Served on its
-own registry so nothing else of the process leaks into it.
+own registry so nothing else of the process leaks into it, by the package's one HTTP server
+(:class:`~streamtsm.web.WebServer`), which also answers ``/healthz`` and ``/readyz``.
 """
 
 from __future__ import annotations
 
+from streamtsm import __version__
 from streamtsm.errors import ConfigError
 from streamtsm.sinks.base import StepReport
+from streamtsm.web import Readiness, WebServer
 
 try:
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 except ModuleNotFoundError as e:
     if e.name != "prometheus_client":  # a dependency of an installed prometheus-client: not ours to explain
         raise
@@ -27,6 +30,9 @@ class MetricsSink:
 
     Args:
         registry: where the metrics live (a fresh one when None).
+
+    Attributes:
+        readiness: the streams' statuses from the stats, for ``/readyz``.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -47,27 +53,35 @@ class MetricsSink:
                               ["model"], buckets=_LATENCY_BUCKETS_S, registry=r)
         self.publish_dropped = Counter("streamtsm_publish_dropped_messages",
                                        "Messages dropped because a subscriber's queue was full", registry=r)
+        self.events = Counter("streamtsm_events", "Action events (onset, offset)", ["stream", "label", "event"],
+                              registry=r)
+        self.build_info = Gauge("streamtsm_build_info", "The running streamtsm's version (always 1)", ["version"],
+                                registry=r)
+        self.build_info.labels(__version__).set(1)
+        self.readiness = Readiness()
+        self.server: WebServer | None = None
         self._last: dict[tuple[str, str], float] = {}
 
-    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        """Serve ``/metrics`` over HTTP in a daemon thread.
+    def serve(self, port: int, addr: str = "127.0.0.1") -> WebServer:
+        """Serve ``/metrics`` (and ``/healthz``, ``/readyz``) over HTTP in a daemon thread, until :meth:`close`.
 
         Raises:
             ConfigError: the address cannot be bound (in use, not an address of this host).
         """
-        try:
-            start_http_server(port, addr=addr, registry=self.registry)
-        except OSError as e:
-            raise ConfigError(f"cannot serve metrics on {addr}:{port}: {e.strerror or e}") from None
+        self.server = WebServer(port, addr, registry=self.registry, readiness=self.readiness, what="metrics").start()
+        return self.server
 
     def on_step(self, step: StepReport) -> None:
         """Records one batched model call of its group (labelled by the group's key: ``name``, ``name#2``, ...)."""
         self.step.labels(step.group).observe(step.step_ms / 1e3)
 
     def on_message(self, topic: str, payload: dict) -> None:
+        self.readiness.on_message(topic, payload)
         kind = payload.get("type")
         if kind == "pred":
             self.latency.labels(payload["stream"]).observe(payload["latency_ms"] / 1e3)
+        elif kind == "event":
+            self.events.labels(payload["stream"], payload["label"], payload["event"]).inc()
         elif kind == "stats":
             for sid, s in payload["streams"].items():
                 self.fps.labels(sid).set(s["fps"])
@@ -79,7 +93,9 @@ class MetricsSink:
             self._advance(self.publish_dropped, ("", "publish_dropped"), payload.get("publish_dropped", 0))
 
     def close(self) -> None:
-        pass  # the HTTP server (a daemon thread) serves the final figures until the process exits
+        """Stops the server :meth:`serve` started (a server shared with the web view is closed by its maker)."""
+        if self.server is not None:
+            self.server.close()
 
     def _advance(self, counter: Counter, key: tuple[str, str], total: float) -> None:
         # Stats carry running totals; Prometheus counters only go up by increments.
