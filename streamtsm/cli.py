@@ -111,6 +111,10 @@ _CAMERA_OPTIONS = {"sources": "--camera/--source", "name": "--name", "model": "-
 _NUMERIC_OPTIONS = ("max_frames", "duration", "stats_interval", "threshold", "topk", "hold", "smooth",
                     "frame_stride", "clip_stride", "threads", "metrics_port", "max_messages", "timeout",
                     "startup_timeout", "http_port")
+# --record-events' numbers; its options need the folder.
+_RECORD_OPTIONS = {"pre_roll": "--pre-roll", "post_roll": "--post-roll", "record_max_gb": "--record-max-gb",
+                   "record_max_clip": "--record-max-clip"}
+_NUMERIC_OPTIONS += tuple(_RECORD_OPTIONS)
 # Options that name a file to read: a folder there is refused before anything is loaded.
 _FILE_OPTIONS = ("labels", "weights", "onnx", "config")
 
@@ -212,6 +216,18 @@ def _check_http(args: argparse.Namespace, values: dict) -> None:
                           f"--metrics-addr {values['metrics_addr']}")
 
 
+def _record_dir(args: argparse.Namespace, out: dict):
+    """The folder of --record-events, created and checked before anything starts; None when not recording."""
+    if out["record_events"] is None:
+        given = [flag for name, flag in _RECORD_OPTIONS.items() if getattr(args, name, None) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} need --record-events DIR (the folder recordings go to)")
+        return None
+    from .sinks.recorder import prepare_record_dir
+
+    return prepare_record_dir(out["record_events"])
+
+
 class _StopRequested(BaseException):
     """Ctrl-C or SIGTERM before the streams run (a model loading, a config being read): a clean exit 0, not a
     traceback. A BaseException, so no ``except Exception`` on the way swallows it."""
@@ -257,6 +273,7 @@ def _run(args: argparse.Namespace, stop, running) -> int:
         _refuse_camera_options(args)
         site = load_site_config(args.config)
     out = _output_settings(args, site)
+    record_dir = _record_dir(args, out)
     metrics = None
     if out["metrics_port"] is not None:
         from .sinks.metrics import MetricsSink  # before any model is loaded: a missing prometheus-client fails fast
@@ -269,7 +286,7 @@ def _run(args: argparse.Namespace, stop, running) -> int:
     else:
         groups = _groups_from_args(args, out)
     options = PipelineOptions.from_settings(out)
-    display = publisher = web = None
+    display = publisher = web = recorder = None
     sinks = []  # closed in the finally below, in the order made
     servers = []  # the web view's HTTP server, closed first
     try:
@@ -293,6 +310,13 @@ def _run(args: argparse.Namespace, stop, running) -> int:
             if out["metrics_port"] != out["http_port"]:
                 metrics.serve(out["metrics_port"], out["metrics_addr"])  # its own server, closed with the sink
             sinks.append(metrics)
+        if record_dir is not None:
+            from .sinks.recorder import GB, Recorder, RecorderSink
+
+            recorder = RecorderSink(Recorder(record_dir, pre_roll=out["pre_roll"], post_roll=out["post_roll"],
+                                             max_bytes=out["record_max_gb"] * GB, max_clip=out["record_max_clip"],
+                                             onset_lag=options.hold))
+            sinks.append(recorder)
         if args.show:
             from .sinks.display import display_sink
 
@@ -326,6 +350,8 @@ def _run(args: argparse.Namespace, stop, running) -> int:
             for group in groups:
                 group.engine.close()  # a Triton engine ends its sequences on the server
     _print_summary(final)
+    if recorder is not None:
+        print(recorder.summary())
     if display is not None:
         print(f"display: {display.dropped} steps dropped (the window could not keep up)")
     if web is not None:
@@ -464,6 +490,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seconds between stats messages (default: {d['stats_interval']})")
     o.add_argument("--show", action="store_true", help="show each stream with its labels (q or Esc quits)")
     o.add_argument("--quiet", action="store_true", help="print only the final summary")
+    r = p.add_argument_group("event recordings")
+    r.add_argument("--record-events", metavar="DIR",
+                   help="for each action, write a clip (from --pre-roll before its onset to --post-roll after its "
+                        "offset), a JPEG snapshot of its first frame and a JSON sidecar of its events into "
+                        "DIR/<stream>/; the offset message names the clip and snapshot (relative to DIR)")
+    r.add_argument("--pre-roll", type=float, metavar="S",
+                   help=f"seconds of video before an action's onset (default: {d['pre_roll']:g})")
+    r.add_argument("--post-roll", type=float, metavar="S",
+                   help=f"seconds of video after an action's offset (default: {d['post_roll']:g})")
+    r.add_argument("--record-max-gb", type=float, metavar="GB",
+                   help=f"keep DIR's recordings under this size, the oldest removed first (default: "
+                        f"{d['record_max_gb']:g})")
+    r.add_argument("--record-max-clip", type=float, metavar="S",
+                   help=f"longest clip in seconds; a longer action is cut there (default: {d['record_max_clip']:g})")
     c = p.add_argument_group("run control")
     c.add_argument("--max-frames", type=int, help="stop each stream after this many processed frames")
     c.add_argument("--duration", type=float, help="stop after this many seconds")

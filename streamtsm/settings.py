@@ -49,6 +49,12 @@ RUN_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "keep_trying": False,  # a single source that does not open: keep retrying instead of failing at the timeout
     "read_timeout": 5.0,
     "backoff": (0.5, 8.0),
+    # event recordings (--record-events)
+    "record_events": None,  # a folder; None records nothing
+    "pre_roll": 2.0,  # seconds of video before an action's onset
+    "post_roll": 2.0,  # seconds after its offset
+    "record_max_gb": 10.0,  # the folder's recordings are kept under this, the oldest removed first
+    "record_max_clip": 120.0,  # seconds; a longer action is cut (memory holds an action's frames until written)
 })
 
 
@@ -90,6 +96,11 @@ RANGES: Mapping[str, Range] = MappingProxyType({
     # listen's
     "max_messages": Range(int, 1, 10**12),
     "timeout": Range(float, 0.0, 365 * _DAY, low_open=True, meaning="seconds"),
+    # event recordings: the rolls and the clip are held in memory (JPEG), so they are bounded
+    "pre_roll": Range(float, 0.0, 300.0, meaning="seconds"),
+    "post_roll": Range(float, 0.0, 300.0, meaning="seconds"),
+    "record_max_gb": Range(float, 0.0, 1_000_000.0, low_open=True, meaning="gigabytes"),
+    "record_max_clip": Range(float, 0.0, 3600.0, low_open=True, meaning="seconds"),
 })
 
 

@@ -64,6 +64,11 @@ _TOP_KEYS = {"publish", "metrics", "defaults", "camera"}
 _TYPES = {"id": str, "model": str, "weights": str, "onnx": str, "labels": str, "device": str, "providers": str,
           "backend": str, "url": str, "triton_model": str, "frame_stride": int, "clip_stride": int, "smooth": int,
           "topk": int, "hold": int, "threshold": (int, float), "startup_timeout": (int, float), "keep_trying": bool}
+# [defaults] keys of the event recordings (run --record-events and its options); record_events is a folder.
+_RECORD_KEYS = {"record_events": str, "pre_roll": (int, float), "post_roll": (int, float),
+                "record_max_gb": (int, float), "record_max_clip": (int, float)}
+_OPTION_KEYS |= set(_RECORD_KEYS)
+_TYPES.update(_RECORD_KEYS)
 _CAMERA_HEADER = re.compile(r"^\s*\[\[\s*camera\s*\]\]")
 _TABLE_HEADER = re.compile(r"^\s*\[\s*([A-Za-z0-9_-]+)\s*\]")
 _KEY = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
@@ -262,13 +267,16 @@ def load_site_config(path: str | Path) -> SiteConfig:
                                     camera=i if key in raw else None, table=None if key in raw else "defaults")
         cameras.append(CameraConfig(**merged, line=loc.camera_line(i)))
 
+    options = {k: v for k, v in defaults.items() if k in _OPTION_KEYS}
+    if "record_events" in options:
+        options["record_events"] = _beside(path, options["record_events"], must_exist=False)
     return SiteConfig(
         cameras=cameras,
         publish=publish.get("endpoint"),
         connect=publish.get("connect"),
         metrics_port=metrics.get("port"),
         metrics_addr=metrics.get("addr"),
-        options={k: v for k, v in defaults.items() if k in _OPTION_KEYS},
+        options=options,
         path=path,
     )
 

@@ -29,6 +29,9 @@ class Fanout:
     A message is only built when there is a sink to take it, and a step report only when a sink wants steps
     (``wants_steps``), so a pipeline without sinks (a benchmark) pays for neither.
 
+    A sink that defines ``offset_fields(stream_id, event) -> dict`` adds those fields to every offset message,
+    for all sinks alike (the event recorder's ``clip`` and ``snapshot`` paths); they must not replace a field.
+
     Args:
         sinks: where results go; a :class:`~streamtsm.publish.Publisher` among them is counted in
             :meth:`publish_counts`.
@@ -38,6 +41,7 @@ class Fanout:
         self.sinks = tuple(sinks)
         self.step_sinks = tuple(s for s in self.sinks if wants_steps(s))
         self._publishers = [s for s in self.sinks if isinstance(s, Publisher)]
+        self._offset_fields = [s.offset_fields for s in self.sinks if callable(getattr(s, "offset_fields", None))]
 
     def prediction(self, stream_id: str, model: str, frame: Frame, topk: list[tuple[str, float]]) -> None:
         if self.sinks:
@@ -49,9 +53,16 @@ class Fanout:
                capture_ts: float, media_ts: float | None = None) -> None:
         """``frame_index``, ``capture_ts`` and ``media_ts``: of the frame whose prediction decided the events."""
         for event in events:
-            self._emit(topic_for(TOPIC_EVENT, stream_id), event_message(
-                stream_id=stream_id, model=model, event=event, frame_index=frame_index, capture_ts=capture_ts,
-                media_ts=media_ts))
+            payload = event_message(stream_id=stream_id, model=model, event=event, frame_index=frame_index,
+                                    capture_ts=capture_ts, media_ts=media_ts)
+            if event.kind == "offset":
+                for fields in self._offset_fields:
+                    added = fields(stream_id, event)
+                    clash = sorted(set(added) & set(payload))
+                    if clash:
+                        raise ValueError(f"a sink's offset fields must not replace message fields, got {clash}")
+                    payload.update(added)
+            self._emit(topic_for(TOPIC_EVENT, stream_id), payload)
 
     def stats(self, stats: dict) -> None:
         """``stats``: the pipeline's stats (``streams``, ``models``, ``published``, ...)."""
