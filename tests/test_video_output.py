@@ -149,6 +149,16 @@ def test_annotating_sink_draws_each_frame_with_the_view_of_its_moment():
     assert views == [(0, None), (1, "wave"), (2, None)]
 
 
+def test_video_writer_writes_the_frames_still_waiting_for_a_rate_at_close(tmp_path):
+    sink = video_sink(str(tmp_path / "cam.mp4"), ["cam"])
+    for i in range(3):  # a live source stopped before RATE_FRAMES frames: the rate is decided from these
+        sink.on_step(_step(_frame(i, ts=100.0 + 0.2 * i)))
+    sink.close()
+    frames, fps = _read_video(tmp_path / "cam.mp4")
+    assert len(frames) == 3 == sink.target.files["cam"].written
+    assert fps == pytest.approx(5.0, abs=0.01)
+
+
 def test_video_writer_keeps_the_first_size_when_a_source_changes_resolution(tmp_path):
     writer = VideoWriter({"cam": tmp_path / "cam.avi"})
     sink = AnnotatingSink(writer, maxsize=8, policy="drop_newest", name="w")
