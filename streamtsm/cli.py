@@ -266,6 +266,10 @@ def _run(args: argparse.Namespace, stop, running) -> int:
     from .publish import Publisher
     from .sinks import ConsoleSink
 
+    if args.show:
+        from .sinks.display import check_display
+
+        check_display()  # one line and exit 2 without a display, before a model loads or a window opens
     site = None
     if args.config:
         from .siteconfig import load_site_config
@@ -274,6 +278,10 @@ def _run(args: argparse.Namespace, stop, running) -> int:
         site = load_site_config(args.config)
     out = _output_settings(args, site)
     record_dir = _record_dir(args, out)
+    if out["output"] is not None:
+        from .sinks.video import check_output
+
+        check_output(out["output"], len(site.cameras) if site is not None else len(args.sources or [None]))
     metrics = None
     if out["metrics_port"] is not None:
         from .sinks.metrics import MetricsSink  # before any model is loaded: a missing prometheus-client fails fast
@@ -286,7 +294,7 @@ def _run(args: argparse.Namespace, stop, running) -> int:
     else:
         groups = _groups_from_args(args, out)
     options = PipelineOptions.from_settings(out)
-    display = publisher = web = recorder = None
+    display = publisher = web = recorder = video = None
     sinks = []  # closed in the finally below, in the order made
     servers = []  # the web view's HTTP server, closed first
     try:
@@ -310,6 +318,12 @@ def _run(args: argparse.Namespace, stop, running) -> int:
             if out["metrics_port"] != out["http_port"]:
                 metrics.serve(out["metrics_port"], out["metrics_addr"])  # its own server, closed with the sink
             sinks.append(metrics)
+        stream_ids = [spec.name or str(spec.source) for g in groups for spec in g.streams]
+        if out["output"] is not None:
+            from .sinks.video import video_sink
+
+            video = video_sink(out["output"], stream_ids)
+            sinks.append(video)
         if record_dir is not None:
             from .sinks.recorder import GB, Recorder, RecorderSink
 
@@ -321,7 +335,7 @@ def _run(args: argparse.Namespace, stop, running) -> int:
             from .sinks.display import display_sink
 
             # Last, so that the others are closed when its close raises what the window could not do.
-            display = display_sink(stop)
+            display = display_sink(stop, streams=len(stream_ids))
             sinks.append(display)
         pipeline = Pipeline.from_groups(groups, sinks=sinks, options=options)
         running.set()  # from here a signal only sets stop: start() and run() end promptly and close what is open
@@ -358,6 +372,12 @@ def _run(args: argparse.Namespace, stop, running) -> int:
         w = web.stats()
         print(f"web view: {w['frames_encoded']} frames encoded; {w['frames_dropped']} frames and "
               f"{w['messages_dropped']} messages dropped for slow clients")
+        print(f"display: {display.dropped} frames dropped (the window could not keep up)")
+    if video is not None:
+        for sid, f in video.target.files.items():
+            rate = "" if f.fps is None else f" at {f.fps:.3g} fps"
+            print(f"output: {sid}: {f.written} frames written to {f.path}{rate}")
+        print(f"output: {video.dropped} frames dropped (the writer could not keep up)")
     _blocked_at_exit[:] = pipeline.blocked_streams
     return 0
 
@@ -488,7 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label that never starts an action (repeatable; given ones replace the config's)")
     o.add_argument("--stats-interval", type=float, metavar="S",
                    help=f"seconds between stats messages (default: {d['stats_interval']})")
-    o.add_argument("--show", action="store_true", help="show each stream with its labels (q or Esc quits)")
+    o.add_argument("--show", action="store_true",
+                   help="show each stream in a window with its predictions drawn on (q or Esc quits)")
+    o.add_argument("--output", metavar="PATH",
+                   help="write the annotated video to PATH (.mp4 or .avi; {stream} in it is replaced by the stream "
+                        "id, needed with several streams); at a file's own fps, at the processed rate for live "
+                        "sources")
     o.add_argument("--quiet", action="store_true", help="print only the final summary")
     r = p.add_argument_group("event recordings")
     r.add_argument("--record-events", metavar="DIR",

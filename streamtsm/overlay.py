@@ -310,7 +310,10 @@ def annotate(image: np.ndarray, view: StreamView) -> np.ndarray:
         return out
     # The panel is drawn on its own contiguous copy and written back: no stroke can spill past it.
     roi = out[y0:y0 + panel_h, x0:x0 + panel_w]
-    panel = cv2.addWeighted(roi, 1.0 - PANEL_ALPHA, np.full_like(roi, PANEL_COLOUR), PANEL_ALPHA, 0.0)
+    panel = cv2.addWeighted(roi, 1.0 - PANEL_ALPHA, roi, 0.0, 0.0)
+    # The colour's share added as a per-channel scalar: no full-size image of the colour is built (at 4K that
+    # costs more than the rest of the overlay together).
+    cv2.add(panel, tuple(c * PANEL_ALPHA for c in PANEL_COLOUR) + (0.0,), dst=panel)
     inner_w = panel_w - 2 * style.pad
     left = style.pad
     bars = iter(view.topk)

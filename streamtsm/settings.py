@@ -31,6 +31,7 @@ RUN_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "metrics_addr": "127.0.0.1",  # loopback: metrics are not served to the network unless asked
     "http_addr": "127.0.0.1",  # the web view: loopback too, for the same reason
     "stats_interval": 1.0,  # seconds between stats messages
+    "output": None,  # annotated video file ("{stream}" replaced by each stream's id); None writes none
     # post-processing
     "smooth": 8,
     "topk": 5,

@@ -1,14 +1,21 @@
-"""The overlay: a stream's view kept from the pipeline's messages (ViewTracker), and drawn on a frame (annotate),
-tested on the images it makes."""
+"""The overlay: a stream's view kept from the pipeline's messages (ViewTracker), drawn on a frame (annotate) and
+tested on the images it makes; and the --show window that uses it, which refuses to start without a display."""
 
 from __future__ import annotations
 
 import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
 
 import cv2
 import numpy as np
 import pytest
 
+from streamtsm.capture import Frame
 from streamtsm.errors import ConfigError
 from streamtsm.overlay import (
     ACTION_COLOUR,
@@ -25,6 +32,8 @@ from streamtsm.overlay import (
 )
 from streamtsm.postprocess import ActionEvent
 from streamtsm.publish.schema import decode, encode, event_message, prediction_message, stats_message
+from streamtsm.sinks import StepReport, StreamResult
+from streamtsm.sinks.display import check_display, gui_backend
 
 TOPK = [("waving", 0.7), ("clapping", 0.4), ("swiping_left", 0.1)]
 
@@ -272,3 +281,107 @@ def test_view_tracker_ignores_what_it_does_not_know():
                     {"type": "other", "stream": "c"}, "not a dict", {"type": "pred", "stream": "c", "topk": [5]}]:
         tracker.on_message("t", payload)
     assert tracker.view("c").topk == [] and tracker.view("c").action is None
+
+
+# --- --show: the window draws the overlay, and refuses to start without a display ------------------------------
+
+QT_BUILD = "General configuration for OpenCV 5.0.0\n  GUI:                           QT5\n    QT:  YES (ver 5.15)\n"
+HEADLESS_BUILD = "General configuration\n  GUI:                           NONE\n  Media I/O:\n"
+OLD_GTK_BUILD = "  GUI: \n    QT:                          NO\n    GTK+:                        YES (ver 3.24.20)\n" \
+                "      GThread :                  YES (ver 2.64.6)\n  Media I/O:\n"
+OLD_NONE_BUILD = "  GUI: \n    QT:                          NO\n    GTK+:                        NO\n  Media I/O:\n"
+RUN = [sys.executable, "-m", "streamtsm.cli"]
+
+
+@pytest.mark.parametrize("text, backend", [(QT_BUILD, "QT5"), (HEADLESS_BUILD, None), (OLD_GTK_BUILD, "GTK+"),
+                                           (OLD_NONE_BUILD, None), ("no such section", None)])
+def test_gui_backend_reads_the_build_information(text, backend):
+    assert gui_backend(text) == backend
+
+
+def test_check_display_refuses_a_headless_opencv():
+    with pytest.raises(ConfigError, match="no window backend|has none"):
+        check_display({"DISPLAY": ":0"}, "linux", HEADLESS_BUILD)
+
+
+def test_check_display_refuses_linux_without_a_display():
+    with pytest.raises(ConfigError, match="neither DISPLAY nor WAYLAND_DISPLAY is set"):
+        check_display({}, "linux", QT_BUILD)
+    with pytest.raises(ConfigError, match="no X server answers at DISPLAY=:987"):
+        check_display({"DISPLAY": ":987"}, "linux", QT_BUILD)
+    with pytest.raises(ConfigError, match="no Wayland socket"):
+        check_display({"WAYLAND_DISPLAY": "wayland-9", "XDG_RUNTIME_DIR": "/nonexistent"}, "linux", QT_BUILD)
+
+
+def test_check_display_accepts_what_can_draw(tmp_path):
+    check_display({"QT_QPA_PLATFORM": "offscreen"}, "linux", QT_BUILD)  # Qt told to draw without a display
+    check_display({}, "win32", QT_BUILD)  # a desktop platform has its display
+    (tmp_path / "wayland-1").touch()
+    check_display({"WAYLAND_DISPLAY": "wayland-1", "XDG_RUNTIME_DIR": str(tmp_path)}, "linux", QT_BUILD)
+
+
+def test_display_shows_each_stream_with_its_overlay(monkeypatch):
+    import streamtsm.sinks.display as display
+
+    shown = []
+    monkeypatch.setattr(display.cv2, "imshow", lambda title, image: shown.append((title, image.copy())))
+    monkeypatch.setattr(display.cv2, "waitKey", lambda ms: -1)
+    monkeypatch.setattr(display.cv2, "destroyAllWindows", lambda: None)
+    stop = threading.Event()
+    sink = display.display_sink(stop, streams=2)
+    image = np.full((120, 160, 3), 128, np.uint8)
+    sink.on_message(*_event("a", "onset", "waving"))
+    for i, sid in enumerate(["a", "b"]):
+        frame = Frame(stream_id=sid, index=i, timestamp=0.0, image=image)
+        sink.on_step(StepReport(group="m", step_ms=1.0, results=(StreamResult(sid, frame, list(TOPK)),)))
+    sink.close()
+    assert [title for title, _ in shown] == ["streamtsm a", "streamtsm b"] and not stop.is_set()
+    assert _count(shown[0][1], ACTION_COLOUR) > 0 and _count(shown[1][1], ACTION_COLOUR) == 0  # a's action only
+    assert np.array_equal(image, np.full((120, 160, 3), 128, np.uint8))  # the captured frame is untouched
+    assert sink.dropped == 0
+
+
+def _without_display() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM")}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="DISPLAY decides only on Linux")
+def test_run_show_without_a_display_is_one_line_and_exit_2_before_the_model_loads():
+    # An unknown model would be the error if the model were loaded before the display is checked.
+    proc = subprocess.run(RUN + ["run", "--show", "--model", "tsm_r77", "--publish", "none"], env=_without_display(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr  # not 134: Qt never got to abort
+    assert proc.stderr.count("\n") == 1 and "--show needs" in proc.stderr and "unknown model" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def _xvfb() -> tuple[subprocess.Popen, str]:
+    """A virtual X server on a free display number (Xvfb writes the number it took to -displayfd)."""
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(["Xvfb", "-displayfd", str(write_fd), "-screen", "0", "640x480x24", "-nolisten", "tcp"],
+                            pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        number = pipe.readline().strip()  # written once the server accepts connections
+    if not number:
+        proc.kill()
+        proc.wait()
+        pytest.fail("Xvfb did not start")
+    return proc, f":{number}"
+
+
+@pytest.mark.skipif(shutil.which("Xvfb") is None, reason="Xvfb is not installed (Debian package xvfb; "
+                                                          "tools/setup.sh installs it)")
+def test_run_show_under_a_virtual_display_ends_cleanly_with_duration():
+    xvfb, display = _xvfb()
+    try:
+        env = {**_without_display(), "DISPLAY": display}
+        proc = subprocess.run(RUN + ["run", "--show", "--source", "synthetic:96x72@30", "--publish", "none",
+                                     "--duration", "3", "--quiet"], env=env, capture_output=True, text=True,
+                              timeout=180)
+    finally:
+        xvfb.terminate()
+        xvfb.wait(timeout=10)
+    assert proc.returncode == 0, proc.stderr
+    assert "synthetic:" in proc.stdout and "frames processed" in proc.stdout
+    assert re.search(r"display: \d+ frames dropped", proc.stdout) and "Traceback" not in proc.stderr

@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use, one line: add a package to it, nothing else. Installed only when missing, and only
-# as root. chromium: the web view's browser test.
-APT_PACKAGES="chromium"
+# as root. chromium: the web view's browser test; xvfb: a virtual X display for the --show test.
+APT_PACKAGES="chromium xvfb"
 
 missing=()
 for pkg in $APT_PACKAGES; do

@@ -4,7 +4,9 @@
   ``CallbackSink`` (plain functions);
 - :mod:`.console`: the lines ``streamtsm run`` prints;
 - :mod:`.metrics`: Prometheus metrics (needs the ``metrics`` extra, so it is imported on its own);
-- :mod:`.display`: the ``--show`` window (imported on its own: only ``--show`` opens windows).
+- :mod:`.annotated`: the front of the sinks that draw the overlay (:mod:`streamtsm.overlay`) on each frame;
+- :mod:`.display`: the ``--show`` window (imported on its own: only ``--show`` opens windows);
+- :mod:`.video`: the ``--output`` video file.
 
 The ZeroMQ :class:`~streamtsm.publish.Publisher` is a sink too.
 """
