@@ -88,6 +88,10 @@ RANGES: Mapping[str, Range] = MappingProxyType({
     # listen's
     "max_messages": Range(int, 1, 10**12),
     "timeout": Range(float, 0.0, 365 * _DAY, low_open=True, meaning="seconds"),
+    # bridge mqtt's
+    "mqtt_port": Range(int, 1, 65535, meaning="a TCP port"),
+    "predictions_per_second": Range(float, 0.0, 1000.0, meaning="per stream; 0: none"),
+    "mqtt_buffer": Range(int, 1, 1_000_000, meaning="events kept while the MQTT broker is away"),
 })
 
 
