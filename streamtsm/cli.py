@@ -347,13 +347,14 @@ def _cmd_bridge_mqtt(args: argparse.Namespace) -> int:
         username=args.username or os.environ.get("STREAMTSM_MQTT_USERNAME") or None,
         password=args.password or os.environ.get("STREAMTSM_MQTT_PASSWORD") or None,
         predictions_per_second=args.predictions_per_second, homeassistant=args.homeassistant,
-        discovery_prefix=args.discovery_prefix, buffer=args.buffer).check()
+        discovery_prefix=args.discovery_prefix, buffer=args.buffer)
+    bridge = MqttBridge(options)  # checks the options and reads a --cafile, before anything is said or started
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     print(f"streamtsm bridge: {args.connect} -> MQTT {host}:{port}{' (TLS)' if args.tls else ''} under "
           f"{options.prefix}/", file=sys.stderr, flush=True)
-    run_bridge(args.connect, MqttBridge(options), stop=stop)
+    run_bridge(args.connect, bridge, stop=stop)
     return 0
 
 

@@ -63,16 +63,16 @@ class Mosquitto:
     misses nothing the bridge sends while the subscriber itself is still reconnecting.
     """
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, settings: str = "allow_anonymous true\n", listeners: str = "") -> None:
         self.port = _free_tcp_port()
         self.workdir = workdir
         self.config = workdir / "mosquitto.conf"
         # As root, Mosquitto drops to the user "mosquitto", who cannot write in pytest's private tmp folder; naming the
         # current user keeps it as it is (without root the setting has no effect).
         self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {workdir}/\nuser {pwd.getpwuid(os.geteuid()).pw_name}\n"
-            f"log_dest file {workdir}/mosquitto.log\n")
+            f"{settings}persistence true\npersistence_location {workdir}/\n"
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}\nlog_dest file {workdir}/mosquitto.log\n"
+            f"listener {self.port} 127.0.0.1\n{listeners}")
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -114,11 +114,14 @@ def mosquitto(tmp_path):
 class Collector:
     """A paho subscriber that records ``(topic, payload, qos, retain)`` of every message it gets."""
 
-    def __init__(self, port: int, topics: list[str], client_id: str = "", clean: bool = True) -> None:
+    def __init__(self, port: int, topics: list[str], client_id: str = "", clean: bool = True,
+                 username: str | None = None, password: str | None = None) -> None:
         self.messages: list[tuple[str, bytes, int, bool]] = []
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
+        if username is not None:
+            self.client.username_pw_set(username, password)
         self.client.reconnect_delay_set(0.1, 0.5)
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe([(t, 1) for t in topics])
         self.client.on_subscribe = lambda c, u, mid, codes, p: self._subscribed.set()
@@ -136,9 +139,9 @@ class Collector:
         with self._cond:
             return [(p, q, r) for t, p, q, r in self.messages if t == topic]
 
-    def wait_for(self, predicate, what: str) -> None:
+    def wait_for(self, predicate, what: str, timeout: float = WAIT_S) -> None:
         with self._cond:
-            assert self._cond.wait_for(lambda: predicate(self), WAIT_S), f"{what}; got {self.messages}"
+            assert self._cond.wait_for(lambda: predicate(self), timeout), f"{what}; got {self.messages}"
 
     def close(self) -> None:
         self.client.disconnect()
@@ -155,11 +158,12 @@ def collector(port: int, topics: list[str], **kwargs):
 
 
 @contextmanager
-def bridge_running(publisher: Publisher, options: MqttOptions, **kwargs):
+def bridge_running(publisher: Publisher | str, options: MqttOptions, **kwargs):
     lines: list[str] = []
     bridge = MqttBridge(options, log=lines.append, **kwargs)
     stop, ready = threading.Event(), threading.Event()
-    thread = threading.Thread(target=run_bridge, args=(publisher.endpoint, bridge),
+    endpoint = publisher if isinstance(publisher, str) else publisher.endpoint
+    thread = threading.Thread(target=run_bridge, args=(endpoint, bridge),
                               kwargs={"stop": stop, "ready": ready}, daemon=True)
     thread.start()
     assert ready.wait(WAIT_S)
@@ -352,13 +356,38 @@ def test_bridge_cli_sigterm_exits_0_promptly_and_leaves_the_status_offline(mosqu
             proc.communicate()
 
 
+def test_bridge_republishes_what_a_real_run_recognizes(mosquitto):
+    port = _free_tcp_port()
+    # The demo model on its synthetic scene announces a motion about every two seconds.
+    run = subprocess.Popen([sys.executable, "-m", "streamtsm.cli", "run", "--source", "synthetic", "--name", "cam0",
+                            "--publish", f"tcp://127.0.0.1:{port}", "--duration", "60", "--quiet", "--threads", "1"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        options = MqttOptions(port=mosquitto.port, predictions_per_second=1.0)
+        with bridge_running(f"tcp://127.0.0.1:{port}", options), collector(mosquitto.port, ["streamtsm/#"]) as sink:
+            sink.wait_for(lambda s: s.on("streamtsm/cam0/event") and s.on("streamtsm/cam0/pred")
+                          and s.on("streamtsm/stats"), "an event, a prediction and stats from the run",
+                          timeout=4 * WAIT_S)  # the model loads first
+            event = json.loads(sink.on("streamtsm/cam0/event")[0][0])
+            assert event["type"] == "event" and event["stream"] == "cam0" and event["schema"] == 1
+            stats = json.loads(sink.on("streamtsm/stats")[0][0])
+            assert "cam0" in stats["streams"]
+            sink.wait_for(lambda s: s.on("streamtsm/cam0/action"), "the action")
+            action = json.loads(sink.on("streamtsm/cam0/action")[0][0])
+            assert action["action"] == (event["label"] if event["event"] == "onset" else None)
+    finally:
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=WAIT_S)
+        assert run.returncode == 0, err
+
+
 def test_bridge_waits_for_a_broker_that_is_not_up_yet(tmp_path, publisher):
     if not os.path.exists(MOSQUITTO):
         pytest.skip(f"the Mosquitto broker is not installed ({MOSQUITTO})")
     broker = Mosquitto(tmp_path)  # its port is chosen but nothing listens there yet
     with bridge_running(publisher, MqttOptions(port=broker.port, reconnect_delay=(0.2, 0.5))) as (bridge, lines):
         deadline = time.monotonic() + WAIT_S
-        while not any("cannot reach" in line for line in lines):
+        while not any("cannot connect" in line for line in lines):
             assert time.monotonic() < deadline, lines
             time.sleep(0.02)
         broker.start()
@@ -367,6 +396,105 @@ def test_bridge_waits_for_a_broker_that_is_not_up_yet(tmp_path, publisher):
                 _sync(publisher, sink)
         finally:
             broker.stop()
+
+
+def _require_mosquitto() -> None:
+    if not os.path.exists(MOSQUITTO):
+        reason = f"the Mosquitto broker is not installed ({MOSQUITTO})"
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+
+
+def _wait_for_line(lines: list[str], text: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not any(text in line for line in lines):
+        assert time.monotonic() < deadline, f"no line with {text!r}: {lines}"
+        time.sleep(0.02)
+
+
+def test_bridge_cli_connects_with_credentials_from_the_environment(tmp_path, publisher):
+    _require_mosquitto()
+    passwords = tmp_path / "passwords"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "bridge", "s3cret"], check=True,
+                   capture_output=True)
+    broker = Mosquitto(tmp_path, settings=f"allow_anonymous false\npassword_file {passwords}\n")
+    broker.start()
+    env = dict(os.environ, STREAMTSM_MQTT_USERNAME="bridge", STREAMTSM_MQTT_PASSWORD="s3cret")
+    proc = subprocess.Popen([sys.executable, "-m", "streamtsm.cli", "bridge", "mqtt", "--connect", publisher.endpoint,
+                             "--mqtt", f"127.0.0.1:{broker.port}"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        with collector(broker.port, ["streamtsm/#"], username="bridge", password="s3cret") as sink:
+            _sync(publisher, sink)  # only an authenticated bridge gets stats through
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=WAIT_S)
+        assert proc.returncode == 0, err
+        assert "s3cret" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        broker.stop()
+
+
+def test_bridge_says_when_the_broker_refuses_its_credentials(tmp_path, publisher):
+    _require_mosquitto()
+    passwords = tmp_path / "passwords"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "bridge", "s3cret"], check=True,
+                   capture_output=True)
+    broker = Mosquitto(tmp_path, settings=f"allow_anonymous false\npassword_file {passwords}\n")
+    broker.start()
+    try:
+        options = MqttOptions(port=broker.port, username="bridge", password="wrong", reconnect_delay=(0.2, 0.5))
+        with bridge_running(publisher, options) as (bridge, lines):
+            _wait_for_line(lines, "refused the connection")
+            assert not bridge.connected
+            assert sum("refused" in line for line in lines) == 1, "said once, not at every retry"
+    finally:
+        broker.stop()
+
+
+def _make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
+    ca_key, ca, key, csr, cert = (folder / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt"))
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca), "-days", "2", "-subj", "/CN=streamtsm test CA")
+    run("req", *ec, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+    ext = folder / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-out", str(cert),
+        "-days", "2", "-extfile", str(ext))
+    return ca, cert, key
+
+
+def test_bridge_connects_over_tls_verifying_the_broker_certificate(tmp_path, publisher):
+    _require_mosquitto()
+    if shutil.which("openssl") is None:
+        print("SKIP: openssl is not installed (it makes the test certificates)")
+        pytest.skip("openssl is not installed (it makes the test certificates)")
+    ca, cert, key = _make_certificates(tmp_path)
+    tls_port = _free_tcp_port()
+    broker = Mosquitto(tmp_path, listeners=f"listener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\n"
+                                           f"keyfile {key}\n")
+    broker.start()
+    try:
+        # Without the test CA the broker's certificate is refused, and the bridge says where to look.
+        with bridge_running(publisher, MqttOptions(port=tls_port, tls=True, reconnect_delay=(0.2, 0.5))) as (
+                bridge, lines):
+            _wait_for_line(lines, "--cafile")
+            assert not bridge.connected
+        with bridge_running(publisher, MqttOptions(port=tls_port, tls=True, cafile=str(ca))), \
+                collector(broker.port, ["streamtsm/#"]) as sink:
+            _sync(publisher, sink)  # over TLS to the broker, read back on its plain listener
+    finally:
+        broker.stop()
+
+
+def test_bridge_refuses_a_cafile_it_cannot_read(tmp_path):
+    (tmp_path / "not-a-ca.pem").write_text("hello\n")
+    for path in (tmp_path / "missing.pem", tmp_path / "not-a-ca.pem"):
+        with pytest.raises(ConfigError, match="--cafile"):
+            MqttBridge(MqttOptions(tls=True, cafile=str(path)))
 
 
 # --- without a broker ---------------------------------------------------------------------------------------------
@@ -436,6 +564,7 @@ def test_discovery_config_names_distinct_nodes_per_prefix():
     (["--connect", "tcp://*:5556"], "to connect to"),
     (["--password", "x"], "needs a user name"),
     (["--cafile", "ca.pem"], "add --tls"),
+    (["--tls", "--cafile", "/nonexistent/ca.pem"], "--cafile /nonexistent/ca.pem"),
 ])
 def test_bridge_cli_bad_options_are_one_line_and_exit_2(capsys, monkeypatch, argv, message):
     monkeypatch.delenv("STREAMTSM_MQTT_USERNAME", raising=False)

@@ -335,8 +335,11 @@ class MqttBridge:
     def _on_connect_fail(self, client, userdata) -> None:
         if not self._failing and not self._closed:
             self._failing = True
-            self.log(f"streamtsm bridge: cannot reach MQTT broker {self.options.host}:{self.options.port} "
-                      "(retrying with back-off)")
+            # paho does not pass the reason on; with TLS a refused certificate is the likely one besides the network.
+            hint = " (with TLS: is the broker's certificate signed by --cafile or the system's CAs?)" if self.options.tls \
+                else ""
+            self.log(f"streamtsm bridge: cannot connect to MQTT broker {self.options.host}:{self.options.port}{hint}; "
+                     "retrying with back-off")
 
     def _on_message(self, client, userdata, message) -> None:
         if message.payload == b"online":
