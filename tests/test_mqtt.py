@@ -32,7 +32,7 @@ from streamtsm.bridge.mqtt import (  # noqa: E402
     subscriptions,
 )
 from streamtsm.cli import main  # noqa: E402
-from streamtsm.errors import ConfigError  # noqa: E402
+from streamtsm.errors import ConfigError, PublishError  # noqa: E402
 from streamtsm.postprocess import ActionEvent  # noqa: E402
 from streamtsm.publish import Publisher  # noqa: E402
 from streamtsm.publish.schema import (  # noqa: E402
@@ -305,6 +305,30 @@ def test_bridge_reconnects_after_a_broker_restart_and_delivers_what_came_meanwhi
         with collector(mosquitto.port, ["streamtsm/+/action"]) as late:
             late.wait_for(lambda s: s.on("streamtsm/cam0/action"), "the retained action after the restart")
             assert _action(late, "streamtsm/cam0/action")["action"] == "clapping"
+
+
+def test_bridge_picks_up_a_recognizer_that_restarts(mosquitto):
+    first = Publisher("tcp://127.0.0.1:*")
+    endpoint = first.endpoint
+    with bridge_running(endpoint, MqttOptions(port=mosquitto.port)), \
+            collector(mosquitto.port, ["streamtsm/#"]) as sink:
+        try:
+            _sync(first, sink)
+        finally:
+            first.close()
+        deadline = time.monotonic() + WAIT_S
+        while True:  # the same endpoint, once libzmq has let go of it (closing is asynchronous)
+            try:
+                second = Publisher(endpoint)
+                break
+            except PublishError:
+                assert time.monotonic() < deadline, f"{endpoint} is free again"
+                time.sleep(0.05)
+        with second:  # ZeroMQ reconnects the bridge's socket by itself
+            while not sink.on("streamtsm/cam1/event"):
+                assert time.monotonic() < deadline, "events from the restarted recognizer reach MQTT"
+                second.send(topic_for(TOPIC_EVENT, "cam1"), _onset("cam1", "waving", 1))
+                time.sleep(0.05)
 
 
 def test_bridge_homeassistant_discovery_is_retained_and_well_formed(mosquitto, publisher):

@@ -336,8 +336,9 @@ class MqttBridge:
         if not self._failing and not self._closed:
             self._failing = True
             # paho does not pass the reason on; with TLS a refused certificate is the likely one besides the network.
-            hint = " (with TLS: is the broker's certificate signed by --cafile or the system's CAs?)" if self.options.tls \
-                else ""
+            hint = ""
+            if self.options.tls:
+                hint = " (with TLS: is the broker's certificate signed by --cafile or the system's CAs?)"
             self.log(f"streamtsm bridge: cannot connect to MQTT broker {self.options.host}:{self.options.port}{hint}; "
                      "retrying with back-off")
 
