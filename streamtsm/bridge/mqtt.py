@@ -312,7 +312,7 @@ class MqttBridge:
             if not self._failing:  # once per outage, not once per retry
                 self._failing = True
                 self.log(f"streamtsm bridge: MQTT broker {self.options.host}:{self.options.port} refused the "
-                          f"connection: {reason_code} (retrying)")
+                         f"connection: {reason_code} (retrying)")
             return
         self._failing = False
         client.publish(self._status_topic, STATUS_ONLINE, qos=1, retain=True)
@@ -330,7 +330,7 @@ class MqttBridge:
         self._connected.clear()
         if was and not self._closed:
             self.log(f"streamtsm bridge: lost MQTT broker {self.options.host}:{self.options.port} ({reason_code}); "
-                      f"reconnecting, up to {self.options.buffer} events kept meanwhile")
+                     f"reconnecting, up to {self.options.buffer} events kept meanwhile")
 
     def _on_connect_fail(self, client, userdata) -> None:
         if not self._failing and not self._closed:
@@ -454,7 +454,7 @@ class MqttBridge:
         self.counts.dropped += 1
         if self.counts.dropped == self._dropped_reported + 1:  # the first of a run of drops
             self.log(f"streamtsm bridge: MQTT broker away and {self.options.buffer} events buffered: dropping the "
-                      "oldest")
+                     "oldest")
 
     def _publish_action(self, stream_id: str) -> None:
         action_topic = topics(self.options.prefix, stream_id)["action"]
@@ -489,7 +489,7 @@ class MqttBridge:
             self._publish_action(stream_id)
         if self.counts.dropped > self._dropped_reported:
             self.log(f"streamtsm bridge: {self.counts.dropped - self._dropped_reported} events dropped while the "
-                      "MQTT broker was away")
+                     "MQTT broker was away")
             self._dropped_reported = self.counts.dropped
 
     def close(self, timeout: float = 1.0) -> None:
