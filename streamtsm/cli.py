@@ -417,6 +417,32 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bridge_mqtt(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .bridge.mqtt import MqttBridge, MqttOptions, parse_broker_address, run_bridge
+    from .publish.publisher import check_endpoint
+
+    check_endpoint(args.connect, bind=False)
+    host, port = parse_broker_address(args.mqtt or "127.0.0.1", tls=args.tls)
+    # Credentials from the environment keep them out of the process list (and out of a unit file's ExecStart).
+    options = MqttOptions(
+        host=host, port=port, prefix=args.prefix, tls=args.tls, cafile=args.cafile,
+        username=args.username or os.environ.get("STREAMTSM_MQTT_USERNAME") or None,
+        password=args.password or os.environ.get("STREAMTSM_MQTT_PASSWORD") or None,
+        predictions_per_second=args.predictions_per_second, homeassistant=args.homeassistant,
+        discovery_prefix=args.discovery_prefix, buffer=args.buffer)
+    bridge = MqttBridge(options)  # checks the options and reads a --cafile, before anything is said or started
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"streamtsm bridge: {args.connect} -> MQTT {host}:{port}{' (TLS)' if args.tls else ''} under "
+          f"{options.prefix}/", file=sys.stderr, flush=True)
+    run_bridge(args.connect, bridge, stop=stop)
+    return 0
+
+
 def _cmd_listen(args: argparse.Namespace) -> int:
     from .publish import listen
 
@@ -544,6 +570,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frontend", default="tcp://*:5559", help="where recognizers publish (run --connect here)")
     p.add_argument("--backend", default="tcp://*:5560", help="where clients subscribe (listen --connect here)")
     p.set_defaults(func=_cmd_broker)
+
+    p = sub.add_parser("bridge", help="republish results on another messaging system (mqtt)")
+    bridges = p.add_subparsers(dest="bridge", required=True, metavar="SYSTEM")
+    b = bridges.add_parser("mqtt", help="republish events, current actions and (capped) predictions on MQTT",
+                           description="Subscribe to a recognizer (or a broker's backend) and republish on an MQTT "
+                                       "broker: <prefix>/<stream>/event (QoS 1), <prefix>/<stream>/action (retained), "
+                                       "<prefix>/<stream>/pred, <prefix>/stats, <prefix>/status (online/offline).")
+    b.add_argument("--connect", default="tcp://127.0.0.1:5556", help="endpoint of the publisher or broker backend "
+                   "(default: tcp://127.0.0.1:5556)")
+    b.add_argument("--mqtt", metavar="HOST:PORT", help="MQTT broker (default: 127.0.0.1:1883, 8883 with --tls)")
+    b.add_argument("--username", help="MQTT user name (or STREAMTSM_MQTT_USERNAME)")
+    b.add_argument("--password", help="MQTT password (better: STREAMTSM_MQTT_PASSWORD, which ps does not show)")
+    b.add_argument("--tls", action="store_true", help="connect with TLS, verifying the broker's certificate")
+    b.add_argument("--cafile", metavar="PATH", help="CA certificates for --tls (default: the system's)")
+    b.add_argument("--prefix", default="streamtsm", help="first topic level(s) (default: streamtsm)")
+    b.add_argument("--predictions-per-second", type=float, default=0.0, metavar="R",
+                   help="republish at most R predictions per second per stream (default: 0, none)")
+    b.add_argument("--buffer", type=int, default=1000, metavar="N",
+                   help="events kept while the MQTT broker is away; beyond, the oldest are dropped (default: 1000)")
+    b.add_argument("--homeassistant", action="store_true",
+                   help="publish Home Assistant MQTT discovery configs (an action sensor per stream)")
+    b.add_argument("--discovery-prefix", default="homeassistant",
+                   help="Home Assistant's discovery prefix (default: homeassistant)")
+    b.set_defaults(func=_cmd_bridge_mqtt)
 
     p = sub.add_parser("download", help="fetch catalog checkpoints into the cache (or --to DIR for another machine)",
                        description="Download and verify catalog checkpoints (see `streamtsm models`) ahead of use, "

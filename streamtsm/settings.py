@@ -102,6 +102,10 @@ RANGES: Mapping[str, Range] = MappingProxyType({
     "post_roll": Range(float, 0.0, 300.0, meaning="seconds"),
     "record_max_gb": Range(float, 0.0, 1_000_000.0, low_open=True, meaning="gigabytes"),
     "record_max_clip": Range(float, 0.0, 3600.0, low_open=True, meaning="seconds"),
+    # bridge mqtt's
+    "mqtt_port": Range(int, 1, 65535, meaning="a TCP port"),
+    "predictions_per_second": Range(float, 0.0, 1000.0, meaning="per stream; 0: none"),
+    "mqtt_buffer": Range(int, 1, 1_000_000, meaning="events kept while the MQTT broker is away"),
 })
 
 

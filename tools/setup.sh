@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use, one line: add a package to it, nothing else. Installed only when missing, and only
-# as root. chromium: the web view's browser test; xvfb: a virtual X display for the --show test.
-APT_PACKAGES="chromium xvfb"
+# as root. chromium: the web view's browser test; xvfb: a virtual X display for the --show test;
+# mosquitto: the MQTT bridge's tests start a real broker on 127.0.0.1.
+APT_PACKAGES="chromium xvfb mosquitto"
 
 missing=()
 for pkg in $APT_PACKAGES; do
@@ -26,4 +27,4 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,metrics,triton]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,metrics,triton,mqtt]"
