@@ -28,8 +28,10 @@ if [ -z "$PY" ]; then
     done
 fi
 if [ -z "$PY" ]; then
-    echo "setup_triton.sh: Triton's python backend needs Python 3.11 or 3.13; neither found (set STREAMTSM_TRITON_PYTHON)" >&2
-    exit 1
+    # Not fatal for the project's own set-up: the real-server tests then skip, saying the environment is absent.
+    echo "setup_triton.sh: warning: Triton's python backend needs Python 3.11 or 3.13, neither found" \
+         "(set STREAMTSM_TRITON_PYTHON); no .venv-triton, the real-server Triton tests will skip" >&2
+    exit 0
 fi
 version="$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 case "$version" in

@@ -14,8 +14,9 @@ state in :class:`SequenceStates`, keyed by correlation id:
 
 - START: the sequence starts from zeros, whatever was held for that id;
 - END: the state is dropped after the request is answered;
-- idle: a sequence not seen for the config's ``max_sequence_idle_microseconds`` is dropped. Triton's batcher frees
-  an idle sequence without sending the model a request, so the model evicts by last-seen time, at each execution.
+- idle: a sequence not seen for the config's ``max_sequence_idle_microseconds`` is dropped. When Triton's batcher
+  gives up an idle sequence it does not hand the model an END for it (Triton's docs describe no such signal for a
+  python model), so the model evicts by last-seen time itself, at each execution.
 - a request continuing a sequence the model does not hold (idled out here) is answered with an error naming the
   sequence; the client restarts it with START (what a Triton batcher answers for a sequence it has dropped).
 
@@ -131,7 +132,6 @@ def run_requests(session, states: SequenceStates, state_names: list[str], new_st
         feeds.append((frame, state))
     if not rows:
         return results
-    n = len(rows)
     inputs = {FRAME: np.concatenate([f for f, _ in feeds]),  # [n, 3, S, S]
               START: np.array([[r[2]] for r in rows], bool),  # [n, 1]
               END: np.array([[r[3]] for r in rows], bool),
@@ -143,7 +143,6 @@ def run_requests(session, states: SequenceStates, state_names: list[str], new_st
         # copies: a row view would keep the whole batch's buffer alive for as long as the sequence lives
         states.put(corrid, [s[b : b + 1].copy() for s in new_state], end)
         results[i] = (logits[b : b + 1], echoed[b : b + 1])
-    assert len(results) == len(requests) and n <= len(requests)
     return results
 
 
