@@ -26,6 +26,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from streamtsm.cli import main
 from streamtsm.engine.onnxruntime_engine import OrtOnlineEngine
 from streamtsm.engine.triton_engine import SEQUENCE_STATE, TritonError, TritonOnlineEngine
 from streamtsm.engine.triton_server import LocalTritonServer, TritonServerError, find_install, free_port
@@ -114,6 +115,30 @@ def test_export_triton_python_runtime_writes_model_py_under_the_same_sequence_ba
     assert keeper == {"py": "model", "ort": "triton"}
     with pytest.raises(ConfigError, match="runtime must be one of onnxruntime, python, got 'java'"):
         export_triton(repo / "tsm" / "1" / "model.onnx", repo.parent / "other", runtime="java", verify=False)
+
+
+def test_cli_export_triton_runtime_python_writes_model_py(plain_onnx, tmp_path, capsys):
+    root = tmp_path / "repo"
+    assert main(["export-triton", "--onnx", str(plain_onnx), "-o", str(root), "--name", "cam", "--runtime", "python",
+                 "--idle-timeout", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "1/model.py" in out and "python backend" in out and "kept by the python model" in out, out
+    config = text_format.Parse((root / "cam" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert config.backend == "python" and config.sequence_batching.max_sequence_idle_microseconds == 2_000_000
+    assert (root / "cam" / "1" / "model.py").read_text() == python_model_source()
+
+
+def test_find_install_says_what_is_missing_and_how_to_make_it(tmp_path):
+    with pytest.raises(TritonServerError, match=r"no Triton server environment at .*run tools/setup_triton.sh"):
+        find_install(tmp_path / "absent")
+    (tmp_path / "env" / "bin").mkdir(parents=True)
+    (tmp_path / "env" / "bin" / "python").touch()
+    with pytest.raises(TritonServerError, match="has no nvidia-pytriton wheel"):
+        find_install(tmp_path / "env")
+    wheel = tmp_path / "env" / "lib" / "python3.12" / "site-packages" / "pytriton" / "tritonserver"
+    wheel.mkdir(parents=True)
+    with pytest.raises(TritonServerError, match="is Python 3.12; Triton's python backend stub loads only under 3.11"):
+        find_install(tmp_path / "env")
 
 
 class Clock:

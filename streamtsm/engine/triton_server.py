@@ -8,7 +8,8 @@ loads only under those Pythons and with numpy 1 beside it. What starting it take
 - the backend directory: the wheel's ``backends/python`` plus the stub built for the venv's Python
   (``python_backend_stubs/3.X/triton_python_backend_stub``), assembled in a work directory;
 - ``LD_LIBRARY_PATH`` naming the wheel's bundled libraries (``nvidia_pytriton.libs``): a copied stub loses the
-  relative run path it was built with;
+  relative run path it was built with; and the venv's base Python's ``lib`` when it holds ``libpython3.X.so.1.0``
+  (else the system's is used, as the stub links it);
 - ``PATH`` starting with the venv's ``bin``: the stub's embedded Python finds its site-packages (numpy,
   onnxruntime) through the ``python`` it sees there.
 
@@ -141,9 +142,26 @@ class LocalTritonServer:
             shutil.copy2(self.install.stub, python / "triton_python_backend_stub")
         return backends
 
+    def _base_python_lib(self) -> str | None:
+        """The lib directory of the venv's base Python when it holds its libpython (a pyenv or source build): the
+        stub links ``libpython3.X.so.1.0``, and the one matching the venv's standard library is that one."""
+        try:
+            cfg = (self.install.env / "pyvenv.cfg").read_text(encoding="utf-8")
+        except OSError:
+            return None
+        for line in cfg.splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "home":
+                lib = Path(value.strip()).parent / "lib"
+                if (lib / f"libpython{self.install.python_version}.so.1.0").exists():
+                    return str(lib)
+        return None
+
     def _env(self) -> dict:
         env = dict(os.environ)
         libs = str(self.install.libs)
+        if base := self._base_python_lib():
+            libs = f"{libs}:{base}"
         env["LD_LIBRARY_PATH"] = f"{libs}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else libs
         env["PATH"] = f"{self.install.env / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
         for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):  # the project's, not the server's Python
