@@ -15,8 +15,8 @@ state in :class:`SequenceStates`, keyed by correlation id:
 - START: the sequence starts from zeros, whatever was held for that id;
 - END: the state is dropped after the request is answered;
 - idle: a sequence not seen for the config's ``max_sequence_idle_microseconds`` is dropped. When Triton's batcher
-  gives up an idle sequence it does not hand the model an END for it (Triton's docs describe no such signal for a
-  python model), so the model evicts by last-seen time itself, at each execution.
+  gives up an idle sequence (oldest strategy) no request reaches the model (observed on Triton 2.51: nothing is
+  executed after the timeout), so the model evicts by last-seen time itself, at each execution.
 - a request continuing a sequence the model does not hold (idled out here) is answered with an error naming the
   sequence; the client restarts it with START (what a Triton batcher answers for a sequence it has dropped).
 
