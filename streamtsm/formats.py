@@ -74,6 +74,11 @@ PARAM_PRECISION = META_PRECISION
 PARAM_FORMAT_VERSION = META_FORMAT_VERSION
 PARAM_TRITON = META_TRITON
 TRITON_FORMAT_VERSION = 1
+# ``streamtsm.triton``'s ``state_keeper``: who holds a sequence's folds between requests. "triton": implicit state,
+# listed in the config's sequence_batching.state (onnxruntime backend); "model": the python-backend model.py of
+# ``export-triton --runtime python``, by correlation id (the config lists no state). Absent means "triton".
+STATE_KEPT_BY_TRITON = "triton"
+STATE_KEPT_BY_MODEL = "model"
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

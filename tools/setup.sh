@@ -28,3 +28,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,metrics,triton,mqtt]"
+# A real Triton server (nvidia-pytriton) in .venv-triton for tests/test_triton_server.py and tools/bench_triton.py
+tools/setup_triton.sh

@@ -1,7 +1,9 @@
 """The Triton backend: an online model served by Triton Inference Server, which keeps each stream's state.
 
 The server holds the folds (implicit state of a model written by ``streamtsm export-triton``, named as the ONNX
-graph's state inputs: :attr:`TritonOnlineEngine.server_state_spec`), so the engine's state of a stream is a small
+graph's state inputs: :attr:`TritonOnlineEngine.server_state_spec`; or, for ``export-triton --runtime python``,
+the python-backend model keeps them by sequence id, which the config's ``streamtsm.triton`` parameter says and the
+engine needs to know nothing more of), so the engine's state of a stream is a small
 client-side token: the stream's Triton sequence id and whether its next request starts the sequence. The state
 mapping has one entry, ``"sequence"`` (:data:`SEQUENCE_STATE`), a list of one token per stream::
 
@@ -48,7 +50,8 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ConfigError, StreamTSMError, first_line
-from ..formats import FRAME, LOGITS, PARAM_CONFIG, PARAM_KIND, PARAM_TRITON, SEQUENCE_ID
+from ..formats import (FRAME, LOGITS, PARAM_CONFIG, PARAM_KIND, PARAM_STATE, PARAM_TRITON, SEQUENCE_ID,
+                       STATE_KEPT_BY_MODEL, STATE_KEPT_BY_TRITON)
 from ..labels import resolve_labels
 from .base import OnlineEngine, State, StateSpec, check_frames
 
@@ -186,9 +189,22 @@ class TritonOnlineEngine(OnlineEngine):
             triton_meta = json.loads(params.get(PARAM_TRITON, "{}"))
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{not_ours}: unreadable streamtsm parameters ({first_line(e)})") from None
-        if kind != "online" or not config.HasField("sequence_batching") or not config.sequence_batching.state:
-            raise ConfigError(f"{not_ours}: it is a {kind} model"
-                              + ("" if config.HasField("sequence_batching") else " without sequence batching"))
+        if kind != "online":
+            raise ConfigError(f"{not_ours}: it is a {kind} model")
+        if not config.HasField("sequence_batching"):
+            raise ConfigError(f"{not_ours}: its config has no sequence_batching (Triton would not route a "
+                              f"camera's frames as one sequence)")
+        # Who keeps the folds: Triton (implicit state, listed in the config) or the python-backend model.py of
+        # `export-triton --runtime python` (by correlation id; the config then lists no state). The engine steps
+        # both the same way.
+        keeper = triton_meta.get("state_keeper", STATE_KEPT_BY_TRITON) if isinstance(triton_meta, dict) else None
+        if keeper == STATE_KEPT_BY_TRITON and not config.sequence_batching.state:
+            raise ConfigError(f"{not_ours}: its config's sequence_batching has no `state` entries, so Triton would "
+                              f"not keep a camera's folds between frames (re-export it with `streamtsm "
+                              f"export-triton`, or `--runtime python` for a model that keeps them itself)")
+        if keeper not in (STATE_KEPT_BY_TRITON, STATE_KEPT_BY_MODEL):
+            raise ConfigError(f"{not_ours}: its {PARAM_TRITON} parameter names state_keeper {keeper!r}, expected "
+                              f"{STATE_KEPT_BY_TRITON!r} or {STATE_KEPT_BY_MODEL!r}")
         inputs = {i.name: list(i.dims) for i in config.input}
         outputs = {o.name: list(o.dims) for o in config.output}
         size = self.cfg.input_size
@@ -198,7 +214,17 @@ class TritonOnlineEngine(OnlineEngine):
         if config.max_batch_size < 1:
             raise ConfigError(f"{not_ours}: max_batch_size is {config.max_batch_size}, expected >= 1")
         # What the server keeps per sequence, named as the ONNX graph's state inputs (see streamtsm.formats).
-        self.server_state_spec = tuple(StateSpec(s.input_name, tuple(s.dims)) for s in config.sequence_batching.state)
+        if keeper == STATE_KEPT_BY_TRITON:
+            self.server_state_spec = tuple(StateSpec(s.input_name, tuple(s.dims))
+                                           for s in config.sequence_batching.state)
+        else:
+            try:
+                self.server_state_spec = tuple(StateSpec(s["name"], tuple(s["shape"]))
+                                               for s in json.loads(params[PARAM_STATE]))
+            except (KeyError, ValueError, TypeError) as e:
+                raise ConfigError(f"{not_ours}: its model keeps the state but the {PARAM_STATE} parameter is "
+                                  f"missing or unreadable ({first_line(e)})") from None
+        self.state_keeper = keeper
         self._echo = triton_meta.get("sequence_id_output", SEQUENCE_ID) if SEQUENCE_ID in outputs else None
         idle_us = config.sequence_batching.max_sequence_idle_microseconds
         self.idle_timeout_s = idle_us / 1e6 if idle_us else DEFAULT_IDLE_TIMEOUT_S

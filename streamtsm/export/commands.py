@@ -53,7 +53,7 @@ def add_commands(subparsers) -> None:
 
 
 def _add_triton_command(subparsers) -> None:
-    from .triton import DEFAULT_IDLE_TIMEOUT_US, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQUENCES, INSTANCE_KINDS
+    from .triton import DEFAULT_IDLE_TIMEOUT_US, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_SEQUENCES, INSTANCE_KINDS, RUNTIMES
 
     p = subparsers.add_parser("export-triton", help="write an online model into a Triton Inference Server "
                                                     "model repository (server-side state per camera)",
@@ -87,6 +87,10 @@ def _add_triton_command(subparsers) -> None:
     p.add_argument("--instances", type=int, default=1, help="model instances (default: 1)")
     p.add_argument("--instance-kind", choices=INSTANCE_KINDS, default="auto",
                    help="where instances run: auto (GPU when present, else CPU), gpu, cpu (default: auto)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
+                   help="the Triton backend that serves it: onnxruntime (default; Triton keeps the state) or python "
+                        "(1/model.py runs the graph with onnxruntime and keeps each camera's state; for servers "
+                        "without the onnxruntime backend, e.g. the nvidia-pytriton wheel's)")
     p.set_defaults(func=cmd_export_triton)
 
 
@@ -183,12 +187,14 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
                            idle_timeout_us=max(1, round(args.idle_timeout * 1e6)),
                            max_sequences=args.max_sequences, queue_delay_us=round(args.queue_delay * 1e3),
                            instances=args.instances, instance_kind=args.instance_kind, input_size=args.input_size,
-                           labels=labels, opset=args.opset, verify=not args.no_verify)
-    print(f"wrote {report.model_dir}: {what} as Triton model {report.name!r} (config.pbtxt, 1/model.onnx"
-          f"{', labels.txt' if report.labels_path else ''}); sequence batching (oldest), max batch "
+                           labels=labels, opset=args.opset, verify=not args.no_verify, runtime=args.runtime)
+    python = report.runtime == "python"
+    print(f"wrote {report.model_dir}: {what} as Triton model {report.name!r} (config.pbtxt, "
+          f"{'1/model.py, ' if python else ''}1/model.onnx{', labels.txt' if report.labels_path else ''}); "
+          f"{report.runtime} backend, sequence batching (oldest), max batch "
           f"{report.max_batch_size}, up to {report.max_sequences} cameras per instance, {report.num_state} state "
-          f"tensors ({report.state_bytes / 1e3:.1f} kB per camera) kept by Triton, idle timeout "
-          f"{report.idle_timeout_us / 1e6:g} s")
+          f"tensors ({report.state_bytes / 1e3:.1f} kB per camera) kept by "
+          f"{'the python model' if python else 'Triton'}, idle timeout {report.idle_timeout_us / 1e6:g} s")
     if report.max_abs_diff is None:
         print("not verified (--no-verify)")
     else:

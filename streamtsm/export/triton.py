@@ -38,6 +38,17 @@ have a frame waiting into one batch (never two requests of one sequence), across
 is how many cameras one instance serves at once; more wait in Triton's backlog until a sequence ends or idles out
 (``max_sequence_idle_microseconds``), so set it to at least the number of cameras.
 
+``runtime="python"`` (``export-triton --runtime python``) writes the same graph for Triton's python backend, for
+servers that have it but not the onnxruntime backend::
+
+    model_repository/<name>/config.pbtxt      backend "python", the same sequence batcher, no ``state`` entries
+    model_repository/<name>/1/model.py        :mod:`streamtsm.export.triton_python_model`: steps 1/model.onnx
+                                              with onnxruntime, keeps each sequence's folds by correlation id
+    model_repository/<name>/1/model.onnx      the served graph above
+
+The config's ``streamtsm.triton`` parameter says who keeps the folds (``state_keeper``: ``triton`` or ``model``),
+so the client accepts either repository without being told which backend runs it.
+
 Only online models are exported this way: a clip model has no state to keep, so :func:`export_triton` refuses it
 with a :class:`ConfigError` (serve its ``export-onnx`` file with Triton's dynamic batcher instead).
 
@@ -64,13 +75,18 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from ..formats import (BATCH, CORRID, END, FRAME, LOGITS, META_CONFIG, META_TRITON, PARAM_CONFIG,
                        PARAM_FORMAT_VERSION, PARAM_KIND, PARAM_PRECISION, PARAM_STATE, PARAM_TRITON, SEQUENCE_ID,
-                       START, TRITON_FORMAT_VERSION, add_metadata, read_metadata, write_metadata)
+                       START, STATE_KEPT_BY_MODEL, STATE_KEPT_BY_TRITON, TRITON_FORMAT_VERSION, add_metadata,
+                       read_metadata, write_metadata)
 from .onnx import TOLERANCE, ExportError, ExportReport, cpu_session, export_onnx, is_online, save_checked
 
 log = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.txt"
 INSTANCE_KINDS = ("auto", "gpu", "cpu")
+# Which Triton backend serves the step: "onnxruntime" (Triton keeps the folds as implicit state) or "python" (the
+# python-backend model.py runs the same graph with onnxruntime and keeps the folds itself, by correlation id).
+RUNTIMES = ("onnxruntime", "python")
+PYTHON_MODEL_FILE = "model.py"
 DEFAULT_IDLE_TIMEOUT_US = 5_000_000
 DEFAULT_MAX_BATCH_SIZE = 16
 DEFAULT_MAX_SEQUENCES = 256
@@ -107,6 +123,7 @@ class TritonExportReport:
         max_abs_diff, max_scaled_diff: largest difference of the served graph from the reference (torch, or the
             export-onnx file); None when verification was skipped.
         verification: what was compared, or ``"skipped"``.
+        runtime: the Triton backend that serves it (``"onnxruntime"`` or ``"python"``).
     """
 
     name: str
@@ -123,6 +140,7 @@ class TritonExportReport:
     max_abs_diff: float | None
     max_scaled_diff: float | None
     verification: str
+    runtime: str = "onnxruntime"
 
 
 # -- the served graph ---------------------------------------------------------------------------------------
@@ -206,11 +224,13 @@ def add_sequence_controls(model, state: list[dict]) -> None:
                         + others)
 
 
-def _triton_meta() -> dict:
-    """What ``streamtsm.triton`` records: the controls the graph takes and the output echoing CORRID."""
+def _triton_meta(state_keeper: str = STATE_KEPT_BY_TRITON) -> dict:
+    """What ``streamtsm.triton`` records: the controls the graph takes, the output echoing CORRID, and who keeps the
+    folds between requests (``state_keeper``: ``"triton"``, implicit state in the config; ``"model"``, the
+    python-backend model by correlation id, so the config has no ``state`` entries)."""
     return {"format_version": TRITON_FORMAT_VERSION,
             "controls": {name: triton_type for name, (_, triton_type) in CONTROLS.items()},
-            "sequence_id_output": SEQUENCE_ID}
+            "sequence_id_output": SEQUENCE_ID, "state_keeper": state_keeper}
 
 
 def _write_served_graph(plain: Path, out: Path) -> dict:
@@ -334,13 +354,21 @@ def verify_served_graph(reference, path: str | os.PathLike, meta: dict, *, steps
 
 
 def build_config(meta: dict, *, name: str, max_batch_size: int, idle_timeout_us: int, max_sequences: int,
-                 queue_delay_us: int, instances: int, instance_kind: str, labels_file: str | None):
-    """The ``ModelConfig`` protobuf message (tritonclient's model_config_pb2) for the served graph of ``meta``."""
+                 queue_delay_us: int, instances: int, instance_kind: str, labels_file: str | None,
+                 runtime: str = "onnxruntime"):
+    """The ``ModelConfig`` protobuf message (tritonclient's model_config_pb2) for the served graph of ``meta``.
+
+    ``runtime="python"``: the same sequence batcher (strategy, controls, idle timeout) for Triton's python backend,
+    without ``state`` entries, since the python-backend model keeps the folds itself.
+    """
     pb = _tritonclient_protos()
     cfg = ModelConfig.from_dict(meta["config"])
     size = cfg.input_size
-    config = pb.ModelConfig(name=name, platform="onnxruntime_onnx", backend="onnxruntime",
-                            max_batch_size=max_batch_size)
+    if runtime == "python":
+        config = pb.ModelConfig(name=name, backend="python", max_batch_size=max_batch_size)
+    else:
+        config = pb.ModelConfig(name=name, platform="onnxruntime_onnx", backend="onnxruntime",
+                                max_batch_size=max_batch_size)
     # With max_batch_size > 0 every dims below excludes the batch dimension.
     config.input.add(name=FRAME, data_type=pb.TYPE_FP32, dims=[3, size, size])
     logits = config.output.add(name=LOGITS, data_type=pb.TYPE_FP32, dims=[cfg.num_classes])
@@ -357,7 +385,7 @@ def build_config(meta: dict, *, name: str, max_batch_size: int, idle_timeout_us:
         control = seq.control_input.add(name=control_name).control.add(kind=control_kind)
         control.bool_false_true.extend([False, True])
     seq.control_input.add(name=CORRID).control.add(kind=kind.CONTROL_SEQUENCE_CORRID, data_type=pb.TYPE_UINT64)
-    for s in meta["state"]:
+    for s in meta["state"] if runtime != "python" else ():
         entry = seq.state.add(input_name=s["name"], output_name=s["output"], data_type=pb.TYPE_FP32,
                               dims=s["shape"])
         entry.initial_state.add(data_type=pb.TYPE_FP32, dims=s["shape"], zero_data=True, name="zeros")
@@ -367,9 +395,16 @@ def build_config(meta: dict, *, name: str, max_batch_size: int, idle_timeout_us:
               "cpu": pb.ModelInstanceGroup.KIND_CPU}[instance_kind], count=instances)
     for key, value in ((PARAM_CONFIG, meta["config"]), (PARAM_KIND, meta["kind"]), (PARAM_STATE, meta["state"]),
                        (PARAM_PRECISION, meta["precision"]), (PARAM_FORMAT_VERSION, meta["format_version"]),
-                       (PARAM_TRITON, _triton_meta())):
+                       (PARAM_TRITON, _triton_meta(STATE_KEPT_BY_MODEL if runtime == "python"
+                                                   else STATE_KEPT_BY_TRITON))):
         config.parameters[key].string_value = json.dumps(value)
     return config
+
+
+def python_model_source() -> str:
+    """The python-backend ``model.py`` (:mod:`streamtsm.export.triton_python_model`, which imports nothing from
+    streamtsm, so it runs in the server's own Python)."""
+    return Path(__file__).with_name("triton_python_model.py").read_text(encoding="utf-8")
 
 
 def write_config(config, path: str | os.PathLike) -> None:
@@ -402,7 +437,9 @@ def read_config(path: str | os.PathLike):
 
 
 def _check_settings(name: str, max_batch_size: int, idle_timeout_us: int, max_sequences: int, queue_delay_us: int,
-                    instances: int, instance_kind: str) -> None:
+                    instances: int, instance_kind: str, runtime: str = "onnxruntime") -> None:
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if not name or name.startswith(".") or any(c in name for c in "/\\ \t\n"):
         raise ConfigError(f"Triton model name must be a plain directory name, got {name!r}")
     for label, value, low in (("max_batch_size", max_batch_size, 1), ("idle_timeout_us", idle_timeout_us, 1),
@@ -432,7 +469,7 @@ def export_triton(model_or_onnx, repo_dir: str | os.PathLike, *, name: str | Non
                   max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, idle_timeout_us: int = DEFAULT_IDLE_TIMEOUT_US,
                   max_sequences: int = DEFAULT_MAX_SEQUENCES, queue_delay_us: int = 0, instances: int = 1,
                   instance_kind: str = "auto", input_size: int | None = None, labels: list[str] | None = None,
-                  opset: int = 17, verify: bool = True) -> TritonExportReport:
+                  opset: int = 17, verify: bool = True, runtime: str = "onnxruntime") -> TritonExportReport:
     """Write an online model into a Triton model repository (see the module docstring for the layout).
 
     Args:
@@ -450,6 +487,10 @@ def export_triton(model_or_onnx, repo_dir: str | os.PathLike, *, name: str | Non
         instance_kind: ``auto`` (GPU when there is one, else CPU), ``gpu`` or ``cpu``.
         input_size, labels, opset: as :func:`export_onnx` (a file keeps its own; labels may replace its names).
         verify: compare the served graph, controls included, with torch (or with the export-onnx file).
+        runtime: ``"onnxruntime"`` (Triton's onnxruntime backend loads ``1/model.onnx`` and keeps the folds as
+            implicit state) or ``"python"`` (Triton's python backend runs ``1/model.py``, which steps the same
+            ``1/model.onnx`` with onnxruntime and keeps each sequence's folds by correlation id: for servers without
+            the onnxruntime backend). The sequence batcher and the client's view are the same.
 
     Returns:
         A :class:`TritonExportReport`.
@@ -478,7 +519,8 @@ def export_triton(model_or_onnx, repo_dir: str | os.PathLike, *, name: str | Non
                               f"(Triton keeps their state per camera). Use export-onnx for clip models")
         model_name = model_or_onnx.cfg.name
     name = name or model_name
-    _check_settings(name, max_batch_size, idle_timeout_us, max_sequences, queue_delay_us, instances, instance_kind)
+    _check_settings(name, max_batch_size, idle_timeout_us, max_sequences, queue_delay_us, instances, instance_kind,
+                    runtime)
 
     repo_dir.mkdir(parents=True, exist_ok=True)
     # Built beside the repository (same file system, so the final move is a rename), then swapped in: a server
@@ -524,8 +566,11 @@ def export_triton(model_or_onnx, repo_dir: str | os.PathLike, *, name: str | Non
             (model_dir / LABELS_FILE).write_text("".join(f"{label}\n" for label in class_names), encoding="utf-8")
         config = build_config(meta, name=name, max_batch_size=max_batch_size, idle_timeout_us=idle_timeout_us,
                               max_sequences=max_sequences, queue_delay_us=queue_delay_us, instances=instances,
-                              instance_kind=instance_kind, labels_file=LABELS_FILE if class_names else None)
+                              instance_kind=instance_kind, labels_file=LABELS_FILE if class_names else None,
+                              runtime=runtime)
         write_config(config, model_dir / "config.pbtxt")
+        if runtime == "python":
+            (model_dir / "1" / PYTHON_MODEL_FILE).write_text(python_model_source(), encoding="utf-8")
         read_config(model_dir / "config.pbtxt")  # what Triton will parse
         target = _swap_in(model_dir, repo_dir / name, work)
     finally:
@@ -536,7 +581,7 @@ def export_triton(model_or_onnx, repo_dir: str | os.PathLike, *, name: str | Non
         config_path=str(target / "config.pbtxt"), labels_path=str(target / LABELS_FILE) if class_names else None,
         max_batch_size=max_batch_size, idle_timeout_us=idle_timeout_us, max_sequences=max_sequences,
         num_state=len(shapes), state_bytes=int(sum(4 * np.prod(s) for s in shapes)), onnx=onnx_report,
-        max_abs_diff=diffs[0], max_scaled_diff=diffs[1], verification=what)
+        max_abs_diff=diffs[0], max_scaled_diff=diffs[1], verification=what, runtime=runtime)
     log.info("exported %s to Triton repository %s as %r (%d state tensors)", model_name, repo_dir, name, len(shapes))
     return report
 
