@@ -367,12 +367,11 @@ def _run(args: argparse.Namespace, stop, running) -> int:
     if recorder is not None:
         print(recorder.summary())
     if display is not None:
-        print(f"display: {display.dropped} steps dropped (the window could not keep up)")
+        print(f"display: {display.dropped} frames dropped (the window could not keep up)")
     if web is not None:
         w = web.stats()
         print(f"web view: {w['frames_encoded']} frames encoded; {w['frames_dropped']} frames and "
               f"{w['messages_dropped']} messages dropped for slow clients")
-        print(f"display: {display.dropped} frames dropped (the window could not keep up)")
     if video is not None:
         for sid, f in video.target.files.items():
             rate = "" if f.fps is None else f" at {f.fps:.3g} fps"
