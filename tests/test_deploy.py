@@ -191,9 +191,10 @@ def test_dockerignore_sends_the_package_and_leaves_out_venv_git_caches_and_build
 def test_compose_command_parses_with_the_cli(service):
     command = _streamtsm_services()[service]["command"]
     pending = _run_lacks([w for w in command if w.startswith("--http-")]) if command[0] == "run" else []
+    # The rest of the command is checked all the same; only the options this checkout cannot know are left out.
+    _parses([w for i, w in enumerate(command) if w not in pending and (i == 0 or command[i - 1] not in pending)])
     if pending:
-        pytest.skip(f"`run` in this checkout has no {', '.join(pending)} (the web view): nothing to parse against")
-    _parses(command)
+        pytest.skip(f"`run` in this checkout has no {', '.join(pending)} (the web view): those are not checked")
 
 
 def test_compose_export_command_in_the_triton_notes_parses_and_names_what_triton_serves():
