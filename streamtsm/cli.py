@@ -348,8 +348,8 @@ def _run(args: argparse.Namespace, stop, running) -> int:
         if note:
             print(note, file=sys.stderr, flush=True)
         models = ", ".join(f"{g.engine.model_name} ({g.engine.backend})" for g in groups)
-        print(f"streamtsm: {models} on {', '.join(pipeline.stream_ids)}"
-              + (f", publishing on {publisher.endpoint}" if publisher else ""), file=sys.stderr, flush=True)
+        reach = f", publishing on {endpoint_reach(publisher.endpoint)}" if publisher else ""
+        print(f"streamtsm: {models} on {', '.join(pipeline.stream_ids)}{reach}", file=sys.stderr, flush=True)
         for server in [*servers, metrics and metrics.server]:
             if server:
                 print(f"streamtsm: serving {_served(server)} at {server.url}", file=sys.stderr, flush=True)
@@ -401,6 +401,24 @@ def _print_summary(stats: dict) -> None:
     print(f"messages published {stats['published']}, dropped {stats['publish_dropped']}")
 
 
+def endpoint_reach(endpoint: str) -> str:
+    """A bound endpoint and who can reach it, for the start lines of `run` and `broker`.
+
+    Args:
+        endpoint: a ZeroMQ endpoint as bound (``tcp://HOST:PORT``, ``ipc://...``).
+
+    Returns:
+        The endpoint, followed for a wildcard host by "(every interface: reachable from the network)" and for a
+        loopback host by "(loopback: this machine only)"; any other endpoint as given.
+    """
+    host = endpoint.rpartition(":")[0].removeprefix("tcp://").strip("[]")
+    if host in ("*", "0.0.0.0", "::"):
+        return f"{endpoint} (every interface: reachable from the network)"
+    if host == "localhost" or host == "::1" or host.startswith("127."):
+        return f"{endpoint} (loopback: this machine only)"
+    return endpoint
+
+
 def _cmd_broker(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -410,8 +428,8 @@ def _cmd_broker(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"streamtsm broker: recognizers publish into {args.frontend}, clients subscribe at {args.backend}",
-          file=sys.stderr, flush=True)
+    print(f"streamtsm broker: recognizers publish into {endpoint_reach(args.frontend)}, clients subscribe at "
+          f"{endpoint_reach(args.backend)}", file=sys.stderr, flush=True)
     run_broker(args.frontend, args.backend, stop=stop)
     return 0
 
@@ -566,8 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run, sources=None)
 
     p = sub.add_parser("broker", help="relay many recognizers to many subscribers (ZeroMQ XSUB/XPUB proxy)")
-    p.add_argument("--frontend", default="tcp://*:5559", help="where recognizers publish (run --connect here)")
-    p.add_argument("--backend", default="tcp://*:5560", help="where clients subscribe (listen --connect here)")
+    # Loopback by default, as `run --publish`: `--frontend tcp://*:5559 --backend tcp://*:5560` serves the network.
+    p.add_argument("--frontend", default="tcp://127.0.0.1:5559",
+                   help="where recognizers publish (run --connect here; default: %(default)s, this machine only)")
+    p.add_argument("--backend", default="tcp://127.0.0.1:5560",
+                   help="where clients subscribe (listen --connect here; default: %(default)s, this machine only)")
     p.set_defaults(func=_cmd_broker)
 
     p = sub.add_parser("bridge", help="republish results on another messaging system (mqtt)")

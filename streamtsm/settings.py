@@ -27,7 +27,9 @@ from .errors import ConfigError
 
 RUN_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     # output
-    "publish": "tcp://*:5556",  # ZeroMQ endpoint to bind; "none" publishes nothing
+    # ZeroMQ endpoint to bind; "none" publishes nothing. Loopback, like the metrics: results reach the network only
+    # when asked (`--publish tcp://*:5556`, as the container images do inside their own network).
+    "publish": "tcp://127.0.0.1:5556",
     "metrics_addr": "127.0.0.1",  # loopback: metrics are not served to the network unless asked
     "http_addr": "127.0.0.1",  # the web view: loopback too, for the same reason
     "stats_interval": 1.0,  # seconds between stats messages
