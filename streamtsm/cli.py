@@ -25,6 +25,25 @@ log = logging.getLogger("streamtsm")
 
 # Commands that may load onnxruntime (an .onnx model to run, or an export to verify).
 _ONNXRUNTIME_COMMANDS = ("run", "eval", "export-onnx", "quantize", "export-triton")
+# Commands that only list, download or relay messages: they need neither OpenCV nor onnxruntime.
+_LIGHT_COMMANDS = ("models", "download", "listen", "broker", "bridge")
+
+
+def _check_builds(command: str) -> None:
+    """OpenCV and onnxruntime come in builds that install the same module, so a plain install has neither: the
+    user picks one extra. Say which, in one line, instead of an ImportError's traceback.
+
+    Raises:
+        ConfigError: a command needs a module that is not installed.
+    """
+    if command in _LIGHT_COMMANDS:
+        return
+    wanted = [("cv2", "OpenCV")] + ([("onnxruntime", "onnxruntime")] if command in _ONNXRUNTIME_COMMANDS[1:] else [])
+    missing = [name for module, name in wanted if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ConfigError(f"`streamtsm {command}` needs {' and '.join(missing)}, which is not installed: install "
+                          "streamtsm with one of its extras, pip install 'streamtsm[cpu]' (a server), "
+                          "'streamtsm[gpu]' (NVIDIA GPU) or 'streamtsm[desktop]' (with --show windows)")
 
 
 def _quiet_native_libraries(command: str, verbose: bool) -> None:
@@ -654,6 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_native_libraries(args.command, verbose=args.debug or args.log_level == "DEBUG")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        _check_builds(args.command)
         return func(args)
     except StreamTSMError as e:
         if args.debug:

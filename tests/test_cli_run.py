@@ -304,3 +304,18 @@ def test_sigterm_with_a_flapping_camera_among_many_streams_exits_0_promptly():
     assert " 0 reconnects" not in camera_line  # the drops were seen and counted
     assert out.count("frames processed") == 8
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["run"], ["synth", "--out", "x"]])
+def test_a_command_without_opencv_installed_names_the_extras_in_one_line(command):
+    # A plain `pip install streamtsm` has no OpenCV (its two builds break each other; an extra picks one). A cv2
+    # that cannot be found stands in for it: the command is one line naming the extras and exit 2.
+    code = ("import importlib.util, sys\n"
+            "importlib.util.find_spec = (lambda f: lambda name, *a: None if name == 'cv2' else f(name, *a))"
+            "(importlib.util.find_spec)\n"
+            "from streamtsm.cli import main\n"
+            f"sys.exit(main({command!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "OpenCV" in lines[0] and "streamtsm[cpu]" in lines[0], proc.stderr

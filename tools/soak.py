@@ -152,7 +152,7 @@ def stop_checks(repeats: int) -> list[dict]:
     many = []
     for i in range(8):
         many += ["--source", "synthetic:320x240@30"]
-    check("8 streams under load", many, lambda p: (p.stdout.readline(), time.sleep(5.0)))
+    check("8 streams under load", many, lambda p: (p.stderr.readline(), time.sleep(5.0)))  # the start line
     return rows
 
 
