@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import http.server
+import select
 import threading
 import time
 
@@ -73,7 +74,12 @@ class IpCamera:
                     time.sleep(1 / camera.fps)
                 camera.stalls.append(time.monotonic())
                 if camera.mode == "stall":
-                    camera._closed.wait()  # the connection stays open and silent
+                    # The connection stays open and silent until the reader hangs up (or the camera closes): a
+                    # handler that waited for ever would hold a thread and a socket per abandoned reader.
+                    while not camera._closed.is_set():
+                        readable, _, _ = select.select([self.connection], [], [], 0.5)
+                        if readable and not self.connection.recv(1024):
+                            return
                 else:
                     camera._down_until = time.monotonic() + camera.down_s
                     self.close_connection = True
@@ -110,9 +116,12 @@ def main() -> None:
     ap.add_argument("--mode", choices=MODES, default="steady")
     ap.add_argument("--frames", type=int, default=20)
     ap.add_argument("--fps", type=float, default=15.0)
+    ap.add_argument("--size", default="96x72", help="WxH")
+    ap.add_argument("--down-s", type=float, default=2.0, help="flap: seconds the camera answers 503")
     ap.add_argument("--port", type=int, default=0)
     args = ap.parse_args()
-    with IpCamera(args.mode, args.frames, args.fps, port=args.port) as camera:
+    w, h = (int(v) for v in args.size.split("x"))
+    with IpCamera(args.mode, args.frames, args.fps, size=(w, h), down_s=args.down_s, port=args.port) as camera:
         print(camera.url, flush=True)
         try:
             while True:

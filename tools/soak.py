@@ -109,6 +109,14 @@ class SilentServer:
 RUN = [sys.executable, "-m", "streamtsm.cli", "run", "--publish", "none", "--quiet"]
 
 
+def camera_process(mode: str) -> tuple[str, str, subprocess.Popen]:
+    """Starts tools/ip_camera.py (320x240 at 30 fps; 60 frames a connection) in a process; (mode, url, process)."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ip_camera.py")), "--mode", mode,
+                             "--frames", "60", "--fps", "30", "--size", "320x240", "--down-s", "2"],
+                            stdout=subprocess.PIPE, text=True)
+    return mode, proc.stdout.readline().strip(), proc
+
+
 def _stop_once(args: list[str], ready) -> tuple[float, int, str]:
     """Starts `streamtsm run ARGS`, calls ``ready(proc)`` until it says the state is reached, sends SIGTERM and
     returns (seconds to exit, exit code, the last line of stderr)."""
@@ -186,12 +194,11 @@ def main() -> None:
     latency = LatencySink()
     # 60 frames at 30 fps: a flapping camera is up 2 s, then down 2 s; a stalled one stalls after 2 s and again
     # after each reconnect (its hung reader is replaced after the 5 s read timeout).
-    cameras = ([IpCamera("flap", frames=60, fps=30, size=(320, 240), down_s=2.0) for _ in range(args.flapping)]
-               + [IpCamera("stall", frames=60, fps=30, size=(320, 240)) for _ in range(args.stalled)])
-    for cam in cameras:
-        cam.__enter__()
+    # Each camera in a process of its own, so this process's threads, descriptors and memory are the recognizer's.
+    cameras = [camera_process("flap") for _ in range(args.flapping)]
+    cameras += [camera_process("stall") for _ in range(args.stalled)]
     specs = [StreamSpec("synthetic:320x240@30", f"cam{i}") for i in range(args.streams)]
-    specs += [StreamSpec(cam.url, f"{cam.mode}{i}") for i, cam in enumerate(cameras)]
+    specs += [StreamSpec(url, f"{mode}{i}") for i, (mode, url, _) in enumerate(cameras)]
     # No duration: the tool stops the pipeline itself after its last sample, so no sample sees the teardown.
     pipeline = Pipeline(engine, specs, sinks=[publisher, latency], options=PipelineOptions())
     stop_sub = threading.Event()
@@ -247,8 +254,9 @@ def main() -> None:
     sub_thread.join(2)
     publisher.close()
     engine.close()
-    for cam in cameras:
-        cam.close()
+    for _, _, proc in cameras:
+        proc.terminate()
+        proc.wait(5)
     if work is not None:
         shutil.rmtree(work, ignore_errors=True)
     stops = stop_checks(args.stop_repeats) if args.stop_repeats > 0 else []
