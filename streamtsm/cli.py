@@ -338,17 +338,20 @@ def _run(args: argparse.Namespace, stop, running) -> int:
                 metrics.serve(out["metrics_port"], out["metrics_addr"])  # its own server, closed with the sink
             sinks.append(metrics)
         stream_ids = [spec.name or str(spec.source) for g in groups for spec in g.streams]
+        # Files wait for a slow writer (nothing lost); live sources would not, so their frames are dropped, counted.
+        live = (out["output"] is None and record_dir is None) or _any_live(groups)
         if out["output"] is not None:
             from .sinks.video import video_sink
 
-            video = video_sink(out["output"], stream_ids)
+            video = video_sink(out["output"], stream_ids, live=live, stop=stop)
             sinks.append(video)
         if record_dir is not None:
             from .sinks.recorder import GB, Recorder, RecorderSink
 
             recorder = RecorderSink(Recorder(record_dir, pre_roll=out["pre_roll"], post_roll=out["post_roll"],
                                              max_bytes=out["record_max_gb"] * GB, max_clip=out["record_max_clip"],
-                                             onset_lag=options.hold))
+                                             onset_lag=options.hold),
+                                    policy="drop_newest" if live else "block", stop=stop)
             sinks.append(recorder)
         if args.show:
             from .sinks.display import display_sink
@@ -398,6 +401,22 @@ def _run(args: argparse.Namespace, stop, running) -> int:
         print(f"output: {video.dropped} frames dropped (the writer could not keep up)")
     _blocked_at_exit[:] = pipeline.blocked_streams
     return 0
+
+
+def _any_live(groups) -> bool:
+    """Whether any stream's source is live (a camera, a network stream, synthetic); a source given as a function
+    counts as live (what it makes is not known before it runs)."""
+    from .capture import Source, open_source
+
+    for spec in (spec for g in groups for spec in g.streams):
+        source = spec.source
+        if isinstance(source, Source):
+            live = source.is_live
+        else:
+            live = callable(source) or open_source(source).is_live  # made, not opened: no device is touched
+        if live:
+            return True
+    return False
 
 
 def _served(server) -> str:

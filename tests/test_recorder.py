@@ -268,6 +268,65 @@ def test_recorder_stop_mid_action_writes_the_clip_and_says_the_run_ended(tmp_pat
     assert abs(len(images) - (0.5 + 3.0) * 10) <= 1
 
 
+def test_recorder_streams_a_clip_as_its_frames_arrive_so_a_stop_encodes_only_a_few(tmp_path, monkeypatch):
+    real = cv2.VideoWriter
+    phase, writes = ["running"], []
+
+    class Counting:  # cv2.VideoWriter, counting the frames encoded and when
+        def __init__(self, *args):
+            self.writer = real(*args)
+
+        def isOpened(self):
+            return self.writer.isOpened()
+
+        def write(self, image):
+            writes.append(phase[0])
+            self.writer.write(image)
+
+        def release(self):
+            self.writer.release()
+
+    monkeypatch.setattr(cv2, "VideoWriter", Counting)
+    fps, lag = 30.0, 3
+    rec = Recorder(tmp_path, pre_roll=1.0, post_roll=0.5, onset_lag=lag)
+    _feed(rec, 300, fps, [(60, 10_000)], hold=lag)  # 8 s of action, still going when the frames stop
+    assert rec.frames_unwritten() <= lag
+    phase[0] = "closing"
+    rec.close()
+    (side,) = _sidecars(tmp_path)
+    images, _ = _read_clip(tmp_path / side["clip"])
+    assert side["end"] == "run_ended" and len(images) == side["frames"]
+    assert abs(len(images) - (300 - 60 + 1.0 * fps)) <= 1  # the pre-roll and every frame of the action
+    # All but the last onset_lag frames were encoded as they came: the stop had only those left.
+    assert writes.count("closing") <= lag and len(writes) == side["frames"]
+
+
+def test_recorder_post_roll_zero_ends_the_clip_at_the_actions_last_frame(tmp_path):
+    # The offset comes `hold` frames after the action's last one: the frames between must not reach the clip.
+    fps = 10.0
+    rec = Recorder(tmp_path, pre_roll=1.0, post_roll=0.0, onset_lag=3)
+    _feed(rec, 80, fps, [(30, 50)], hold=3)
+    rec.close()
+    (side,) = _sidecars(tmp_path)
+    images, _ = _read_clip(tmp_path / side["clip"])
+    assert side["frames"] == len(images) == 31  # frames 20..50
+    assert side["clip_end"] == pytest.approx(T0 + 50 / fps) and side["end"] == "post_roll"
+
+
+def test_recorder_sink_block_keeps_every_frame_of_a_file_from_a_slow_recorder(tmp_path):
+    class Slow(Recorder):
+        def on_step(self, step):
+            time.sleep(0.002)  # a disk slower than the model
+            super().on_step(step)
+
+    sink = RecorderSink(Slow(tmp_path, pre_roll=1.0, post_roll=1.0), maxsize=2, policy="block")
+    _feed(sink, 100, 10.0, [(30, 60)], media=True)
+    sink.close()
+    (side,) = _sidecars(tmp_path)
+    assert sink.dropped == 0 and side["end"] == "post_roll"
+    assert side["frames"] == len(_read_clip(tmp_path / side["clip"])[0]) == 51  # frames 20..70
+
+
 # -- the command line ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, words", [

@@ -3,6 +3,7 @@ the --show window as such a sink."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -15,6 +16,7 @@ from streamtsm.errors import ConfigError
 from streamtsm.models import create
 from streamtsm.pipeline import Pipeline, PipelineOptions, StreamSpec
 from streamtsm.sinks import CallbackSink, QueuedSink, StepReport, StreamResult
+from streamtsm.sinks.annotated import AnnotatingSink
 
 from .conftest import randomize_
 
@@ -167,10 +169,134 @@ def test_queued_sink_passes_only_what_its_sink_wants():
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"maxsize": 0}, "at least 1 item, got maxsize=0"),
-                                               ({"policy": "wait"}, "drop_oldest, drop_newest, got 'wait'")])
+                                               ({"policy": "wait"}, "drop_oldest, drop_newest, block, got 'wait'"),
+                                               ({"block_timeout": 0}, "block_timeout must be a number of seconds > 0, "
+                                                                      "got 0")])
 def test_queued_sink_rejects_a_bad_size_or_policy(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         QueuedSink(MessagesOnly(), **kwargs)
+
+
+class _Putter(threading.Thread):
+    """Puts messages ``0..n-1`` into ``sink`` from a thread of its own (the pipeline's, blocked under ``block``);
+    keeps what the puts raised."""
+
+    def __init__(self, sink: QueuedSink, n: int) -> None:
+        super().__init__(daemon=True)
+        self.sink, self.n, self.error, self.done = sink, n, None, threading.Event()
+
+    def run(self) -> None:
+        try:
+            for i in range(self.n):
+                self.sink.on_message("t", {"n": i})
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            self.error = e
+        finally:
+            self.done.set()
+
+
+def test_queued_sink_block_makes_the_caller_wait_and_loses_nothing():
+    gate = threading.Event()
+    recorder = Recorder(gate)
+    sink = QueuedSink(recorder, maxsize=2, policy="block")
+    putter = _Putter(sink, 10)
+    putter.start()
+    assert recorder.entered.wait(WAIT_S)
+    assert not putter.done.wait(0.2), "the caller waits while the queue is full"
+    assert sink.dropped == 0
+    gate.set()
+    assert putter.done.wait(WAIT_S) and putter.error is None
+    sink.close()
+    assert recorder.items == [("message", n) for n in range(10)] and sink.dropped == 0
+
+
+def test_queued_sink_block_close_wakes_a_waiting_caller():
+    gate = threading.Event()  # the sink never finishes while the caller waits
+    sink = QueuedSink(Recorder(gate), maxsize=1, policy="block", close_timeout=0.1)
+    putter = _Putter(sink, 5)
+    putter.start()
+    try:
+        assert not putter.done.wait(0.2)  # blocked: message 0 in the sink, 1 queued, 2 waiting for room
+        sink.close()
+        assert putter.done.wait(WAIT_S), "close() woke the caller"
+    finally:
+        gate.set()
+    assert putter.error is None and sink.dropped == 4  # 1 still queued at close, 2-4 given after it
+
+
+def test_queued_sink_block_stop_event_ends_the_wait():
+    gate, stop = threading.Event(), threading.Event()
+    sink = QueuedSink(Recorder(gate), maxsize=1, policy="block", stop=stop)
+    putter = _Putter(sink, 4)
+    putter.start()
+    try:
+        assert not putter.done.wait(0.2)
+        stop.set()  # a SIGTERM: the run must end though the sink is slow
+        assert putter.done.wait(WAIT_S), "a stop ended the wait"
+        assert sink.dropped == 2  # messages 2 and 3: not queued, counted
+    finally:
+        gate.set()
+    sink.close()
+
+
+def test_queued_sink_block_raises_what_the_sink_raised_instead_of_waiting():
+    gate = threading.Event()
+
+    class Dies(Recorder):
+        def on_message(self, topic: str, payload: dict) -> None:
+            self.entered.set()
+            gate.wait(WAIT_S)
+            raise ConfigError("disk gone")
+
+    sink = QueuedSink(Dies(), maxsize=1, policy="block")
+    putter = _Putter(sink, 5)
+    putter.start()
+    assert not putter.done.wait(0.2)
+    gate.set()  # the sink dies while the caller waits for room
+    assert putter.done.wait(WAIT_S), "a dead sink does not leave its caller waiting"
+    assert isinstance(putter.error, ConfigError) and "disk gone" in str(putter.error)
+    sink.close()  # raised once already
+
+
+def test_queued_sink_block_waits_for_a_stuck_sink_once_then_drops(caplog):
+    gate = threading.Event()
+    recorder = Recorder(gate)
+    sink = QueuedSink(recorder, maxsize=1, policy="block", block_timeout=0.1, name="stuck")
+    sink.on_message("t", {"n": 0})
+    assert recorder.entered.wait(WAIT_S)
+    sink.on_message("t", {"n": 1})  # queued
+    with caplog.at_level(logging.WARNING, logger="streamtsm.sinks.base"):
+        for n in range(2, 6):  # the first waits block_timeout, the rest are dropped at once
+            sink.on_message("t", {"n": n})
+    assert sink.dropped == 4 and caplog.text.count("took more than 0.1 s") == 1
+    gate.set()
+    deadline = time.monotonic() + WAIT_S
+    while len(recorder.items) < 2 and time.monotonic() < deadline:  # the sink took message 1: no longer stuck
+        time.sleep(0.01)
+    sink.on_message("t", {"n": 6})
+    sink.close()
+    assert recorder.items == [("message", 0), ("message", 1), ("message", 6)] and sink.dropped == 4
+
+
+def test_pipeline_with_a_slow_sink_under_block_loses_no_frame_of_a_file(engine, shared_data):
+    got: list[int] = []
+
+    class SlowWriter:  # a video writer slower than the model
+        def on_step(self, item) -> None:
+            time.sleep(0.005)
+            got.append(item.result.frame.index)
+
+        def close(self) -> None:
+            pass
+
+    sink = AnnotatingSink(SlowWriter(), maxsize=2, policy="block", name="slow")
+    clip = str(shared_data / "videos" / "sample.avi")
+    pipeline = Pipeline(engine, [StreamSpec(clip, "clip", frame_stride=1)], sinks=[sink],
+                        options=PipelineOptions(max_frames=60))
+    final = pipeline.start().run()
+    sink.close()
+    assert final["streams"]["clip"]["frames"] == 60
+    assert got == list(range(60)) and sink.dropped == 0
 
 
 def test_pipeline_reports_steps_only_to_sinks_that_define_on_step(engine, shared_data):

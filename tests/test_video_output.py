@@ -1,5 +1,6 @@
 """`run --output PATH`: the annotated video, one file per stream, at the file's own rate or the processed rate, in
-order (drop_newest), playable after a stop (SIGTERM included), and its bad paths refused before anything starts."""
+order (drop_newest from live sources, every frame with block from files), playable after a stop (SIGTERM included),
+and its bad paths refused before anything starts."""
 
 from __future__ import annotations
 
@@ -253,6 +254,60 @@ def test_run_output_of_a_file_has_every_frame_at_the_file_fps(capsys, tmp_path, 
     assert _summary_count(r"output: (\d+) frames dropped", out) == 0
     assert fps == pytest.approx(source_fps, abs=0.01) and source_fps == pytest.approx(25.0)
     assert frames[0].shape == (240, 320, 3)
+
+
+def test_run_output_of_a_file_with_a_slow_writer_still_has_every_frame(capsys, tmp_path, shared_data, monkeypatch):
+    import streamtsm.sinks.video as video_module
+
+    real = video_module.VideoWriter.on_step
+
+    def slow(self, item):
+        time.sleep(0.01)  # an encoder slower than the model: the file waits for it
+        real(self, item)
+
+    monkeypatch.setattr(video_module.VideoWriter, "on_step", slow)
+    path = tmp_path / "out.avi"
+    code = main(["run", "--source", str(shared_data / "videos" / "sample.avi"), "--frame-stride", "1",
+                 "--publish", "none", "--quiet", "--max-frames", "80", "--output", str(path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    processed = _summary_count(r"sample: (\d+) frames processed", out)
+    assert processed == 80 and _summary_count(r"output: (\d+) frames dropped", out) == 0
+    assert _summary_count(r"output: sample: (\d+) frames written", out) == len(_read_video(path)[0]) == processed
+
+
+@pytest.mark.parametrize("sources, policy", [
+    (["{clip}"], "block"),
+    (["synthetic:64x48@30"], "drop_newest"),
+    (["{clip}", "synthetic:64x48@30"], "drop_newest"),  # one live source: nothing may wait
+])
+def test_run_output_and_recorder_block_only_when_every_source_is_a_file(capsys, tmp_path, shared_data, monkeypatch,
+                                                                        sources, policy):
+    import streamtsm.sinks.recorder as recorder_module
+    import streamtsm.sinks.video as video_module
+
+    made: dict[str, str] = {}
+    real_video_sink, real_recorder_sink = video_module.video_sink, recorder_module.RecorderSink
+
+    def video_sink(*args, **kwargs):
+        sink = real_video_sink(*args, **kwargs)
+        made["output"] = sink.policy
+        return sink
+
+    class RecorderSink(real_recorder_sink):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made["recorder"] = self.queue.policy
+
+    monkeypatch.setattr(video_module, "video_sink", video_sink)
+    monkeypatch.setattr(recorder_module, "RecorderSink", RecorderSink)
+    argv = ["run", "--publish", "none", "--quiet", "--max-frames", "2", "--output", str(tmp_path / "{stream}.avi"),
+            "--record-events", str(tmp_path / "rec")]
+    for i, source in enumerate(sources):
+        argv += ["--source", source.format(clip=shared_data / "videos" / "sample.avi"), "--name", f"s{i}"]
+    code = main(argv)
+    assert code == 0, capsys.readouterr()
+    assert made == {"output": policy, "recorder": policy}
 
 
 def test_run_output_writes_one_file_per_stream(capsys, tmp_path):

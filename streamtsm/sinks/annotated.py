@@ -14,6 +14,7 @@ behind the queue's thread runs::
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from streamtsm.overlay import StreamView, ViewTracker
@@ -42,19 +43,27 @@ class AnnotatingSink:
     Args:
         target: the drawing sink.
         maxsize: frames the queue holds.
-        policy: ``drop_oldest`` (a live view wants the newest frame) or ``drop_newest`` (a file keeps order).
+        policy: ``drop_oldest`` (a live view wants the newest frame), ``drop_newest`` (a file keeps order) or
+            ``block`` (nothing lost: the caller waits; for file sources).
         close_timeout: seconds ``close()`` waits for the target to finish what is queued.
         name: names the thread and the log lines.
+        stop: the run's stop event (``block``: a wait for room ends when it is set).
 
     Attributes:
         tracker: the views, fed by every message.
     """
 
-    def __init__(self, target, *, maxsize: int, policy: str, close_timeout: float = 2.0, name: str) -> None:
+    def __init__(self, target, *, maxsize: int, policy: str, close_timeout: float = 2.0, name: str,
+                 stop: threading.Event | None = None) -> None:
         self.tracker = ViewTracker()
         self.target = target
         self._queue = QueuedSink(target, maxsize=maxsize, policy=policy, messages=False, close_timeout=close_timeout,
-                                 name=name)
+                                 name=name, stop=stop)
+
+    @property
+    def policy(self) -> str:
+        """What the queue does when it is full (see :class:`~streamtsm.sinks.base.QueuedSink`)."""
+        return self._queue.policy
 
     @property
     def dropped(self) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DROP_POLICIES = ("drop_oldest", "drop_newest")
+DROP_POLICIES = ("drop_oldest", "drop_newest", "block")
+BLOCK_TIMEOUT = 10.0  # seconds ``block`` waits for room before it takes the sink for stuck (see QueuedSink)
+STOP_POLL = 0.05  # seconds between looks at the stop event while ``block`` waits (the pipeline's own period)
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,14 @@ class QueuedSink:
 
     The pipeline's calls only append to the queue. When the queue is full, the policy decides what is lost:
     ``drop_oldest`` discards the oldest waiting item (a live view wants the newest frame), ``drop_newest``
-    discards the item arriving (a recorder keeps what it has, in order). Either way the loss is counted in
-    ``dropped``; what is not dropped reaches the sink in the order it was given. Messages and steps share the one
-    queue, so their relative order holds too.
+    discards the item arriving (a recorder keeps what it has, in order), and ``block`` loses nothing: the caller
+    waits for room. That suits a source that waits too (a file: a writer slower than the model slows the run down
+    instead of losing frames), never a live one. The wait is bounded: it ends when the sink takes an item, when
+    ``close()`` is called (from another thread), when ``stop`` is set (a SIGTERM: the run must end within a second),
+    when the sink raised (raised to the caller, never a deadlock), or after ``block_timeout`` seconds (a sink that
+    takes that long for one item is stuck: until it takes one again, further items are dropped at once, so a run
+    is delayed once, not once per item). An item not queued is counted in ``dropped``; what is queued reaches the
+    sink in the order it was given. Messages and steps share the one queue, so their relative order holds too.
 
     ``close()`` lets the thread deliver what is queued and close the sink (in its own thread: a window is destroyed
     by the thread that drew it), waiting at most ``close_timeout`` seconds; a sink still blocked then is left to its
@@ -135,34 +143,45 @@ class QueuedSink:
     Args:
         sink: the sink to run.
         maxsize: items the queue holds.
-        policy: ``drop_oldest`` or ``drop_newest``.
+        policy: ``drop_oldest``, ``drop_newest`` or ``block``.
         messages: False to pass on only steps (a window has no use for messages; they would crowd its queue).
         close_timeout: seconds ``close()`` waits for the thread.
         name: names the thread and the log lines (the sink's class name when None).
+        stop: ``block`` only: the run's stop event; a wait for room ends when it is set.
+        block_timeout: ``block`` only: seconds one wait for room lasts at most.
 
     Attributes:
         dropped: items given to this sink that it never received.
 
     Raises:
-        ConfigError: If ``maxsize`` is below 1 or ``policy`` is not one of ``DROP_POLICIES``.
+        ConfigError: If ``maxsize`` is below 1, ``policy`` is not one of ``DROP_POLICIES`` or ``block_timeout`` is
+            not above 0.
     """
 
     def __init__(self, sink: Sink, *, maxsize: int = 64, policy: str = "drop_oldest", messages: bool = True,
-                 close_timeout: float = 2.0, name: str | None = None) -> None:
+                 close_timeout: float = 2.0, name: str | None = None, stop: threading.Event | None = None,
+                 block_timeout: float = BLOCK_TIMEOUT) -> None:
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise ConfigError(f"a sink's queue must hold at least 1 item, got maxsize={maxsize!r}")
         if policy not in DROP_POLICIES:
             raise ConfigError(f"a sink's drop policy must be one of {', '.join(DROP_POLICIES)}, got {policy!r}")
+        if not isinstance(block_timeout, (int, float)) or not block_timeout > 0:
+            raise ConfigError(f"a sink's block_timeout must be a number of seconds > 0, got {block_timeout!r}")
         self.sink = sink
         self.maxsize = maxsize
         self.policy = policy
         self.messages = messages
         self.close_timeout = close_timeout
         self.name = name or type(sink).__name__
+        self.stop = stop
+        self.block_timeout = block_timeout
         self.dropped = 0
         self._steps = wants_steps(sink)
         self._items: deque[tuple[str, tuple]] = deque()
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # the thread waits on it for items
+        self._room = threading.Condition(lock)  # block: the caller waits on it for room
+        self._stuck = False  # block: a wait for room timed out, and the sink has not taken an item since
         self._closing = False
         self._error: BaseException | None = None
         self._error_raised = False
@@ -179,19 +198,44 @@ class QueuedSink:
 
     def _put(self, item: tuple[str, tuple]) -> None:
         with self._cond:
-            if self._error is not None and not self._error_raised:
-                self._error_raised = True
-                raise self._error
+            self._raise_pending()
             if self._closing or self._error is not None:
                 self.dropped += 1
                 return
+            if len(self._items) >= self.maxsize and self.policy == "block" and not self._stuck:
+                self._wait_for_room()
+                self._raise_pending()  # the sink died while we waited
+                if self._closing or self._error is not None:
+                    self.dropped += 1
+                    return
             if len(self._items) >= self.maxsize:
                 self.dropped += 1
-                if self.policy == "drop_newest":
+                if self.policy != "drop_oldest":
                     return
                 self._items.popleft()
             self._items.append(item)
             self._cond.notify()
+
+    def _raise_pending(self) -> None:
+        """Raises, once, what the sink raised (the lock held)."""
+        if self._error is not None and not self._error_raised:
+            self._error_raised = True
+            raise self._error
+
+    def _wait_for_room(self) -> None:
+        """block: waits (the lock held) until there is room, a close, a stop, a sink error or ``block_timeout``."""
+        deadline = time.monotonic() + self.block_timeout
+        while len(self._items) >= self.maxsize and not self._closing and self._error is None:
+            if self.stop is not None and self.stop.is_set():
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._stuck = True
+                log.warning("sink %s took more than %.1f s to take one item; dropping what does not fit until it "
+                            "takes one again", self.name, self.block_timeout)
+                return
+            # A stop event cannot wake a Condition, so it is looked at every STOP_POLL while waiting.
+            self._room.wait(min(left, STOP_POLL) if self.stop is not None else left)
 
     def _deliver_all(self) -> None:
         while True:
@@ -201,6 +245,8 @@ class QueuedSink:
                 if not self._items:
                     break  # closing, and everything queued was delivered
                 method, args = self._items.popleft()
+                self._stuck = False
+                self._room.notify()
             try:
                 getattr(self.sink, method)(*args)
             except BaseException as e:  # noqa: BLE001 - handed to the pipeline's thread, which raises it
@@ -208,6 +254,7 @@ class QueuedSink:
                     self._error = e
                     self.dropped += len(self._items)
                     self._items.clear()
+                    self._room.notify_all()  # a caller waiting for room raises it instead
                 break
         try:
             self.sink.close()
@@ -225,6 +272,7 @@ class QueuedSink:
                 return
             self._closing = True
             self._cond.notify()
+            self._room.notify_all()  # a caller waiting for room (block) returns, its item dropped
         self._thread.join(self.close_timeout)
         if self._thread.is_alive():
             with self._cond:

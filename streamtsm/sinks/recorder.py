@@ -6,13 +6,13 @@ event messages.
 
     Pipeline ─► Fanout ── offset message + {"clip", "snapshot"} (RecordingNames: a pure function of the onset)
                    │
-                   └─► RecorderSink ══ bounded queue (drop_newest) ══► thread ──► Recorder
-                                                                                   ├ per stream: ring of JPEG frames
-                                                                                   │   (the pre-roll, nothing more)
-                                                                                   ├ actions in progress (their frames,
-                                                                                   │   at most max_clip seconds)
-                                                                                   └ DIR/<stream>/<stem>.mp4 .jpg .json
-                                                                                     (oldest removed past max_bytes)
+                   └─► RecorderSink ══ bounded queue ══► thread ──► Recorder
+                       (drop_newest live, block for files)              ├ per stream: ring of JPEG frames
+                                                                        │   (the pre-roll, nothing more)
+                                                                        ├ actions in progress: an open video writer
+                                                                        │   each (.part), fed as frames arrive
+                                                                        └ DIR/<stream>/<stem>.mp4 .jpg .json
+                                                                          (oldest removed past max_bytes)
 
 The paths go into the offset message, which the pipeline builds before any sink has seen it, so they cannot come
 from the recorder: :class:`RecordingNames` derives them from what the onset already says (stream, first frame, its
@@ -21,15 +21,24 @@ separators: a consumer on another machine, or in a container that mounts DIR els
 of DIR. A path in a message promises nothing: the clip may not have been written (a full disk, frames the queue
 dropped) or may have been removed since by the disk cap.
 
+Streaming: a clip is encoded as its frames arrive, not at its end. At the onset the recorder opens the clip's video
+writer (under a ``.part`` name) and writes the pre-roll from the ring; each later frame is written as it comes,
+held back only ``onset_lag`` frames (an offset is decided that many frames after the action's last one, so those
+may still fall past the post-roll and must not be written), until the post-roll has passed. Finishing a clip, at
+its end or at a stop, is then only those few frames, the writer's release, the rename, the snapshot and the
+sidecar: a stop mid-action is prompt however long the action has lasted.
+
 Memory: frames are held JPEG-encoded, per stream only as far back as the pre-roll (plus the ``onset_lag`` frames by
-which an onset is decided after its first frame), and per action in progress at most ``max_clip`` seconds; an
-action that lasts longer is cut there (the sidecar's ``end`` says ``"max_clip"``) and its sidecar gets the offset
-when it comes. Disk: after each recording, the oldest recordings in DIR (clip, snapshot and sidecar together) are
-removed until the total is under ``max_bytes``; the newest is always kept.
+which an onset is decided after its first frame), and per action in progress the ``onset_lag`` frames not yet
+written and its snapshot; a clip holds at most ``max_clip`` seconds, an action that lasts longer is cut there (the
+sidecar's ``end`` says ``"max_clip"``) and its sidecar gets the offset when it comes. Disk: after each recording,
+the oldest recordings in DIR (clip, snapshot and sidecar together) are removed until the total is under
+``max_bytes``; the newest is always kept.
 
 Times: a frame's time is its position in its file (``media_ts``) when it has one, else its capture time, and the
 clip plays at the rate its frames were taken at in that time: a file's clip at the file's rate (over the frame
-stride), a live clip at the rate the frames were processed.
+stride), a live clip at the rate the frames were processed, measured over the stream's ring (the pre-roll) when
+the clip's writer opens.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -67,6 +77,7 @@ _STEM = re.compile(r"^[A-Za-z0-9_-]+-\d{8}T\d{6}\.\d{3}Z-f\d+$")
 MAX_FPS = 120
 JPEG_QUALITY = 90
 GB = 1e9
+CLOSE_TIMEOUT = 2.0  # seconds RecorderSink.close() waits: the queue's items and a few frames per open clip
 
 
 class RecordingNames:
@@ -129,7 +140,17 @@ class _Recording:
     start_frame: int
     clip_start: float  # first time the clip takes (onset - pre_roll)
     onset: dict
-    frames: list[_Held]
+    # Frames taken into the clip but not written yet: the raw image when the recorder has it (frames arriving), None
+    # for the ring's (decoded from the JPEG).
+    pending: deque[tuple[_Held, np.ndarray | None]]
+    taken: int = 0  # frames taken into the clip (written or pending): what max_clip counts
+    snapshot: _Held | None = None  # the action's first frame, once seen
+    clip: _ClipWriter | None = None
+    fps: float | None = None
+    written: int = 0
+    first: _Held | None = None  # the first frame written
+    last_t: float | None = None  # time of the last frame written
+    dead: bool = False  # the clip could not be written (counted once in ``failed``); its frames are let go
     offset: dict | None = None
     clip_end: float | None = None  # last time the clip takes (offset + post_roll), once the offset is known
 
@@ -139,6 +160,14 @@ class _Stream:
     ring: deque[_Held] = field(default_factory=deque)
     active: list[_Recording] = field(default_factory=list)
     last_t: float | None = None
+
+
+def _ring_rate(ring: deque[_Held]) -> float | None:
+    """The rate the ring's frames were taken at (frames per second of their times), None with fewer than two."""
+    if len(ring) < 2:
+        return None
+    span = ring[-1].t - ring[0].t
+    return (len(ring) - 1) / span if span > 0 else 1.0  # a clock that stood still: one frame a second
 
 
 def _event_time(payload: dict, which: str) -> float:
@@ -200,7 +229,10 @@ class Recorder:
             self._frame(result.stream_id, frame.index, float(t), frame.image)
 
     def close(self) -> None:
-        """Writes every recording still open (the run ended mid-action or mid post-roll: ``end`` ``run_ended``)."""
+        """Finishes every recording still open (the run ended mid-action or mid post-roll: ``end`` ``run_ended``).
+
+        Prompt: each open clip has only its last ``onset_lag`` frames left to encode.
+        """
         for sid, stream in self._streams.items():
             for rec in list(stream.active):
                 self._finish(stream, rec, "run_ended")
@@ -208,10 +240,15 @@ class Recorder:
     # -- what the recorder holds --------------------------------------------------------------------------------
 
     def frames_held(self) -> int:
-        """Encoded frames in memory (the rings and the actions in progress; a frame in both counts once)."""
+        """Encoded frames in memory (the rings and the frames of the actions in progress not yet written; a frame
+        in both counts once)."""
         held = {id(h) for s in self._streams.values() for h in s.ring}
-        held.update(id(h) for s in self._streams.values() for rec in s.active for h in rec.frames)
+        held.update(id(h) for s in self._streams.values() for rec in s.active for h, _ in rec.pending)
         return len(held)
+
+    def frames_unwritten(self) -> int:
+        """Frames taken into the clips in progress and not encoded yet: what a stop still has to encode."""
+        return sum(len(rec.pending) for s in self._streams.values() for rec in s.active)
 
     def disk_bytes(self) -> int:
         """Bytes of the recordings in DIR, as the disk cap counts them."""
@@ -227,7 +264,12 @@ class Recorder:
         clip_start = _event_time(payload, "start") - self.pre_roll
         stem = self.names.stem(sid, start_frame, payload["start_ts"])
         frames = [h for h in stream.ring if h.t >= clip_start]
-        stream.active.append(_Recording(sid, stem, start_frame, clip_start, payload, frames))
+        rec = _Recording(sid, stem, start_frame, clip_start, payload, deque((h, None) for h in frames),
+                         taken=len(frames), snapshot=next((h for h in frames if h.index >= start_frame), None))
+        stream.active.append(rec)
+        # The ring's frames all come before the action's last frame (an onset is decided within the action), so no
+        # offset can cut them: the pre-roll is written now.
+        self._write_pending(stream, rec, keep=0)
 
     def _offset(self, payload: dict) -> None:
         sid, start_frame = payload["stream"], int(payload["start_frame"])
@@ -238,6 +280,8 @@ class Recorder:
             rec.clip_end = _event_time(payload, "end") + self.post_roll
             if stream.last_t is not None and stream.last_t > rec.clip_end:
                 self._finish(stream, rec, "post_roll")
+            else:
+                self._write_pending(stream, rec, keep=0)  # every frame so far is inside the post-roll
             return
         cut = self._awaiting_offset.pop((sid, start_frame), None)
         if cut is not None:
@@ -271,40 +315,96 @@ class Recorder:
             if rec.clip_end is not None and t > rec.clip_end:
                 self._finish(stream, rec, "post_roll")
                 continue
-            if rec.offset is None and (t - rec.clip_start > self.max_clip or len(rec.frames) >= self.clip_cap):
+            if rec.offset is None and (t - rec.clip_start > self.max_clip or rec.taken >= self.clip_cap):
                 self._finish(stream, rec, "max_clip")
                 continue
-            rec.frames.append(held)
+            rec.pending.append((held, image))
+            rec.taken += 1
+            if rec.snapshot is None and held.index >= rec.start_frame:
+                rec.snapshot = held
+            # Until the offset is known, the newest onset_lag frames may still fall past the post-roll.
+            self._write_pending(stream, rec, keep=self.onset_lag if rec.clip_end is None else 0)
 
     # -- writing ------------------------------------------------------------------------------------------------
 
-    def _finish(self, stream: _Stream, rec: _Recording, end: str) -> None:
-        stream.active.remove(rec)
-        frames = [h for h in rec.frames if rec.clip_end is None or h.t <= rec.clip_end]
-        if not frames:
-            self._fail(rec.stem, "no frames were held for it (the queue dropped them)")
-            return
-        snapshot = next((h for h in frames if h.index >= rec.start_frame), frames[0])
-        span = frames[-1].t - frames[0].t
-        fps = (len(frames) - 1) / span if len(frames) > 1 and span > 0 else 1.0
-        clip = self.root / (rec.stem + CLIP_SUFFIX)
+    def _write_pending(self, stream: _Stream, rec: _Recording, keep: int, final: bool = False) -> None:
+        """Encodes the clip's pending frames but the newest ``keep``, opening its writer first if it is not open
+        (once the rate can be told: ``final``, the clip ends, decides it with what there is)."""
+        while len(rec.pending) > keep and not rec.dead:
+            if rec.clip is None and not self._open_clip(stream, rec, final):
+                return
+            held, image = rec.pending.popleft()
+            if image is None:
+                image = cv2.imdecode(np.frombuffer(held.jpeg, np.uint8), cv2.IMREAD_COLOR)
+                if image is None:
+                    continue
+            try:
+                rec.clip.write(image)
+            except cv2.error as e:
+                self._fail(rec.stem, str(e))
+                rec.dead = True
+                break
+            rec.written += 1
+            rec.first = rec.first or held
+            rec.last_t = held.t
+        if rec.dead:
+            rec.pending.clear()
+
+    def _open_clip(self, stream: _Stream, rec: _Recording, final: bool) -> bool:
+        fps = _ring_rate(stream.ring)
+        if fps is None:
+            if not final:
+                return False  # one frame so far: the next tells the rate
+            fps = 1.0
+        held, image = rec.pending[0]
+        if image is None:
+            image = cv2.imdecode(np.frombuffer(held.jpeg, np.uint8), cv2.IMREAD_COLOR)
         try:
+            if image is None:
+                raise ValueError("a held frame does not decode")
+            clip = self.root / (rec.stem + CLIP_SUFFIX)
             clip.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.root / (rec.stem + SNAPSHOT_SUFFIX), snapshot.jpeg)
-            _write_clip(clip, frames, fps)
+            rec.clip = _ClipWriter(clip, fps, image.shape[1], image.shape[0])
         except (OSError, cv2.error, ValueError) as e:
             self._fail(rec.stem, str(e))
-            _remove_unit(self.root, rec.stem)  # no snapshot without its clip
+            rec.dead = True
+            return False
+        rec.fps = fps
+        return True
+
+    def _finish(self, stream: _Stream, rec: _Recording, end: str) -> None:
+        stream.active.remove(rec)
+        if rec.clip_end is not None:
+            rec.pending = deque(p for p in rec.pending if p[0].t <= rec.clip_end)
+        self._write_pending(stream, rec, keep=0, final=True)
+        if rec.dead:
+            if rec.clip is not None:
+                rec.clip.abort()
+            _remove_unit(self.root, rec.stem)
             return
+        if rec.written == 0:
+            if rec.clip is not None:
+                rec.clip.abort()
+            self._fail(rec.stem, "no frames were held for it (the queue dropped them)")
+            return
+        snapshot = rec.snapshot or rec.first  # the action's first frame, else (dropped) the clip's first
+        try:
+            rec.clip.finish()
+            _write_atomic(self.root / (rec.stem + SNAPSHOT_SUFFIX), snapshot.jpeg)
+        except (OSError, cv2.error, ValueError) as e:
+            self._fail(rec.stem, str(e))
+            _remove_unit(self.root, rec.stem)  # no clip without its snapshot, no snapshot without its clip
+            return
+        fps = rec.fps
         sidecar = {
             "stream": rec.stream_id,
             "clip": rec.stem + CLIP_SUFFIX,
             "snapshot": rec.stem + SNAPSHOT_SUFFIX,
             "snapshot_frame": snapshot.index,
             "time_base": "media" if rec.onset.get("start_media_ts") is not None else "capture",
-            "clip_start": round(frames[0].t, 6),
-            "clip_end": round(frames[-1].t, 6),
-            "frames": len(frames),
+            "clip_start": round(rec.first.t, 6),
+            "clip_end": round(rec.last_t, 6),
+            "frames": rec.written,
             "fps": round(fps, 3),
             "pre_roll": self.pre_roll,
             "post_roll": self.post_roll,
@@ -405,50 +505,62 @@ def _write_atomic(path: Path, data: bytes) -> None:
         part.unlink(missing_ok=True)
 
 
-def _write_clip(path: Path, frames: list[_Held], fps: float) -> None:
-    # Written under a .part name with the real suffix (the container is chosen by it), then renamed when closed.
-    part = path.with_name(path.stem + ".part" + path.suffix)
-    first = cv2.imdecode(np.frombuffer(frames[0].jpeg, np.uint8), cv2.IMREAD_COLOR)
-    if first is None:
-        raise ValueError("a held frame does not decode")
-    height, width = first.shape[:2]
-    writer = cv2.VideoWriter(str(part), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
-    try:
-        if not writer.isOpened():
-            raise OSError(f"OpenCV cannot open a video writer for {part}")
-        for held in frames:
-            image = cv2.imdecode(np.frombuffer(held.jpeg, np.uint8), cv2.IMREAD_COLOR)
-            if image is None:
-                continue
-            if image.shape[:2] != (height, width):  # the source changed size (a reconnect): one size per clip
-                image = cv2.resize(image, (width, height))
-            writer.write(image)
-    finally:
-        writer.release()
-    try:
-        if not part.exists() or part.stat().st_size == 0:
-            raise OSError(f"OpenCV wrote nothing to {part}")
-        os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
+class _ClipWriter:
+    """A clip being written: an OpenCV writer on ``<stem>.part.mp4`` (the container is chosen by the real suffix),
+    renamed to the clip's name by :meth:`finish`, so a reader never sees half a clip."""
+
+    def __init__(self, path: Path, fps: float, width: int, height: int) -> None:
+        self.path = path
+        self.part = path.with_name(path.stem + ".part" + path.suffix)
+        self.size = (width, height)
+        self.writer = cv2.VideoWriter(str(self.part), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), self.size)
+        if not self.writer.isOpened():
+            self.abort()
+            raise OSError(f"OpenCV cannot open a video writer for {self.part}")
+
+    def write(self, image: np.ndarray) -> None:
+        if (image.shape[1], image.shape[0]) != self.size:  # the source changed size (a reconnect): one size per clip
+            image = cv2.resize(image, self.size)
+        self.writer.write(image)
+
+    def finish(self) -> None:
+        """Closes the file and gives it the clip's name."""
+        self.writer.release()
+        try:
+            if not self.part.exists() or self.part.stat().st_size == 0:
+                raise OSError(f"OpenCV wrote nothing to {self.part}")
+            os.replace(self.part, self.path)
+        finally:
+            self.part.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        """Closes the file and removes it."""
+        self.writer.release()
+        self.part.unlink(missing_ok=True)
 
 
 class RecorderSink:
     """What ``run --record-events`` adds to the sinks: a :class:`Recorder` on its own thread behind a bounded
-    queue (``drop_newest``: a recording keeps the frames it has, in order), fed only the event messages and the
-    steps, and the offset message's ``clip`` and ``snapshot`` fields (see :meth:`offset_fields`).
+    queue, fed only the event messages and the steps, and the offset message's ``clip`` and ``snapshot`` fields
+    (see :meth:`offset_fields`). The queue's policy: ``drop_newest`` for live sources (a recording keeps the frames it
+    has, in order, and never delays a model step), ``block`` when every source is a file (the run waits for the
+    recorder instead of losing frames; see :class:`~streamtsm.sinks.base.QueuedSink`).
 
     Args:
         recorder: the recorder to run.
         maxsize: items (steps and event messages) the queue holds; a waiting step holds its frames' raw images,
             so this bounds that memory too (it covers a clip being written at 10-30 fps: about one to three seconds).
-        close_timeout: seconds ``close()`` waits for the recorder to write what is open (a stop mid-action).
+        close_timeout: seconds ``close()`` waits for the recorder to finish what is open (a stop mid-action: the
+            queued items and, per open clip, a few frames, since clips are written as their frames arrive).
+        policy: ``drop_newest`` or ``block``.
+        stop: the run's stop event (``block``: a wait for room ends when it is set).
     """
 
-    def __init__(self, recorder: Recorder, *, maxsize: int = 32, close_timeout: float = 30.0) -> None:
+    def __init__(self, recorder: Recorder, *, maxsize: int = 32, close_timeout: float = CLOSE_TIMEOUT,
+                 policy: str = "drop_newest", stop: threading.Event | None = None) -> None:
         self.recorder = recorder
         self.names = recorder.names
-        self.queue = QueuedSink(recorder, maxsize=maxsize, policy="drop_newest", close_timeout=close_timeout,
+        self.queue = QueuedSink(recorder, maxsize=maxsize, policy=policy, close_timeout=close_timeout, stop=stop,
                                 name="recorder")
 
     def on_message(self, topic: str, payload: dict) -> None:

@@ -11,9 +11,12 @@ extra libraries). The file plays at the rate the frames were taken:
   does not count), so the output plays in real time. A source whose rate changes later plays faster or slower.
 
 Until the rate is decided the first frames wait in memory (a few frames). Writing can block (a disk), so
-:func:`video_sink` runs the writer behind an :class:`~streamtsm.sinks.annotated.AnnotatingSink` with the policy
-``drop_newest``: a file keeps its frames in order, and what the writer cannot keep up with is counted, never a model
-step delayed. ``close()`` writes what is queued and closes each file (so it plays after a stop, SIGTERM included).
+:func:`video_sink` runs the writer behind an :class:`~streamtsm.sinks.annotated.AnnotatingSink`. Its policy follows
+the sources: from live sources ``drop_newest`` (a file keeps its frames in order, and what the writer cannot keep up
+with is counted, never a model step delayed: the camera would not wait); when every source is a file, ``block``
+(every processed frame is written: a file processed faster than the writer encodes waits for it, as the file can;
+a stop still ends the wait at once). ``close()`` writes what is queued and closes each file (so it plays after a
+stop, SIGTERM included).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import statistics
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,10 +216,18 @@ class VideoWriter:
             raise error
 
 
-def video_sink(template: str, stream_ids: list[str], option: str = "--output") -> AnnotatingSink:
+def video_sink(template: str, stream_ids: list[str], option: str = "--output", *, live: bool = True,
+               stop: threading.Event | None = None) -> AnnotatingSink:
     """The ``--output`` video as a sink: the overlay kept from every message, and a :class:`VideoWriter` on its
-    own thread behind a queue of ``FRAMES_PER_STREAM`` frames per stream (``drop_newest``); the writer is the
-    returned sink's ``target``.
+    own thread behind a queue of ``FRAMES_PER_STREAM`` frames per stream; the writer is the returned sink's
+    ``target``.
+
+    Args:
+        template: the path given (see :func:`output_path`).
+        stream_ids: the streams, one file each.
+        option: names the option in errors.
+        live: whether any source is live: ``drop_newest`` then, else ``block`` (see the module docstring).
+        stop: the run's stop event, which ends a ``block`` wait.
 
     Raises:
         ConfigError: the path does not suit the streams (see :func:`check_output` and :func:`check_output_paths`).
@@ -224,4 +236,5 @@ def video_sink(template: str, stream_ids: list[str], option: str = "--output") -
     paths = {sid: output_path(template, sid) for sid in stream_ids}
     check_output_paths(paths, option)
     return AnnotatingSink(VideoWriter(paths), maxsize=FRAMES_PER_STREAM * max(1, len(stream_ids)),
-                          policy="drop_newest", close_timeout=CLOSE_TIMEOUT, name="output")
+                          policy="drop_newest" if live else "block", close_timeout=CLOSE_TIMEOUT, name="output",
+                          stop=stop)
