@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -252,14 +253,14 @@ class _StopRequested(BaseException):
     traceback. A BaseException, so no ``except Exception`` on the way swallows it."""
 
 
-# Streams whose capture threads were left blocked in a decoder when `run` ended (see Pipeline.blocked_streams):
-# entry() then ends the process without the interpreter's clean-up.
+# Set when `run` has ended, everything it opened closed: entry() then ends the process at once (see there). The
+# streams whose capture threads were left blocked in a decoder (Pipeline.blocked_streams) are named in a warning.
+_run_ended = threading.Event()
 _blocked_at_exit: list[str] = []
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     import signal
-    import threading
 
     check_options(args)
     stop, running = threading.Event(), threading.Event()
@@ -278,6 +279,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except _StopRequested:
         print("streamtsm: stopped before the streams started", file=sys.stderr, flush=True)
         return 0
+    finally:
+        _run_ended.set()
 
 
 def _run(args: argparse.Namespace, stop, running) -> int:
@@ -459,7 +462,6 @@ def endpoint_reach(endpoint: str) -> str:
 
 def _cmd_broker(args: argparse.Namespace) -> int:
     import signal
-    import threading
 
     from .publish.broker import run_broker
 
@@ -474,7 +476,6 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
 def _cmd_bridge_mqtt(args: argparse.Namespace) -> int:
     import signal
-    import threading
 
     from .bridge.mqtt import MqttBridge, MqttOptions, parse_broker_address, run_bridge
     from .publish.publisher import check_endpoint
@@ -704,15 +705,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The `streamtsm` command. After `run`, a capture thread still blocked inside a decoder (a stalled network
-    camera) would be torn down by the interpreter's clean-up and abort the process (C++ terminate, exit 134):
-    the process then ends at once with its exit code, its output flushed."""
+    """The `streamtsm` command. When `run` has ended, it has closed everything it opened (sinks, files, engines; the
+    publisher discards what is queued anyway), so the process ends at once with its exit code, its output flushed,
+    without the interpreter's clean-up: on a loaded machine that takes seconds (torch's and OpenCV's teardown) where
+    a stop must take under one, and a capture thread still blocked inside a decoder (a stalled network camera) would
+    be torn down under it and abort the process (C++ terminate, exit 134)."""
     code = main()
-    if _blocked_at_exit:
-        logging.getLogger("streamtsm").warning("leaving %d capture thread(s) blocked in a decoder (%s)",
-                                               len(_blocked_at_exit), ", ".join(_blocked_at_exit))
+    if _run_ended.is_set():
+        if _blocked_at_exit:
+            log.warning("leaving %d capture thread(s) blocked in a decoder (%s)", len(_blocked_at_exit),
+                        ", ".join(_blocked_at_exit))
         sys.stdout.flush()
         sys.stderr.flush()
+        logging.shutdown()
         os._exit(code)
     sys.exit(code)
 

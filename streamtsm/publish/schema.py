@@ -300,7 +300,7 @@ def encode(topic: str, payload: dict) -> list[bytes]:
             body = _dumps(payload)
         except ValueError:
             # Only a non-finite float (or a circular reference) gets here: the common path never walks the payload.
-            body = _dumps(_finite_or_null(payload))
+            body = _dumps(finite_or_null(payload))
     except TypeError as error:
         raise ValueError(f"payload is not JSON-serializable: {error}") from None
     except RecursionError:
@@ -312,14 +312,14 @@ def _dumps(payload: dict) -> str:
     return json.dumps(payload, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
 
 
-def _finite_or_null(value: Any) -> Any:
+def finite_or_null(value: Any) -> Any:
     """``value`` with every NaN or infinite float replaced by None, containers copied, the rest as it was."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
+        return {k: finite_or_null(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite_or_null(v) for v in value]
+        return [finite_or_null(v) for v in value]
     return value
 
 

@@ -59,7 +59,7 @@ import cv2
 import numpy as np
 
 from streamtsm.errors import ConfigError
-from streamtsm.publish.schema import TOPIC_EVENT
+from streamtsm.publish.schema import TOPIC_EVENT, finite_or_null
 from streamtsm.sinks.base import QueuedSink, StepReport
 
 if TYPE_CHECKING:
@@ -426,7 +426,7 @@ class Recorder:
     def _write_sidecar(self, stem: str, sidecar: dict) -> bool:
         try:
             _write_atomic(self.root / (stem + SIDECAR_SUFFIX),
-                          json.dumps(_finite_or_null(sidecar), indent=1, allow_nan=False).encode("utf-8"))
+                          json.dumps(finite_or_null(sidecar), indent=1, allow_nan=False).encode("utf-8"))
         except (OSError, ValueError) as e:
             self._fail(stem, str(e))
             return False
@@ -464,17 +464,6 @@ class Recorder:
             mtime, size = units.get(stem, (0.0, 0))
             units[stem] = (max(mtime, st.st_mtime), size + st.st_size)
         return dict(sorted(units.items(), key=lambda item: (item[1][0], item[0])))
-
-
-def _finite_or_null(value: object) -> object:
-    """``value`` with NaN and infinities as None: the sidecar is strict JSON, as the wire is."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_null(v) for v in value]
-    return value
 
 
 def _remove_unit(root: Path, stem: str) -> None:
