@@ -461,8 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_commands(sub)
     add_train_commands(sub)
-    for p in (parser, *dict.fromkeys(sub.choices.values())):
-        _add_global_options(p)
+    _add_global_options(parser, GLOBAL_DEFAULTS)
+    for command in dict.fromkeys(sub.choices.values()):
+        _add_global_options(command, None)
     return parser
 
 
@@ -470,16 +471,20 @@ def build_parser() -> argparse.ArgumentParser:
 GLOBAL_DEFAULTS = {"debug": False, "log_level": "WARNING", "offline": False}
 
 
-def _add_global_options(p: argparse.ArgumentParser) -> None:
+def _add_global_options(p: argparse.ArgumentParser, defaults: dict | None) -> None:
     """The global options, on the main parser and on every command's, so they are taken before the command
-    (``streamtsm --debug run``) and after it (``streamtsm run --debug``). Their default is SUPPRESS, so a parser
-    that was not given one leaves no value: the one given, either place, is the one kept (after the command wins
-    when both are given); main() fills in GLOBAL_DEFAULTS for the ones given nowhere."""
+    (``streamtsm --debug run``) and after it (``streamtsm run --debug``).
+
+    The main parser holds the defaults (``defaults``); a command's parser has none (None: SUPPRESS), so it sets a
+    value only when the option follows the command, and then that value wins over one given before it."""
+    def default(name: str):
+        return argparse.SUPPRESS if defaults is None else defaults[name]
+
     g = p.add_argument_group("global options (before or after the command)")
-    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
-    g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=argparse.SUPPRESS,
+    g.add_argument("--debug", action="store_true", default=default("debug"), help="show tracebacks for errors")
+    g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=default("log_level"),
                    help=f"log level (default: {GLOBAL_DEFAULTS['log_level']})")
-    g.add_argument("--offline", action="store_true", default=argparse.SUPPRESS,
+    g.add_argument("--offline", action="store_true", default=default("offline"),
                    help="never touch the network: catalog checkpoints come from the cache only "
                         "(same as STREAMTSM_OFFLINE=1)")
 
@@ -487,9 +492,6 @@ def _add_global_options(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name, default in GLOBAL_DEFAULTS.items():
-        if not hasattr(args, name):
-            setattr(args, name, default)
     if args.offline:
         os.environ["STREAMTSM_OFFLINE"] = "1"  # read by every download, in this process and the ones it starts
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -72,10 +72,13 @@ def test_cli_global_options_are_accepted_after_every_command(command):
     (["--log-level", "INFO", "models"], "INFO"),
     (["models", "--log-level", "ERROR"], "ERROR"),
     (["--log-level", "INFO", "models", "--log-level", "ERROR"], "ERROR"),  # after the command wins
+    (["models"], "WARNING"),
+    (["--debug", "models", "--log-level", "ERROR"], "ERROR"),  # one before, one after: both kept
 ])
 def test_cli_global_log_level_either_place(argv, level):
     args = build_parser().parse_args(argv)
     assert args.log_level == level
+    assert args.debug is ("--debug" in argv) and args.offline is False
 
 
 @pytest.mark.parametrize("argv", [["--offline", "models"], ["models", "--offline"]])
