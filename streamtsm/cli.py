@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import __version__
 from .errors import ConfigError, StreamTSMError
 from .settings import RUN_DEFAULTS, check_setting, merge_settings
 from .stream_ids import check_stream_id, unique_stream_id
@@ -372,12 +373,13 @@ def _run(args: argparse.Namespace, stop, running) -> int:
         note = _demo_model_note(args, out) if site is None else None
         if note:
             print(note, file=sys.stderr, flush=True)
-        models = ", ".join(f"{g.engine.model_name} ({g.engine.backend})" for g in groups)
-        reach = f", publishing on {endpoint_reach(publisher.endpoint)}" if publisher else ""
-        print(f"streamtsm: {models} on {', '.join(pipeline.stream_ids)}{reach}", file=sys.stderr, flush=True)
-        for server in [*servers, metrics and metrics.server]:
-            if server:
-                print(f"streamtsm: serving {_served(server)} at {server.url}", file=sys.stderr, flush=True)
+        if not args.quiet:  # --quiet: errors, warnings (the note above) and the final summary only
+            models = ", ".join(f"{g.engine.model_name} ({g.engine.backend})" for g in groups)
+            reach = f", publishing on {endpoint_reach(publisher.endpoint)}" if publisher else ""
+            print(f"streamtsm: {models} on {', '.join(pipeline.stream_ids)}{reach}", file=sys.stderr, flush=True)
+            for server in [*servers, metrics and metrics.server]:
+                if server:
+                    print(f"streamtsm: serving {_served(server)} at {server.url}", file=sys.stderr, flush=True)
         final = pipeline.run(stop)
     finally:
         for server in servers:
@@ -429,16 +431,20 @@ def _served(server) -> str:
     return " and ".join(parts) + " (health: /healthz, /readyz)"
 
 
+def _shown(value, spec: str = "") -> str:
+    """A figure of a summary line; "-" for one not measured (None), never the word None."""
+    return "-" if value is None else format(value, spec)
+
+
 def _print_summary(stats: dict) -> None:
     for sid, s in stats["streams"].items():
-        p50 = "-" if s["latency_p50_ms"] is None else f"{s['latency_p50_ms']:.0f}"
-        p99 = "-" if s["latency_p99_ms"] is None else f"{s['latency_p99_ms']:.0f}"
+        p50, p99 = _shown(s["latency_p50_ms"], ".0f"), _shown(s["latency_p99_ms"], ".0f")
         print(f"{sid}: {s['frames']} frames processed, {s['captured']} captured, {s['dropped']} dropped, "
               f"{s['skipped']} skipped, {s['bad_frames']} bad, {s['reconnects']} reconnects, latency p50/p99 "
               f"{p50}/{p99} ms, status {s['status']}" + (f" ({s['last_error']})" if s["last_error"] else ""))
     for name, m in stats["models"].items():
-        print(f"{name} ({m['backend']}): {m['steps']} model steps, p50 {m['step_p50_ms']} ms, "
-              f"mean batch {m['batch_mean']}")
+        print(f"{name} ({m['backend']}): {m['steps']} model steps, p50 {_shown(m['step_p50_ms'])} ms, "
+              f"mean batch {_shown(m['batch_mean'])}")
     print(f"messages published {stats['published']}, dropped {stats['publish_dropped']}")
 
 
@@ -504,7 +510,7 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
     check_options(args)
     listen(args.connect, args.topic or ["streamtsm"], as_json=args.json, out=sys.stdout,
-           max_messages=args.max_messages, timeout=args.timeout)
+           max_messages=args.max_messages, timeout=args.timeout, status=None if args.quiet else sys.stderr)
     return 0
 
 
@@ -529,11 +535,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamtsm", description="Streaming action recognition for live cameras.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.add_argument("--offline", action="store_true",
-                        help="never touch the network: catalog checkpoints come from the cache only "
-                             "(same as STREAMTSM_OFFLINE=1)")
+    parser.add_argument("--version", action="version", version=f"streamtsm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("models", help="list the architectures and the published checkpoints of the catalog")
@@ -669,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print raw JSON payloads, one per line")
     p.add_argument("--max-messages", type=int, help="exit after this many messages")
     p.add_argument("--timeout", type=float, help="exit when no message arrives for this many seconds")
+    p.add_argument("--quiet", action="store_true", help="print the messages only (no waiting line on stderr)")
     p.set_defaults(func=_cmd_listen)
 
     from .export.commands import add_commands as add_export_commands
@@ -676,16 +679,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_commands(sub)
     add_train_commands(sub)
+    _add_global_options(parser, GLOBAL_DEFAULTS)
+    for command in dict.fromkeys(sub.choices.values()):
+        _add_global_options(command, None)
     return parser
+
+
+# The global options and their values when given nowhere.
+GLOBAL_DEFAULTS = {"debug": False, "log_level": "WARNING", "offline": False}
+
+
+def _add_global_options(p: argparse.ArgumentParser, defaults: dict | None) -> None:
+    """The global options, on the main parser and on every command's, so they are taken before the command
+    (``streamtsm --debug run``) and after it (``streamtsm run --debug``).
+
+    The main parser holds the defaults (``defaults``); a command's parser has none (None: SUPPRESS), so it sets a
+    value only when the option follows the command, and then that value wins over one given before it."""
+    def default(name: str):
+        return argparse.SUPPRESS if defaults is None else defaults[name]
+
+    g = p.add_argument_group("global options (before or after the command)")
+    g.add_argument("--debug", action="store_true", default=default("debug"), help="show tracebacks for errors")
+    g.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=default("log_level"),
+                   help=f"log level (default: {GLOBAL_DEFAULTS['log_level']})")
+    g.add_argument("--offline", action="store_true", default=default("offline"),
+                   help="never touch the network: catalog checkpoints come from the cache only "
+                        "(same as STREAMTSM_OFFLINE=1)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # --offline is a global flag, but a user writes it after the command too (`streamtsm run --offline ...`): it is
-    # moved in front of the command, where the parser takes it.
-    if "--offline" in argv:
-        argv = ["--offline", *(a for a in argv if a != "--offline")]
     args = parser.parse_args(argv)
     if args.offline:
         os.environ["STREAMTSM_OFFLINE"] = "1"  # read by every download, in this process and the ones it starts

@@ -71,12 +71,14 @@ class Range:
     low: float
     high: float
     low_open: bool = False  # True: ``low`` itself is refused (a duration of 0 s means nothing)
+    high_open: bool = False  # True: ``high`` itself is refused (a dropout of 1 keeps nothing)
     meaning: str = ""  # what the value is, for the message
 
     def describe(self) -> str:
         kind = "an integer" if self.kind is int else "a number"
         low = f"> {self.low:g}" if self.low_open else f">= {self.low:g}"
-        return f"{low} and <= {self.high:g} ({kind}" + (f", {self.meaning})" if self.meaning else ")")
+        high = f"< {self.high:g}" if self.high_open else f"<= {self.high:g}"
+        return f"{low} and {high} ({kind}" + (f", {self.meaning})" if self.meaning else ")")
 
 
 _DAY = 86400.0
@@ -108,6 +110,46 @@ RANGES: Mapping[str, Range] = MappingProxyType({
     "mqtt_port": Range(int, 1, 65535, meaning="a TCP port"),
     "predictions_per_second": Range(float, 0.0, 1000.0, meaning="per stream; 0: none"),
     "mqtt_buffer": Range(int, 1, 1_000_000, meaning="events kept while the MQTT broker is away"),
+    # export-onnx, export-triton, quantize
+    "input_size": Range(int, 16, 4096, meaning="pixels"),
+    "num_classes": Range(int, 1, 100_000),
+    "opset": Range(int, 9, 23, meaning="an ONNX opset torch can export"),
+    "calib_frames": Range(int, 1, 100_000, meaning="frames"),
+    "max_batch_size": Range(int, 1, 4096),
+    "idle_timeout": Range(float, 0.0, 365 * _DAY, low_open=True, meaning="seconds"),
+    "max_sequences": Range(int, 1, 1_000_000),
+    "queue_delay": Range(float, 0.0, 60_000.0, meaning="milliseconds"),
+    "instances": Range(int, 1, 1024),
+    # train, eval (and their data options)
+    "epochs": Range(int, 1, 100_000),
+    "batch_size": Range(int, 1, 65_536),
+    "lr": Range(float, 0.0, 10.0, low_open=True, meaning="a learning rate"),
+    "momentum": Range(float, 0.0, 1.0, high_open=True),
+    "weight_decay": Range(float, 0.0, 1.0),
+    "lr_steps": Range(int, 1, 100_000, meaning="epochs"),
+    "warmup_epochs": Range(float, 0.0, 100_000.0, meaning="epochs"),
+    "clip_grad": Range(float, 0.0, 1e9, meaning="a gradient norm, 0 disables"),
+    "frame_loss": Range(int, 0, 10_000, meaning="frames"),
+    "matched_warmup": Range(int, 0, 100_000, meaning="epochs"),
+    "seed": Range(int, 0, 2**32 - 1),
+    "num_segments": Range(int, 1, 1024),
+    "resize_size": Range(int, 16, 8192, meaning="pixels"),
+    "width_mult": Range(float, 0.0, 16.0, low_open=True),
+    "width": Range(int, 1, 4096, meaning="channels"),
+    "dropout": Range(float, 0.0, 1.0, high_open=True, meaning="a probability"),
+    "start_index": Range(int, 0, 10**9),
+    "clip_len": Range(int, 1, 1024, meaning="frames"),
+    "frame_interval": Range(int, 1, 1024, meaning="frames"),
+    "workers": Range(int, 0, 256, meaning="processes"),
+    "num_clips": Range(int, 1, 1000),
+    "avg_last": Range(int, 1, 10_000, meaning="frames"),
+    # synth
+    "clips_per_class": Range(int, 1, 1_000_000),
+    "frames": Range(int, 2, 100_000, meaning="frames per clip"),
+    "motion_frames": Range(int, 2, 100_000, meaning="frames"),
+    "val_fraction": Range(float, 0.0, 1.0, high_open=True, meaning="a fraction"),
+    "fps": Range(float, 0.0, 1000.0, low_open=True, meaning="frames per second"),
+    "background_contrast": Range(float, 0.0, 1.0),
 })
 
 
@@ -134,9 +176,23 @@ def check_setting(name: str, value: Any, where: str | None = None) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where} must be {rule.describe()}, got {value!r}")
     too_low = value <= rule.low if rule.low_open else value < rule.low
-    if too_low or value > rule.high:
+    too_high = value >= rule.high if rule.high_open else value > rule.high
+    if too_low or too_high:
         raise ConfigError(f"{where} must be {rule.describe()}, got {value!r}")
     return value
+
+
+def check_settings(values: Mapping[str, Any], names: Iterable[str]) -> None:
+    """:func:`check_setting` on each of ``names`` in ``values`` (a command's parsed options, ``vars(args)``), each
+    named by its option (``batch_size`` -> ``--batch-size``); a list (``nargs``) is checked item by item.
+
+    Raises:
+        ConfigError: the first value out of its range.
+    """
+    for name in names:
+        value = values.get(name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            check_setting(name, item, "--" + name.replace("_", "-"))
 
 
 def merge_settings(*layers: Mapping[str, Any] | None, names: Iterable[str] | None = None,

@@ -16,8 +16,17 @@ from pathlib import Path
 
 from ..config import ModelConfig, window_span
 from ..errors import ConfigError
+from ..settings import check_settings
 
 log = logging.getLogger(__name__)
+
+# Each command's numeric options, checked by the ranges of streamtsm.settings.RANGES before anything is loaded.
+NUMERIC_OPTIONS = {
+    "export-onnx": ("input_size", "num_classes", "opset", "calib_frames", "threads"),
+    "quantize": ("calib_frames", "threads"),
+    "export-triton": ("input_size", "num_classes", "opset", "max_batch_size", "idle_timeout", "max_sequences",
+                      "queue_delay", "instances"),
+}
 
 
 def add_commands(subparsers) -> None:
@@ -110,8 +119,10 @@ def _mb(n: int) -> str:
 def _load(args: argparse.Namespace):
     """The model --weights / --model / --num-classes / --labels name (:func:`streamtsm.models.load`), its class
     names in ``cfg.labels`` (from --labels, else the checkpoint, else None)."""
-    from ..models import load
+    from ..models import get_spec, load
 
+    if args.model:
+        get_spec(args.model)  # a mistyped name is the one line, before any warning
     if not args.weights and args.model:
         print(f"warning: no --weights: exporting {args.model} with freshly initialized weights", file=sys.stderr)
     return load(args.weights, model=args.model, num_classes=args.num_classes, labels_file=args.labels)
@@ -120,10 +131,12 @@ def _load(args: argparse.Namespace):
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     from .onnx import export_onnx
 
+    check_settings(vars(args), NUMERIC_OPTIONS["export-onnx"])
+
     model = _load(args)
     labels = model.cfg.labels
     report = export_onnx(model, args.output, input_size=args.input_size, opset=args.opset,
-                         verify=not args.no_verify, labels=labels)
+                         verify=not args.no_verify, labels=labels, progress=sys.stderr.isatty())
     size = report.input_size
     print(f"wrote {report.path}: {model.cfg.name}, {report.kind}, {model.cfg.num_classes} classes, {size}x{size}, "
           f"{_mb(report.size_bytes)}, opset {report.opset}, {len(report.inputs) - 1 if report.kind == 'online' else 0}"
@@ -140,6 +153,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    check_settings(vars(args), NUMERIC_OPTIONS["quantize"])
     _quantize(Path(args.onnx), Path(args.output), args)
     return 0
 
@@ -157,7 +171,7 @@ def _quantize(fp32: Path, out: Path, args: argparse.Namespace) -> None:
         length = window_span(meta["io"]["inputs"]["clip"][1], cfg.frame_interval)
     frames = calibration_frames(cfg, args.calib_source, num_frames=max(args.calib_frames, length),
                                 sequence_length=length)
-    report = quantize_int8(fp32, out, frames, threads=args.threads)
+    report = quantize_int8(fp32, out, frames, threads=args.threads, progress=sys.stderr.isatty())
     print(f"wrote {report['path']}: int8 QDQ (per-channel weights), {_mb(report['size_bytes'])} "
           f"(fp32 {_mb(report['fp32_size_bytes'])}), calibrated on {report['calibration_inputs']} inputs from "
           f"{args.calib_source}")
@@ -169,9 +183,7 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
     from ..labels import read_labels
     from .triton import export_triton
 
-    if args.idle_timeout <= 0 or args.queue_delay < 0:
-        raise ConfigError(f"--idle-timeout must be > 0 and --queue-delay >= 0, got {args.idle_timeout:g} and "
-                          f"{args.queue_delay:g}")
+    check_settings(vars(args), NUMERIC_OPTIONS["export-triton"])
     if args.onnx:
         if args.model or args.weights or args.num_classes:
             raise ConfigError("--onnx serves that file as it is; drop --model/--weights/--num-classes")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..errors import ConfigError, StreamTSMError, first_line
@@ -122,7 +123,7 @@ def _step_module(model):
 
 
 def export_onnx(model, path: str | os.PathLike, *, input_size: int | None = None, opset: int = 17,
-                verify: bool = True, labels: list[str] | None = None) -> ExportReport:
+                verify: bool = True, labels: list[str] | None = None, progress: bool = False) -> ExportReport:
     """Export a model from :func:`streamtsm.models.create` to a self-describing ONNX file.
 
     Online models (``cfg.kind == "online"`` with a step form) export their step: ``frame`` and ``state_i`` in,
@@ -136,6 +137,7 @@ def export_onnx(model, path: str | os.PathLike, *, input_size: int | None = None
         opset: ONNX opset.
         verify: run ``onnx.checker`` and compare onnxruntime with torch on random input (see :func:`verify_onnx`).
         labels: class names stored in the metadata (``model.cfg.labels`` when None).
+        progress: a progress bar on stderr while verifying.
 
     Returns:
         An :class:`ExportReport`.
@@ -207,7 +209,7 @@ def export_onnx(model, path: str | os.PathLike, *, input_size: int | None = None
         save_checked(graph_file, tmp)
         diffs, what = (None, None), "skipped"
         if verify:
-            check = verify_onnx(model, tmp, input_size=size)
+            check = verify_onnx(model, tmp, input_size=size, progress=progress)
             diffs, what = (check["max_abs_diff"], check["max_scaled_diff"]), check["compared"]
         os.replace(tmp, path)
     finally:
@@ -267,8 +269,9 @@ def cpu_session(path: str | os.PathLike, threads: int | None = None):
 
 
 def verify_onnx(model, path: str | os.PathLike, *, input_size: int | None = None, steps: int = 6, batch: int = 2,
-                tolerance: float = TOLERANCE, seed: int = 0) -> dict:
-    """Compare onnxruntime (CPU) running ``path`` with ``model`` in torch on random input.
+                tolerance: float = TOLERANCE, seed: int = 0, progress: bool = False) -> dict:
+    """Compare onnxruntime (CPU) running ``path`` with ``model`` in torch on random input (``progress``: a bar on
+    stderr, one tick per comparison).
 
     Online: ``steps`` frames of ``batch`` streams stepped one by one, each side feeding its own state back, every
     logit and state output compared; then two steps at another batch (batch + 1). Clip: random clips at batch 1
@@ -289,9 +292,12 @@ def verify_onnx(model, path: str | os.PathLike, *, input_size: int | None = None
     rng = np.random.default_rng(seed)
     device = next(model.parameters()).device
     worst_abs, worst = 0.0, (-1.0, "")  # (max scaled difference, where)
+    bar = tqdm(total=steps + 2 if is_online(model) else 2, desc="verifying", unit="step", leave=False,
+               disable=not progress)
 
     def compare(where: str, ours: list[np.ndarray], theirs) -> None:
         nonlocal worst_abs, worst
+        bar.update()
         for name, a, b in zip([o.name for o in session.get_outputs()], ours, theirs):
             if not a.size:
                 continue
@@ -327,6 +333,7 @@ def verify_onnx(model, path: str | os.PathLike, *, input_size: int | None = None
                 logits = model(torch.from_numpy(clip).to(device))
                 compare(f"batch {b}", session.run(None, {CLIP: clip}), (logits,))
             what = f"clip: batches 1 and {batch + 1} of {t}-frame clips"
+    bar.close()
     if worst[0] > tolerance:
         raise ExportError(f"onnxruntime differs from torch by {worst[0]:.3g} of the output's scale (> {tolerance:g})"
                           f" in {worst[1]}; the exported graph is not faithful to the model")

@@ -83,14 +83,17 @@ def _images(source: str, num_frames: int, seed: int) -> Iterator[np.ndarray]:
 class _Feeds:
     """A CalibrationDataReader over a list of input dicts (onnxruntime calls get_next until None)."""
 
-    def __init__(self, feeds: list[dict]) -> None:
+    def __init__(self, feeds: list[dict], bar=None) -> None:
         self._feeds = feeds
         self._next = 0
+        self._bar = bar  # a tqdm bar ticked per input, or None
 
     def get_next(self) -> dict | None:
         if self._next >= len(self._feeds):
             return None
         self._next += 1
+        if self._bar is not None:
+            self._bar.update()
         return self._feeds[self._next - 1]
 
     def rewind(self) -> None:
@@ -162,7 +165,7 @@ def _run_logits(session, sequences: np.ndarray, meta: dict, clip_len: int, inter
 
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration_frames: np.ndarray, *,
                   holdout_frames: np.ndarray | None = None, holdout_fraction: float = 0.25, per_channel: bool = True,
-                  threads: int | None = None) -> dict:
+                  threads: int | None = None, progress: bool = False) -> dict:
     """Static int8 quantization (QDQ, per-channel weights) of an exported fp32 file, with an agreement check.
 
     Calibration feeds what the model meets when deployed: online models get (frame, state) pairs collected by
@@ -180,6 +183,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
             the calibration sequences (or of the frames of a single sequence) is held out of calibration.
         per_channel: per-output-channel weight scales.
         threads: onnxruntime intra-op threads for calibration and the check.
+        progress: a progress bar on stderr while calibrating.
 
     Returns:
         ``{"path", "size_bytes", "fp32_size_bytes", "calibration_inputs", "holdout_predictions",
@@ -229,10 +233,13 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
             log.warning("quantization pre-processing failed (%s); quantizing the graph as exported", first_line(e))
             prepared = fp32_path
         quantized = Path(work) / "int8.onnx"
+        from tqdm import tqdm
+
         try:
-            quantize_static(str(prepared), str(quantized), _Feeds(feeds), quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, reduce_range=False, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+            with tqdm(total=len(feeds), desc="calibrating", unit="input", leave=False, disable=not progress) as bar:
+                quantize_static(str(prepared), str(quantized), _Feeds(feeds, bar), quant_format=QuantFormat.QDQ,
+                                per_channel=per_channel, reduce_range=False, activation_type=QuantType.QUInt8,
+                                weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
         except Exception as e:
             raise ExportError(f"onnxruntime quantization failed for {fp32_path}: {first_line(e)}") from e
         model = onnx.load(str(quantized))

@@ -8,6 +8,7 @@ its own file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,7 +62,19 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ConfigError(f"unknown model {name!r}; expected one of: {', '.join(list_models())}") from None
+        raise ConfigError(f"unknown model {name!r}; {_hint(name)}expected one of: {', '.join(list_models())}") from None
+
+
+def _hint(name: object) -> str:
+    """"did you mean ...? " for a typo of a registered name, or the way to use a catalog entry's name; else ""."""
+    if not isinstance(name, str):
+        return ""
+    from ..hub import catalog  # the catalog reads no model code; imported here only when a name is wrong
+
+    if catalog.is_entry_name(name):
+        return f"{name} is a published checkpoint: pass it as --weights {name} (weights=...); "
+    close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.6)
+    return f"did you mean {', '.join(close)}? " if close else ""
 
 
 def create(name: str, num_classes: int | None = None, *, pretrained: str | None = None, **overrides) -> nn.Module:

@@ -219,6 +219,7 @@ def listen(
     max_messages: int | None = None,
     timeout: float | None = None,
     stop: threading.Event | None = None,
+    status: TextIO | None = None,
 ) -> int:
     """Prints messages as they arrive: the loop behind ``streamtsm listen``.
 
@@ -231,6 +232,8 @@ def listen(
         max_messages: Return after printing this many; None for no limit.
         timeout: Return when no message arrived for this many seconds; None waits forever.
         stop: Return soon after this event is set.
+        status: Where to say, once, that it is connected and waiting for a publisher (``streamtsm listen``:
+            stderr, apart from the messages); None says nothing.
 
     Returns:
         The number of messages printed.
@@ -240,6 +243,9 @@ def listen(
     """
     printed = 0
     with Subscriber(endpoint, topics) as subscriber:
+        if status is not None:  # after the connect, so a bad endpoint is its one error line alone
+            status.write(f"listen: waiting for messages on {endpoint} (topics {', '.join(topics)})\n")
+            status.flush()
         last_message = time.monotonic()
         while max_messages is None or printed < max_messages:
             if stop is not None and stop.is_set():

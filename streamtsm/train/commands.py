@@ -15,8 +15,22 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..settings import check_settings
 
 log = logging.getLogger(__name__)
+
+# The numeric data options train and eval share, then each command's: checked by the ranges of
+# streamtsm.settings.RANGES before any data or model is read. (--scales, fractions in (0, 1], is checked with the
+# other TrainOptions by streamtsm.train.loop.check_options, also before anything is read.)
+_DATA_NUMERIC = ("start_index", "clip_len", "frame_interval", "workers")
+NUMERIC_OPTIONS = {
+    "train": ("epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_steps", "warmup_epochs", "clip_grad",
+              "frame_loss", "matched_warmup", "seed", "num_segments", "input_size", "resize_size",
+              "width_mult", "width", "dropout", *_DATA_NUMERIC),
+    "eval": ("num_clips", "avg_last", "batch_size", *_DATA_NUMERIC),
+    "synth": ("clips_per_class", "frames", "motion_frames", "seed", "val_fraction", "fps", "workers",
+              "background_contrast"),
+}
 
 
 def _model_arg(text: str) -> tuple[str, object]:
@@ -180,15 +194,20 @@ def train_options(args: argparse.Namespace):
         short=args.short, scales=tuple(args.scales), flip=args.flip, flip_swap=args.flip_swap,
         frame_template=args.frame_template, start_index=args.start_index, list_format=args.list_format,
         seed=args.seed, resume=args.resume,
-        progress=not args.no_progress and sys.stderr.isatty())
+        progress=not args.no_progress and sys.stderr.isatty(), epoch_lines=True)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .loop import train
 
+    check_settings(vars(args), NUMERIC_OPTIONS["train"])
     if not args.model and not args.weights and not args.resume:
         raise ConfigError("--model NAME is required (or --weights CHECKPOINT of streamtsm, which names its model, "
                           "or --resume CHECKPOINT)")
+    if args.model:
+        from ..models import get_spec
+
+        get_spec(args.model)  # a mistyped name is found before any data is read
     final = train(train_options(args))
     best = final["best_top1"]
     where = f"best val top-1 {100 * best:.1f}% at epoch {final['best_epoch']}, " if best is not None else ""
@@ -204,8 +223,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_table
     from .loop import check_labels, load_for_eval, resolve_device
 
-    if args.num_clips < 1 or args.batch_size < 1 or args.avg_last < 1:
-        raise ConfigError("--num-clips, --batch-size and --avg-last must be >= 1")
+    check_settings(vars(args), NUMERIC_OPTIONS["eval"])
     model = load_for_eval(args.weights, args.device, labels_file=args.labels)
     sampling = args.sampling
     if sampling == "auto":
@@ -221,7 +239,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(model, records, num_clips=args.num_clips, crops=args.crops, twice_sample=args.twice_sample,
                       online=args.online, avg_last=args.avg_last, batch_size=args.batch_size, workers=args.workers,
                       device=resolve_device(args.device), amp=args.amp, sampling=sampling, short=args.short,
-                      frame_template=args.frame_template, start_index=args.start_index)
+                      frame_template=args.frame_template, start_index=args.start_index,
+                      progress=sys.stderr.isatty())
     print(f"{model.cfg.name} on {len(records)} videos ({args.val})")
     print(format_table(result))
     payload = {"weights": args.weights, "val": args.val, "model": model.cfg.name, "labels": labels,
@@ -237,6 +256,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from .synthdata import write_synthetic_dataset
 
+    check_settings(vars(args), NUMERIC_OPTIONS["synth"])
     meta = write_synthetic_dataset(args.out, clips_per_class=args.clips_per_class, frames=args.frames,
                                    size=args.size, seed=args.seed, val_fraction=args.val_fraction,
                                    classes=args.classes, motion_frames=args.motion_frames,

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from .annotations import VideoRecord
 from .data import ClipDataset, Skipped, collate_clips, worker_init
@@ -65,18 +66,25 @@ def _loader(dataset, batch_size: int, workers: int, device: torch.device) -> Dat
                       collate_fn=collate_clips, worker_init_fn=worker_init, pin_memory=device.type == "cuda")
 
 
+def _bar(loader: DataLoader, what: str, enabled: bool):
+    """The loader's batches, behind a progress bar on stderr when ``enabled`` (it leaves no line behind)."""
+    return tqdm(loader, desc=f"eval {what}", unit="batch", leave=False, disable=not enabled, dynamic_ncols=True)
+
+
 def _autocast(device: torch.device, amp: bool):
     return torch.autocast("cuda", dtype=torch.float16, enabled=amp and device.type == "cuda")
 
 
 @torch.no_grad()
 def predict_offline(model: torch.nn.Module, dataset: ClipDataset, *, batch_size: int = 8, workers: int = 0,
-                    device: str | torch.device = "cpu", amp: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
-    """Softmax scores ``[N, K]`` averaged over each video's views, its labels, and the skipped videos."""
+                    device: str | torch.device = "cpu", amp: bool = False,
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
+    """Softmax scores ``[N, K]`` averaged over each video's views, its labels, and the skipped videos
+    (``progress``: a bar on stderr, one tick per batch)."""
     device = torch.device(device)
     model.eval()
     scores, labels, skipped = [], [], []
-    for batch in _loader(dataset, batch_size, workers, device):
+    for batch in _bar(_loader(dataset, batch_size, workers, device), "offline", progress):
         skipped += batch.skipped
         if not len(batch):
             continue
@@ -94,9 +102,10 @@ def predict_offline(model: torch.nn.Module, dataset: ClipDataset, *, batch_size:
 
 @torch.no_grad()
 def predict_online(model: torch.nn.Module, dataset: ClipDataset, *, avg_last: int = 4, batch_size: int = 8,
-                   workers: int = 0, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray,
-                                                                                   np.ndarray, list]:
-    """Feed each clip frame by frame through ``model.step`` (state carried, one row per video).
+                   workers: int = 0, device: str | torch.device = "cpu",
+                   progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """Feed each clip frame by frame through ``model.step`` (state carried, one row per video; ``progress``: a bar
+    on stderr, one tick per batch).
 
     Returns:
         ``(scores_last, scores_avg, labels, skipped)``: softmax at the last frame, softmax averaged over the last
@@ -105,7 +114,7 @@ def predict_online(model: torch.nn.Module, dataset: ClipDataset, *, avg_last: in
     device = torch.device(device)
     model.eval()
     last, avg, labels, skipped = [], [], [], []
-    for batch in _loader(dataset, batch_size, workers, device):
+    for batch in _bar(_loader(dataset, batch_size, workers, device), "online", progress):
         skipped += batch.skipped
         if not len(batch):
             continue
@@ -127,7 +136,8 @@ def predict_online(model: torch.nn.Module, dataset: ClipDataset, *, avg_last: in
 def evaluate(model: torch.nn.Module, records: Sequence[VideoRecord], *, num_clips: int = 1, crops: int = 1,
              twice_sample: bool = False, online: bool | None = None, avg_last: int = 4, batch_size: int = 8,
              workers: int = 0, device: str | torch.device = "cpu", amp: bool = False, sampling: str = "auto",
-             short: str = "loop", frame_template: str = "img_{:05d}.jpg", start_index: int = 1) -> dict:
+             short: str = "loop", frame_template: str = "img_{:05d}.jpg", start_index: int = 1,
+             progress: bool = False) -> dict:
     """Run the offline protocol and, for models with a step form, the online protocol.
 
     Args:
@@ -136,6 +146,7 @@ def evaluate(model: torch.nn.Module, records: Sequence[VideoRecord], *, num_clip
         num_clips, crops, twice_sample: the offline protocol's views (see :mod:`streamtsm.train.sampling`).
         online: run the online protocol; None runs it when the model has a step form.
         avg_last: frames averaged in the online protocol's smoothed prediction.
+        progress: progress bars on stderr, one per protocol.
 
     Returns:
         ``{"offline": metrics, "online": metrics | None, "online_avg": metrics | None, "skipped": [paths],
@@ -147,7 +158,7 @@ def evaluate(model: torch.nn.Module, records: Sequence[VideoRecord], *, num_clip
                                                    twice_sample=twice_sample, short=short, sampling=sampling),
                               TestTransform(model.cfg, crops), train=False, **common)
     scores, labels, skipped = predict_offline(model, offline_set, batch_size=batch_size, workers=workers,
-                                              device=device, amp=amp)
+                                              device=device, amp=amp, progress=progress)
     result = {"offline": classification_metrics(scores, labels, k), "online": None, "online_avg": None,
               "protocol": {"num_clips": num_clips, "crops": crops, "twice_sample": twice_sample,
                            "views": offline_set.sampler.views(True) * crops, "avg_last": avg_last,
@@ -163,7 +174,8 @@ def evaluate(model: torch.nn.Module, records: Sequence[VideoRecord], *, num_clip
         online_set = ClipDataset(records, sampler_for(model, train=False, short=short, sampling=sampling),
                                  TestTransform(model.cfg, 1), train=False, **common)
         last, avg, labels_on, skipped_on = predict_online(model, online_set, avg_last=avg_last,
-                                                          batch_size=batch_size, workers=workers, device=device)
+                                                          batch_size=batch_size, workers=workers, device=device,
+                                                          progress=progress)
         result["online"] = classification_metrics(last, labels_on, k)
         result["online_avg"] = classification_metrics(avg, labels_on, k)
         result["skipped"] = sorted(set(result["skipped"]) | {s.path for s in skipped_on})

@@ -111,6 +111,7 @@ class TrainOptions:
     resume: str | None = None
     val_batch_size: int | None = None
     progress: bool = True
+    epoch_lines: bool = False  # without the progress bar: print each epoch's line to stdout (else it is logged)
 
     def to_json(self) -> dict:
         out = {}
@@ -584,7 +585,8 @@ def run_info(model: nn.Module, device: torch.device, opt: Optimization, loaders:
 
 
 def epoch_message(epoch: int, epochs: int, stats: dict) -> str:
-    """The one line a finished epoch prints."""
+    """The one line a finished epoch prints: loss, accuracies, speed, and its time when ``stats`` has
+    ``seconds``."""
     msg = (f"epoch {epoch}/{epochs}: loss {stats['train_loss']:.4f}, train top-1 "
            f"{100 * stats['train_top1']:.1f}%, {stats['clips_per_s']:.1f} clips/s")
     val = stats.get("val")
@@ -593,6 +595,8 @@ def epoch_message(epoch: int, epochs: int, stats: dict) -> str:
                 f"mean class {100 * val['mean_class_acc']:.1f}%")
     if stats["skipped"]:
         msg += f", skipped {stats['skipped']} unreadable"
+    if stats.get("seconds") is not None:
+        msg += f", {stats['seconds']:.1f} s"
     return msg
 
 
@@ -628,6 +632,7 @@ def train(options: TrainOptions) -> dict:
     t_run = time.perf_counter()
     record: dict = {}
     for epoch in range(progress.start_epoch, o.epochs + 1):
+        t_epoch = time.perf_counter()
         stats, epoch_skipped = run_epoch(model, epoch, o, loaders, opt, device)
         skipped |= epoch_skipped
         last_val = stats.pop("val", last_val)
@@ -645,7 +650,14 @@ def train(options: TrainOptions) -> dict:
                  "best_top1": progress.best_top1, "best_epoch": progress.best_epoch, "val": last_val or {}}
         run_log.save_checkpoints(model, data.labels, extra, is_best)
         run_log.append(record)
-        (tqdm.write if o.progress else log.info)(epoch_message(epoch, o.epochs, {**stats, "val": last_val}))
+        message = epoch_message(epoch, o.epochs, {**stats, "val": last_val,
+                                                  "seconds": time.perf_counter() - t_epoch})
+        if o.progress:
+            tqdm.write(message)
+        elif o.epoch_lines:  # a log file or a pipe sees every epoch, not silence until the end
+            print(message, flush=True)
+        else:
+            log.info(message)
     return finish(run_log, o, model, progress, last_val, skipped, record, data.labels, time.perf_counter() - t_run)
 
 
