@@ -106,7 +106,8 @@ class SilentServer:
         self._sock.close()
 
 
-RUN = [sys.executable, "-m", "streamtsm.cli", "run", "--publish", "none", "--quiet"]
+# Not --quiet: the start line on stderr says the streams run (stdout, a line per prediction, is not read).
+RUN = [sys.executable, "-m", "streamtsm.cli", "run", "--publish", "none"]
 
 
 def camera_process(mode: str) -> tuple[str, str, subprocess.Popen]:
@@ -120,7 +121,7 @@ def camera_process(mode: str) -> tuple[str, str, subprocess.Popen]:
 def _stop_once(args: list[str], ready) -> tuple[float, int, str]:
     """Starts `streamtsm run ARGS`, calls ``ready(proc)`` until it says the state is reached, sends SIGTERM and
     returns (seconds to exit, exit code, the last line of stderr)."""
-    proc = subprocess.Popen(RUN + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(RUN + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         ready(proc)
         proc.send_signal(signal.SIGTERM)
@@ -160,7 +161,7 @@ def stop_checks(repeats: int) -> list[dict]:
     many = []
     for i in range(8):
         many += ["--source", "synthetic:320x240@30"]
-    check("8 streams under load", many, lambda p: (p.stderr.readline(), time.sleep(5.0)))  # the start line
+    check("8 streams under load", many, lambda p: (p.stderr.readline(), time.sleep(5.0)))  # after the start line
     return rows
 
 
