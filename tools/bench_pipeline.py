@@ -38,7 +38,9 @@ from streamtsm.publish import Publisher, Subscriber  # noqa: E402
 from streamtsm.synthetic import MotionScene  # noqa: E402
 
 
-def _subscriber_thread(endpoint: str, stop: threading.Event, latencies: list[float]) -> threading.Thread:
+def subscriber_thread(endpoint: str, stop: threading.Event, latencies: list[float]) -> threading.Thread:
+    """A daemon thread subscribed to ``endpoint``'s predictions until ``stop``, appending each one's
+    capture->receipt latency (ms) to ``latencies``."""
     def run():
         with Subscriber(endpoint, ["streamtsm.pred"]) as sub:
             while not stop.is_set():
@@ -91,7 +93,7 @@ def main() -> None:
     frame = pre(np.random.default_rng(0).integers(0, 255, (240, 320, 3), np.uint8))[None]
     publisher = Publisher("tcp://127.0.0.1:*")
     stop, latencies = threading.Event(), []
-    sub = _subscriber_thread(publisher.endpoint, stop, latencies)
+    sub = subscriber_thread(publisher.endpoint, stop, latencies)
     time.sleep(0.5)  # let the subscription reach the publisher before measuring (benchmark only)
 
     with tempfile.TemporaryDirectory() as tmp:
