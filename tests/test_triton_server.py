@@ -252,7 +252,10 @@ def test_real_triton_python_model_matches_onnxruntime_across_clients_restarts_an
 
 
 def _listen(endpoint: str, received: list, done: threading.Event) -> None:
-    with Subscriber(endpoint, ["streamtsm.pred"]) as sub:
+    # Bound here, the runs connect to it (`run --connect`): their connection and its subscription are made when each
+    # run's publisher starts, before its first frame. A subscriber connecting to a run's bound port would retry
+    # every 100 ms and, on a loaded machine, miss the first dozens of messages of a run that is not paced.
+    with Subscriber(endpoint, ["streamtsm.pred"], bind=True) as sub:
         while not done.is_set():
             if (message := sub.recv(timeout=0.1)) is not None:
                 received.append(message)
@@ -291,12 +294,12 @@ def test_real_triton_run_equals_run_onnx_on_real_clips_with_a_stream_joining_lat
                  for k, port in ports.items()]
     for listener in listeners:
         listener.start()
-    time.sleep(0.3)  # the subscribers connect (ZeroMQ retries until each publisher binds)
+    time.sleep(0.3)  # the subscribers bind
     try:
         # Two streams through Triton at their native frame rate (~10 s), and, once they are running, a third from
         # another client (its own sequence ids) that comes and goes while they run.
         first = _run_cli(["run", "--backend", "triton", "--url", server.grpc_url, "--triton-model", "tsm",
-                          *sources("arm", "sample"), "--realtime", "--publish", f"tcp://127.0.0.1:{ports['first']}",
+                          *sources("arm", "sample"), "--realtime", "--connect", f"tcp://127.0.0.1:{ports['first']}",
                           *common])
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and first.poll() is None:
@@ -305,12 +308,12 @@ def test_real_triton_run_equals_run_onnx_on_real_clips_with_a_stream_joining_lat
                 break
             time.sleep(0.05)
         late = _run_cli(["run", "--backend", "triton", "--url", server.grpc_url, "--triton-model", "tsm",
-                         *sources("late"), "--publish", f"tcp://127.0.0.1:{ports['late']}", *common])
+                         *sources("late"), "--connect", f"tcp://127.0.0.1:{ports['late']}", *common])
         late_out, _ = late.communicate(timeout=60)
         first_running = first.poll() is None
         first_out, _ = first.communicate(timeout=60)
         local = _run_cli(["run", "--onnx", str(plain_onnx), *sources("arm", "sample", "late"),
-                          "--publish", f"tcp://127.0.0.1:{ports['onnx']}", *common])
+                          "--connect", f"tcp://127.0.0.1:{ports['onnx']}", *common])
         local_out, _ = local.communicate(timeout=60)
         time.sleep(0.5)  # the last messages arrive
     finally:

@@ -127,12 +127,14 @@ def _wait_for(what: str, check, deadline: float):
 
 
 @pytest.fixture
-def live_run():
+def live_run(tmp_path):
     """`streamtsm run` on the synthetic scene with the web view on a free port; yields the page's URL."""
     port = _free_port()
+    # Not --quiet, which drops the start lines; stdout (a line per prediction) goes to a file no one must drain.
+    stdout = open(tmp_path / "run.out", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "streamtsm.cli", "run", "--source", "synthetic", "--publish", "none",
-                             "--http-port", str(port), "--duration", "300", "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--http-port", str(port), "--duration", "300"],
+                            stdout=stdout, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/"
 
     def ready():
@@ -149,10 +151,13 @@ def live_run():
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            out, err = proc.communicate(timeout=30)
+            _, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, err = proc.communicate()
+            _, err = proc.communicate()
+        stdout.seek(0)
+        out = stdout.read()
+        stdout.close()
     assert proc.returncode == 0, err
     assert f"serving the web view (health: /healthz, /readyz) at {url}" in err
     assert "web view:" in out
