@@ -9,6 +9,7 @@ import argparse
 import importlib.util
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -250,8 +251,17 @@ def _record_dir(args: argparse.Namespace, out: dict):
 
 
 class _StopRequested(BaseException):
-    """Ctrl-C or SIGTERM before the streams run (a model loading, a config being read): a clean exit 0, not a
-    traceback. A BaseException, so no ``except Exception`` on the way swallows it."""
+    """Ctrl-C or SIGTERM before the streams run (the interpreter starting, a model loading, a config being read): a
+    clean exit, not a traceback (0 for `run`, the usual 128 + signal for the other commands). A BaseException, so no
+    ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int = 15) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, _frame) -> None:
+    raise _StopRequested(signum)
 
 
 # Set when `run` has ended, everything it opened closed: entry() then ends the process at once (see there). The
@@ -261,25 +271,20 @@ _blocked_at_exit: list[str] = []
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import signal
-
     check_options(args)
     stop, running = threading.Event(), threading.Event()
 
-    def on_signal(*_) -> None:
+    def on_signal(signum: int, _frame) -> None:
         # Ctrl-C and SIGTERM: once the streams run, the loop ends at its next check (within ~50 ms) and everything
         # is joined and closed; before that (a model loading, sources opening) setup is abandoned at once.
         stop.set()
         if not running.is_set():
-            raise _StopRequested
+            raise _StopRequested(signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     try:
         return _run(args, stop, running)
-    except _StopRequested:
-        print("streamtsm: stopped before the streams started", file=sys.stderr, flush=True)
-        return 0
     finally:
         _run_ended.set()
 
@@ -467,8 +472,6 @@ def endpoint_reach(endpoint: str) -> str:
 
 
 def _cmd_broker(args: argparse.Namespace) -> int:
-    import signal
-
     from .publish.broker import run_broker
 
     stop = threading.Event()
@@ -481,8 +484,6 @@ def _cmd_broker(args: argparse.Namespace) -> int:
 
 
 def _cmd_bridge_mqtt(args: argparse.Namespace) -> int:
-    import signal
-
     from .bridge.mqtt import MqttBridge, MqttOptions, parse_broker_address, run_bridge
     from .publish.publisher import check_endpoint
 
@@ -713,9 +714,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.offline:
         os.environ["STREAMTSM_OFFLINE"] = "1"  # read by every download, in this process and the ones it starts
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _quiet_native_libraries(args.command, verbose=args.debug or args.log_level == "DEBUG")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        _quiet_native_libraries(args.command, verbose=args.debug or args.log_level == "DEBUG")
         _check_builds(args.command)
         return func(args)
     except StreamTSMError as e:
@@ -723,6 +724,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"streamtsm: error: {e}", file=sys.stderr)
         return 2
+    except _StopRequested as e:
+        if args.command != "run":
+            return 128 + e.signum
+        print("streamtsm: stopped before the streams started", file=sys.stderr, flush=True)
+        return 0
     except KeyboardInterrupt:
         return 130
 
@@ -733,7 +739,14 @@ def entry() -> None:
     without the interpreter's clean-up: on a loaded machine that takes seconds (torch's and OpenCV's teardown) where
     a stop must take under one, and a capture thread still blocked inside a decoder (a stalled network camera) would
     be torn down under it and abort the process (C++ terminate, exit 134)."""
-    code = main()
+    # From the first moment, so that a stop while the interpreter starts (imports, the command line) is a clean
+    # exit, not a death by signal; `run` replaces these with its own once it starts.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_stop)
+    try:
+        code = main()
+    except _StopRequested:  # before the command line was read: nothing had started
+        code = 0
     if _run_ended.is_set():
         if _blocked_at_exit:
             log.warning("leaving %d capture thread(s) blocked in a decoder (%s)", len(_blocked_at_exit),
