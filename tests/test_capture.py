@@ -726,3 +726,51 @@ def test_capture_thread_stop_while_connecting_is_prompt():
     thread.join(2)
     assert not thread.is_alive() and thread.status == "stopped"
     assert time.monotonic() - t0 < 1.0  # a wait between attempts ends at once on stop
+
+
+# -- preprocessing in the capture thread --------------------------------------------------------------------------
+
+
+def test_capture_thread_preprocess_puts_each_frames_tensor_made_in_the_capture_thread():
+    images = [np.full((24, 32, 3), i * 20, np.uint8) for i in range(6)]
+    threads = []
+
+    def preprocess(image):
+        threads.append(threading.current_thread().name)
+        return image.astype(np.float32).transpose(2, 0, 1) / 255
+
+    buffer = FrameBuffer(capacity=4, policy="wait")
+    thread = CaptureThread(FakeFile(images), "cam", buffer, preprocess=preprocess).start()
+    frames = _drain(buffer, thread)
+    assert [f.index for f in frames] == list(range(6))
+    for f, image in zip(frames, images):
+        assert f.tensor is not None and f.tensor.shape == (3, 24, 32)
+        np.testing.assert_array_equal(f.tensor, image.astype(np.float32).transpose(2, 0, 1) / 255)
+    assert threads == ["capture-cam"] * 6
+
+
+def test_capture_thread_preprocess_that_raises_leaves_the_tensor_to_the_consumer():
+    def preprocess(image):
+        raise ValueError("bad crop")
+
+    buffer = FrameBuffer(capacity=4, policy="wait")
+    thread = CaptureThread(FakeFile([np.zeros((8, 8, 3), np.uint8)] * 3), "cam", buffer, preprocess=preprocess).start()
+    frames = _drain(buffer, thread)
+    assert len(frames) == 3 and all(f.tensor is None for f in frames)
+    assert thread.stats()["status"] == "ended" and thread.error is None
+
+
+def test_stream_capture_passes_preprocess_to_its_reader():
+    capture = StreamCapture(FakeFile([np.full((8, 8, 3), 7, np.uint8)] * 2), "cam",
+                            preprocess=lambda image: image[..., 0].astype(np.float32)).start()
+    frames = []
+
+    def drained():
+        while (frame := capture.pop()) is not None:
+            frames.append(frame)
+        return capture.finished
+
+    assert _wait_for(drained)
+    capture.stop()
+    capture.join(WAIT_S)
+    assert frames and all(f.tensor is not None and (f.tensor == 7).all() for f in frames)

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from enum import Enum
 
+import numpy as np
+
 from streamtsm.capture.buffer import FrameBuffer
 from streamtsm.capture.frame import Frame
 from streamtsm.capture.sources import Source, open_source
@@ -101,6 +103,8 @@ class StreamCapture:
         notify: event set whenever a frame arrives or the capture closes its buffer (one event for many streams).
         retry_open: a live source that cannot be opened at first is retried with back-off (``connecting``) instead
             of failing (see :class:`CaptureThread`).
+        preprocess: the model's preprocessing, run by the capture thread on every frame it keeps (``Frame.tensor``;
+            see :class:`CaptureThread`).
 
     Raises:
         SourceError: the source string names nothing that can be opened.
@@ -109,13 +113,15 @@ class StreamCapture:
 
     def __init__(self, source: str | int | Source | Callable[[], Source], stream_id: str, *, frame_stride: int = 1,
                  realtime: bool = False, read_timeout: float = 5.0, backoff: tuple[float, float] = (0.5, 8.0),
-                 notify: threading.Event | None = None, retry_open: bool = False) -> None:
+                 notify: threading.Event | None = None, retry_open: bool = False,
+                 preprocess: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.stream_id = stream_id
         self.retry_open = retry_open
         self.frame_stride = frame_stride
         self.realtime = realtime
         self.read_timeout = read_timeout
         self.backoff = backoff
+        self.preprocess = preprocess
         self._make_source = _source_maker(source)
         self._replaceable = not isinstance(source, Source)
         self._notify = notify
@@ -140,7 +146,7 @@ class StreamCapture:
             buffer = FrameBuffer(4, "wait", self._notify)
         thread = CaptureThread(source, self.stream_id, buffer, frame_stride=self.frame_stride,
                                realtime=self.realtime, read_timeout=self.read_timeout, backoff=self.backoff,
-                               retry_open=self.retry_open)
+                               retry_open=self.retry_open, preprocess=self.preprocess)
         return thread, buffer
 
     # -- control ------------------------------------------------------------------------------------------------
