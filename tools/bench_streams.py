@@ -157,7 +157,10 @@ class StatsSnapshots:
 
     def on_message(self, topic: str, payload: dict) -> None:
         if payload.get("type") == "stats" and payload.get("streams"):
+            # thread_time: this is the pipeline's thread, which also runs the model call (with one intra-op
+            # thread onnxruntime computes in the caller's thread): its CPU per frame is the serial work.
             self.items.append({"mono": time.monotonic(), "wall": payload["publish_ts"], "cpu": time.process_time(),
+                               "thread_cpu": time.thread_time(),
                                "rss": rss_mb(), "streams": payload["streams"], "models": payload["models"],
                                "publish_dropped": payload["publish_dropped"]})
 
@@ -225,6 +228,8 @@ def run_case(engine: OrtOnlineEngine, n: int, args: argparse.Namespace, publishe
         "batch_mean": sum(frames.values()) / steps if steps else float("nan"),
         "step_p50": model["step_p50_ms"], "step_p99": model["step_p99_ms"],
         "cores": (end["cpu"] - start["cpu"]) / window, "rss": start["rss"], "rss_end": end["rss"],
+        "loop_cpu_ms": (end["thread_cpu"] - start["thread_cpu"]) * 1e3 / steps if steps else float("nan"),
+        "loop_share": (end["thread_cpu"] - start["thread_cpu"]) / window,
     }
     if in_window:
         r.update({
@@ -361,11 +366,12 @@ def table(rows: list[dict]) -> list[str]:
     lines = ["| streams | fps/stream mean | min | processed / captured frames | captured fps/stream (min) | "
              "dropped (warm-up) | "
              "latency p50 ms | p99 ms | p50 first -> last third ms | subscriber p99 ms | mean batch | "
-             "step p50 ms (wall) | step / frame period | CPU cores | RSS MB | sustained |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "step p50 ms (wall) | step / frame period | pipeline thread CPU ms per step (busy share) | CPU cores | "
+             "RSS MB | sustained |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['n']} |" + " - |" * 14 + f" **no** ({r['error']}) |")
+            lines.append(f"| {r['n']} |" + " - |" * 15 + f" **no** ({r['error']}) |")
             continue
         ok = "yes" if not r["reasons"] else "**no**: " + "; ".join(r["reasons"])
         lines.append(
@@ -373,7 +379,8 @@ def table(rows: list[dict]) -> list[str]:
             f"{r['capture_fps_min']:.1f} | "
             f"{r['dropped']} ({r['warmup_dropped']}) | {_f(r.get('p50'))} | {_f(r.get('p99'))} | "
             f"{_f(r.get('first_p50'))} -> {_f(r.get('last_p50'))} | {_f(r.get('recv_p99'))} | "
-            f"{r['batch_mean']:.2f} | {_f(r['step_p50'])} | {_share(r['step_p50'])} | {r['cores']:.2f} | "
+            f"{r['batch_mean']:.2f} | {_f(r['step_p50'])} | {_share(r['step_p50'])} | "
+            f"{_f(r['loop_cpu_ms'])} ({r['loop_share']:.0%}) | {r['cores']:.2f} | "
             f"{r['rss']:.0f} | {ok} |")
     return lines
 
@@ -555,7 +562,10 @@ def report(args, schedule, results, activations, models, meta, costs, python_byt
         "capture->publish (`latency_ms` of the pred messages published in the window, stamped when the pipeline "
         "hands the message to the publisher; thirds in capture order) and capture->subscriber (receive time - "
         "`capture_ts`, which includes the publisher's queue and thread); step p50 is the wall time of the batched "
-        "model call over the last 1000 calls (it includes waiting for a core); RSS is VmRSS at the start of the window. "
+        "model call over the last 1000 calls (it includes waiting for a core); the pipeline thread's CPU per step is "
+        "its CPU time (`time.thread_time`, so waiting for a core does not count) over the window divided by the model "
+        "calls: the model call (one intra-op thread computes in the caller's thread) plus everything else the loop "
+        "does serially, and its busy share is that CPU time over the window; RSS is VmRSS at the start of the window. "
         f"Frame stride {max(1, int(meta['config'].get('frame_interval') or 1))} (the model's `frame_interval`; "
         f"frames skipped by it in the windows: {sum(r.get('skipped', 0) for rs in results.values() for r in rs)}). "
         "Schedule " + ", ".join(map(str, schedule)) + ", stopped after two failures in a row; each precision in a "

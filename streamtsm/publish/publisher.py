@@ -100,14 +100,15 @@ class Publisher:
     ZeroMQ and counted in ``sent``.
 
     Like every ZeroMQ socket, a Publisher must be used from one thread only (the pipeline's publishing
-    thread); it holds no locks.
+    thread); without ``background`` it holds no locks.
 
     With ``background=True`` the encoding and sending move to a thread of the publisher's own, behind a queue
     of ``queue_size`` messages: ``send`` and ``on_message`` only append, so the caller (the pipeline's model
     thread) spends no time on JSON or ZeroMQ, and that work runs while the next model step holds no GIL. The
     socket is then used by that thread only. A message that finds the queue full is dropped and counted in
-    ``dropped``, as one ZeroMQ refuses; ``close()`` sends what is queued (for at most ``close_timeout``
-    seconds) before closing the socket, so the last stats of a run still go out.
+    ``dropped``, as one ZeroMQ refuses; a payload that is not JSON is dropped, counted and logged there instead of
+    raising in the caller. ``close()`` hands what is queued to ZeroMQ (for at most ``close_timeout`` seconds)
+    before closing the socket, as a run's last stats are sent before the publisher is closed without it.
 
     Attributes:
         endpoint: The endpoint in effect (``LAST_ENDPOINT``), e.g. ``tcp://127.0.0.1:40123`` after binding
