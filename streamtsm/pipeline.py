@@ -11,9 +11,9 @@
             StreamPostprocessor (smoothing, top-k, typed events) ─► Fanout ─► sinks (Publisher, console, ...)
 
 Streams are grouped by model: streams sharing a model are batched together, groups of different models run side by side
-in the same loop. Each capture thread preprocesses its frames for its stream's group (``Frame.tensor``), so the
-per-frame resize and normalization run beside the model step rather than before it; everything after the buffers runs
-in the caller's thread, and a Publisher made with ``background=True`` sends on a thread of its own. Each stream's
+in the same loop. Each live source's capture thread preprocesses its frames for its stream's group (``Frame.tensor``),
+so the per-frame resize and normalization run beside the model step rather than before it; everything after the buffers
+runs in the caller's thread, and a Publisher made with ``background=True`` sends on a thread of its own. Each stream's
 capture is a :class:`~streamtsm.capture.StreamCapture`, which picks the buffer policy (live sources skip frames rather
 than build lag, files give every frame), replaces a hung reader and keeps the stream's counters; the pipeline polls it
 once per loop.

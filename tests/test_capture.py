@@ -760,17 +760,30 @@ def test_capture_thread_preprocess_that_raises_leaves_the_tensor_to_the_consumer
     assert thread.stats()["status"] == "ended" and thread.error is None
 
 
-def test_stream_capture_passes_preprocess_to_its_reader():
-    capture = StreamCapture(FakeFile([np.full((8, 8, 3), 7, np.uint8)] * 2), "cam",
-                            preprocess=lambda image: image[..., 0].astype(np.float32)).start()
+def test_stream_capture_preprocesses_in_a_live_readers_thread_only():
+    live = StreamCapture(FakeCamera(), "cam", preprocess=lambda image: image[..., 0].astype(np.float32)).start()
+    frame = None
+
+    def got_one():
+        nonlocal frame
+        frame = live.pop()
+        return frame is not None
+
+    assert _wait_for(got_one)
+    live.stop()
+    live.join(WAIT_S)
+    assert frame.tensor is not None and frame.tensor.shape == frame.image.shape[:2]
+    np.testing.assert_array_equal(frame.tensor, frame.image[..., 0])
+
+    file = StreamCapture(FakeFile([np.full((8, 8, 3), 7, np.uint8)] * 2), "file",
+                         preprocess=lambda image: image[..., 0].astype(np.float32)).start()
     frames = []
 
     def drained():
-        while (frame := capture.pop()) is not None:
-            frames.append(frame)
-        return capture.finished
+        while (f := file.pop()) is not None:
+            frames.append(f)
+        return file.finished
 
     assert _wait_for(drained)
-    capture.stop()
-    capture.join(WAIT_S)
-    assert frames and all(f.tensor is not None and (f.tensor == 7).all() for f in frames)
+    file.join(WAIT_S)
+    assert len(frames) == 2 and all(f.tensor is None for f in frames)  # the consumer preprocesses a file's frames
