@@ -326,10 +326,11 @@ def _run(args: argparse.Namespace, stop, running) -> int:
     sinks = []  # closed in the finally below, in the order made
     servers = []  # the web view's HTTP server, closed first
     try:
+        # background: JSON encoding and sends run on the publisher's thread, not between model steps.
         if out["connect"]:
-            publisher = Publisher(out["connect"], bind=False)  # into a broker's frontend
+            publisher = Publisher(out["connect"], bind=False, background=True)  # into a broker's frontend
         elif out["publish"] != "none":
-            publisher = Publisher(out["publish"], bind=True)
+            publisher = Publisher(out["publish"], bind=True, background=True)
         if publisher is not None:
             sinks.append(publisher)
         sinks.append(ConsoleSink(quiet=args.quiet))

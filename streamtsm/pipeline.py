@@ -2,19 +2,21 @@
 
 ::
 
-    source ──► StreamCapture (thread + buffer) ─┐
-    source ──► StreamCapture (thread + buffer) ─┼─► newest frame of each ready stream ─► Preprocessor (once each)
-    ...                                          ┘        │
-                                                         ▼
+    source ──► StreamCapture (thread: read, Preprocessor; buffer) ─┐
+    source ──► StreamCapture (thread: read, Preprocessor; buffer) ─┼─► newest frame of each ready stream
+    ...                                                             ┘        │ (its tensor copied into the batch)
+                                                                            ▼
             per model group: OnlineRunner (B frames, B states) or ClipRunner (ring buffers, due windows)
                                                          │                      (one batched call each)
             StreamPostprocessor (smoothing, top-k, typed events) ─► Fanout ─► sinks (Publisher, console, ...)
 
-Streams are grouped by model: streams sharing a model are batched together, groups of different models run side by
-side in the same loop. Everything after the buffers runs in the caller's thread. Each stream's capture is a
-:class:`~streamtsm.capture.StreamCapture`, which picks the buffer policy (live sources skip frames rather than build
-lag, files give every frame), replaces a hung reader and keeps the stream's counters; the pipeline polls it once per
-loop.
+Streams are grouped by model: streams sharing a model are batched together, groups of different models run side by side
+in the same loop. Each live source's capture thread preprocesses its frames for its stream's group (``Frame.tensor``),
+so the per-frame resize and normalization run beside the model step rather than before it; everything after the buffers
+runs in the caller's thread, and a Publisher made with ``background=True`` sends on a thread of its own. Each stream's
+capture is a :class:`~streamtsm.capture.StreamCapture`, which picks the buffer policy (live sources skip frames rather
+than build lag, files give every frame), replaces a hung reader and keeps the stream's counters; the pipeline polls it
+once per loop.
 """
 
 from __future__ import annotations
@@ -105,14 +107,16 @@ class Pipeline:
 
     def _make_stream(self, sid: str, spec: StreamSpec, group: GroupState) -> StreamState:
         o = self.options
-        # A live source that is down at start is retried (status "connecting"); start() decides how long to wait.
-        capture = StreamCapture(spec.source, sid, frame_stride=effective_frame_stride(spec, group.engine),
-                                realtime=o.realtime, read_timeout=o.read_timeout, backoff=o.backoff,
-                                notify=self._notify, retry_open=True)
         labels = group.engine.labels
         post = StreamPostprocessor(labels, smooth=o.smooth, topk=o.topk, threshold=o.threshold, hold=o.hold,
                                    background=[b for b in o.background if b in labels])
+        # The stream's group decides its preprocessing (input size, crop): the capture thread runs it on every frame
+        # it keeps, so the model's thread only copies rows into the batch.
         preprocess = Preprocessor.for_config(group.engine.cfg, crop=spec.crop)
+        # A live source that is down at start is retried (status "connecting"); start() decides how long to wait.
+        capture = StreamCapture(spec.source, sid, frame_stride=effective_frame_stride(spec, group.engine),
+                                realtime=o.realtime, read_timeout=o.read_timeout, backoff=o.backoff,
+                                notify=self._notify, retry_open=True, preprocess=preprocess)
         return StreamState(sid, spec, group, capture, preprocess, post)
 
     @property
@@ -239,10 +243,12 @@ class Pipeline:
                 self._process_group(group, items)
 
     def _process_group(self, group: GroupState, batch: list[tuple[StreamState, Frame]]) -> None:
-        size = group.engine.cfg.input_size
-        frames = np.empty((len(batch), 3, size, size), np.float32)  # [B, 3, S, S]: each frame preprocessed once,
-        for row, (s, f) in zip(frames, batch):  # straight into its row
-            s.preprocess(f.image, out=row)
+        frames = group.batch_rows(len(batch))  # [B, 3, S, S], reused from step to step
+        for row, (s, f) in zip(frames, batch):
+            if f.tensor is not None and f.tensor.shape == row.shape:
+                row[...] = f.tensor  # preprocessed by the capture thread
+            else:
+                s.preprocess(f.image, out=row)
         for s, f in batch:
             if f.generation != s.generation:
                 # The source reconnected: the runner resets the state; close any open action first.

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from .capture import Source, StreamCapture
 from .engine.base import Engine
 from .engine.clip import ClipRunner
@@ -80,6 +82,16 @@ class GroupState:
         self.step_latency = LatencyTracker()
         self.steps = 0
         self.batched_frames = 0
+        self._rows: np.ndarray | None = None
+
+    def batch_rows(self, batch: int) -> np.ndarray:
+        """The first ``batch`` rows of the group's input array ``[B, 3, S, S]`` float32, kept between steps: a fresh
+        array of a few megabytes per step would be new pages for the system to map every time. The runners copy what
+        they keep (the clip rings), so reusing it is safe."""
+        if self._rows is None or len(self._rows) < batch:
+            size = self.engine.cfg.input_size
+            self._rows = np.empty((batch, 3, size, size), np.float32)
+        return self._rows[:batch]
 
     def record_step(self, ms: float, predicted: int) -> None:
         """Count a batched call that predicted ``predicted`` streams and took ``ms`` milliseconds."""

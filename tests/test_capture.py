@@ -726,3 +726,64 @@ def test_capture_thread_stop_while_connecting_is_prompt():
     thread.join(2)
     assert not thread.is_alive() and thread.status == "stopped"
     assert time.monotonic() - t0 < 1.0  # a wait between attempts ends at once on stop
+
+
+# -- preprocessing in the capture thread --------------------------------------------------------------------------
+
+
+def test_capture_thread_preprocess_puts_each_frames_tensor_made_in_the_capture_thread():
+    images = [np.full((24, 32, 3), i * 20, np.uint8) for i in range(6)]
+    threads = []
+
+    def preprocess(image):
+        threads.append(threading.current_thread().name)
+        return image.astype(np.float32).transpose(2, 0, 1) / 255
+
+    buffer = FrameBuffer(capacity=4, policy="wait")
+    thread = CaptureThread(FakeFile(images), "cam", buffer, preprocess=preprocess).start()
+    frames = _drain(buffer, thread)
+    assert [f.index for f in frames] == list(range(6))
+    for f, image in zip(frames, images):
+        assert f.tensor is not None and f.tensor.shape == (3, 24, 32)
+        np.testing.assert_array_equal(f.tensor, image.astype(np.float32).transpose(2, 0, 1) / 255)
+    assert threads == ["capture-cam"] * 6
+
+
+def test_capture_thread_preprocess_that_raises_leaves_the_tensor_to_the_consumer():
+    def preprocess(image):
+        raise ValueError("bad crop")
+
+    buffer = FrameBuffer(capacity=4, policy="wait")
+    thread = CaptureThread(FakeFile([np.zeros((8, 8, 3), np.uint8)] * 3), "cam", buffer, preprocess=preprocess).start()
+    frames = _drain(buffer, thread)
+    assert len(frames) == 3 and all(f.tensor is None for f in frames)
+    assert thread.stats()["status"] == "ended" and thread.error is None
+
+
+def test_stream_capture_preprocesses_in_a_live_readers_thread_only():
+    live = StreamCapture(FakeCamera(), "cam", preprocess=lambda image: image[..., 0].astype(np.float32)).start()
+    frame = None
+
+    def got_one():
+        nonlocal frame
+        frame = live.pop()
+        return frame is not None
+
+    assert _wait_for(got_one)
+    live.stop()
+    live.join(WAIT_S)
+    assert frame.tensor is not None and frame.tensor.shape == frame.image.shape[:2]
+    np.testing.assert_array_equal(frame.tensor, frame.image[..., 0])
+
+    file = StreamCapture(FakeFile([np.full((8, 8, 3), 7, np.uint8)] * 2), "file",
+                         preprocess=lambda image: image[..., 0].astype(np.float32)).start()
+    frames = []
+
+    def drained():
+        while (f := file.pop()) is not None:
+            frames.append(f)
+        return file.finished
+
+    assert _wait_for(drained)
+    file.join(WAIT_S)
+    assert len(frames) == 2 and all(f.tensor is None for f in frames)  # the consumer preprocesses a file's frames

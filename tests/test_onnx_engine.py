@@ -291,3 +291,19 @@ def test_onnx_file_whose_metadata_disagrees_with_its_graph_is_one_error_naming_i
         load_onnx_engine(path)
     assert str(info.value).startswith(f"{path} does not match its streamtsm metadata")
     assert "\n" not in str(info.value)
+
+
+def test_session_options_turn_spinning_off_unless_asked_and_use_one_inter_op_thread():
+    from streamtsm.engine.onnxruntime_engine import session_options
+
+    off = session_options(2)
+    assert off.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert (off.intra_op_num_threads, off.inter_op_num_threads) == (2, 1)
+    on = session_options(None, spinning=True)
+    assert on.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert on.intra_op_num_threads == 0  # onnxruntime's default: one per core
+
+
+def test_ort_online_engine_passes_spinning_to_its_session(online):
+    engine = OrtOnlineEngine(online[1], "cpu", threads=1, spinning=True)
+    assert engine.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"

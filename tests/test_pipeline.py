@@ -12,7 +12,7 @@ import pytest
 from streamtsm.capture import Source
 from streamtsm.engine.torch_engine import TorchOnlineEngine
 from streamtsm.models import create
-from streamtsm.pipeline import Pipeline, PipelineOptions, StreamSpec
+from streamtsm.pipeline import ModelGroup, Pipeline, PipelineOptions, StreamSpec
 from streamtsm.publish import Publisher, Subscriber
 from streamtsm.publish.schema import SCHEMA_VERSION
 from streamtsm.sinks import CallbackSink
@@ -440,3 +440,67 @@ def test_pipeline_nan_output_counts_resets_state_and_never_reaches_the_wire(engi
     assert metrics.registry.get_sample_value("streamtsm_nonfinite_total", {"stream": "bad"}) == 2
     warnings = [r for r in caplog.records if "NaN or infinity" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].getMessage().startswith("bad:"), "a warning once per stream"
+
+
+class StillCamera(FakeLiveSource):
+    """A live camera showing one textured image: every frame's model input is known."""
+
+    def __init__(self, image):
+        super().__init__(fps=100)
+        self.image = image
+
+    def read(self):
+        super().read()
+        return self.image
+
+
+class RecordingEngine:
+    """Keeps a copy of every batch the model is given."""
+
+    def __init__(self, inner):
+        self.inner, self.batches = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def step(self, frames, state):
+        self.batches.append(frames.copy())
+        return self.inner.step(frames, state)
+
+
+def test_pipeline_preprocesses_in_the_capture_threads_per_group_and_crop(engine, monkeypatch):
+    from streamtsm.preprocess import Preprocessor
+
+    threads = []
+    real_call = Preprocessor.__call__
+
+    def spy(self, image, out=None):
+        threads.append(threading.current_thread().name)
+        return real_call(self, image, out)
+
+    monkeypatch.setattr(Preprocessor, "__call__", spy)
+    image = np.random.default_rng(0).integers(0, 256, (60, 80, 3), np.uint8)
+    big = RecordingEngine(TorchOnlineEngine(randomize_(create("tsm_mobilenetv2_online", num_classes=5,
+                                                              width_mult=0.25, input_size=40, resize_size=44),
+                                                       seed=3), labels=LABELS))
+    small = RecordingEngine(engine)
+    crop = (10, 5, 50, 40)
+    pipeline = Pipeline.from_groups([
+        ModelGroup(small, [StreamSpec(StillCamera(image), "a", frame_stride=1),
+                           StreamSpec(StillCamera(image), "b", frame_stride=1, crop=crop)]),
+        ModelGroup(big, [StreamSpec(StillCamera(image), "c", frame_stride=1)]),
+    ], options=PipelineOptions(max_frames=6))
+    pipeline.start()
+    stats = pipeline.run()
+    during_run = list(threads)
+    assert all(s["frames"] == 6 for s in stats["streams"].values())
+    expected_small = {Preprocessor.for_config(engine.cfg)(image).tobytes(): "a",
+                      Preprocessor.for_config(engine.cfg, crop=crop)(image).tobytes(): "b"}
+    rows_small = [row.tobytes() for batch in small.batches for row in batch]
+    assert sorted(expected_small[r] for r in rows_small) == ["a"] * 6 + ["b"] * 6
+    expected_big = Preprocessor.for_config(big.cfg)(image)
+    assert sum(len(b) for b in big.batches) == 6
+    assert all(b.shape[1:] == (3, 40, 40) and (b == expected_big).all() for b in big.batches)
+    # Every frame preprocessed by its stream's capture thread (those dropped too), none by the model's thread.
+    assert {t.split("-", 1)[0] for t in during_run} == {"capture"}
+    assert all(during_run.count(f"capture-{sid}") >= 6 for sid in "abc")

@@ -598,3 +598,53 @@ def test_listen_json_always_writes_one_valid_json_object_per_line(raw):
     assert payload["schema"] == 1
     text.encode("utf-8")  # printable to any UTF-8 terminal or file
     assert payload == json.loads(raw)
+
+
+# -- publishing on the publisher's own thread -----------------------------------------------------------------------
+
+
+def test_publisher_background_sends_from_its_own_thread_in_order(ctx):
+    publisher = Publisher(RANDOM_PORT, context=ctx, background=True)
+    with Subscriber(publisher.endpoint, context=ctx) as subscriber:
+        first_delivery(publisher, subscriber, TOPIC_STATS, stats_message(streams={}))
+        drain(subscriber)
+        caller = threading.get_ident()
+        sending = []
+        real_send = publisher._socket.send_multipart
+
+        def spy(parts, **kwargs):
+            sending.append(threading.get_ident())
+            return real_send(parts, **kwargs)
+
+        publisher._socket.send_multipart = spy
+        for i in range(50):
+            assert publisher.send(topic_for(TOPIC_PRED, "cam0"), pred(frame=i))
+        frames = [payload["frame"] for _, payload in drain(subscriber, quiet_s=0.5)]
+        publisher.close()
+    assert frames == list(range(50))
+    assert len(sending) == 50 and caller not in sending
+    assert publisher.dropped == 0
+
+
+def test_publisher_background_full_queue_drops_and_counts(ctx):
+    publisher = Publisher(RANDOM_PORT, context=ctx, background=True, queue_size=3)
+    gate = threading.Event()
+    real_send = publisher._socket.send_multipart
+
+    def blocked(parts, **kwargs):  # a send that cannot finish yet: the queue fills behind it
+        gate.wait(TIMEOUT_S)
+        return real_send(parts, **kwargs)
+
+    publisher._socket.send_multipart = blocked
+    accepted = [publisher.send(TOPIC_STATS, stats_message(streams={})) for _ in range(10)]
+    # One message is in the blocked send or still queued: at most 4 accepted, the rest refused at the queue.
+    assert 3 <= sum(accepted) <= 4 and accepted[:3] == [True] * 3
+    assert publisher.dropped == 10 - sum(accepted)
+    gate.set()
+    publisher.close()  # sends what is queued before closing the socket
+    assert publisher.sent == sum(accepted) and publisher.sent + publisher.dropped == 10
+
+
+def test_publisher_background_rejects_a_queue_of_zero(ctx):
+    with pytest.raises(ValueError, match="queue_size must be at least 1, got 0"):
+        Publisher(RANDOM_PORT, context=ctx, background=True, queue_size=0)

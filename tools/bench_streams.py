@@ -2,12 +2,13 @@
 onnxruntime (fp32 and int8), capture->publish latency at that load, and memory per stream.
 
     python tools/bench_streams.py [--streams 1,2,4,6,8,10,12,16] [--precision fp32,int8] [--seconds 20]
-                                  [--warmup 5] [--threads N] [--phase staggered|aligned] [--calib-frames 192]
-                                  [--no-write]
+                                  [--warmup 5] [--threads N] [--spinning] [--phase staggered|aligned]
+                                  [--calib-frames 192] [--no-write]
 
 For each precision and each N of the schedule (stopping after two failures in a row) the real pipeline runs N
-synthetic 320x240 scenes paced at 30 fps (distinct seeds), one batched ``OrtOnlineEngine``, a ZeroMQ publisher on
-tcp://127.0.0.1:* and a subscriber reading everything in a thread. The first ``--warmup`` seconds are excluded;
+synthetic 320x240 scenes paced at 30 fps (distinct seeds), each capture thread preprocessing its frames, one batched
+``OrtOnlineEngine``, a ZeroMQ publisher on tcp://127.0.0.1:* sending on its own thread (as ``streamtsm run`` does)
+and a subscriber reading everything in a thread. The first ``--warmup`` seconds are excluded;
 the figures cover the next ``--seconds``. Counters come from the stats the pipeline publishes every second (taken
 by a sink, in the pipeline's own thread, so they are consistent snapshots), latencies from the pred messages the
 subscriber receives. Each precision runs in a fresh process, so that its RSS growth is its own.
@@ -156,7 +157,10 @@ class StatsSnapshots:
 
     def on_message(self, topic: str, payload: dict) -> None:
         if payload.get("type") == "stats" and payload.get("streams"):
+            # thread_time: this is the pipeline's thread, which also runs the model call (with one intra-op
+            # thread onnxruntime computes in the caller's thread): its CPU per frame is the serial work.
             self.items.append({"mono": time.monotonic(), "wall": payload["publish_ts"], "cpu": time.process_time(),
+                               "thread_cpu": time.thread_time(),
                                "rss": rss_mb(), "streams": payload["streams"], "models": payload["models"],
                                "publish_dropped": payload["publish_dropped"]})
 
@@ -224,6 +228,8 @@ def run_case(engine: OrtOnlineEngine, n: int, args: argparse.Namespace, publishe
         "batch_mean": sum(frames.values()) / steps if steps else float("nan"),
         "step_p50": model["step_p50_ms"], "step_p99": model["step_p99_ms"],
         "cores": (end["cpu"] - start["cpu"]) / window, "rss": start["rss"], "rss_end": end["rss"],
+        "loop_cpu_ms": (end["thread_cpu"] - start["thread_cpu"]) * 1e3 / steps if steps else float("nan"),
+        "loop_share": (end["thread_cpu"] - start["thread_cpu"]) / window,
     }
     if in_window:
         r.update({
@@ -351,15 +357,21 @@ def _f(value, spec: str = ".1f") -> str:
     return "-" if value is None or (isinstance(value, float) and value != value) else format(value, spec)
 
 
+def _share(step_ms) -> str:
+    """The step's wall time as a share of the 30 fps frame period: what is left for everything else."""
+    return "-" if step_ms is None else f"{step_ms * FPS / 1e3:.0%}"
+
+
 def table(rows: list[dict]) -> list[str]:
     lines = ["| streams | fps/stream mean | min | processed / captured frames | captured fps/stream (min) | "
              "dropped (warm-up) | "
              "latency p50 ms | p99 ms | p50 first -> last third ms | subscriber p99 ms | mean batch | "
-             "step p50 ms (wall) | CPU cores | RSS MB | sustained |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "step p50 ms (wall) | step / frame period | pipeline thread CPU ms per step (busy share) | CPU cores | "
+             "RSS MB | sustained |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['n']} |" + " - |" * 13 + f" **no** ({r['error']}) |")
+            lines.append(f"| {r['n']} |" + " - |" * 15 + f" **no** ({r['error']}) |")
             continue
         ok = "yes" if not r["reasons"] else "**no**: " + "; ".join(r["reasons"])
         lines.append(
@@ -367,7 +379,9 @@ def table(rows: list[dict]) -> list[str]:
             f"{r['capture_fps_min']:.1f} | "
             f"{r['dropped']} ({r['warmup_dropped']}) | {_f(r.get('p50'))} | {_f(r.get('p99'))} | "
             f"{_f(r.get('first_p50'))} -> {_f(r.get('last_p50'))} | {_f(r.get('recv_p99'))} | "
-            f"{r['batch_mean']:.2f} | {_f(r['step_p50'])} | {r['cores']:.2f} | {r['rss']:.0f} | {ok} |")
+            f"{r['batch_mean']:.2f} | {_f(r['step_p50'])} | {_share(r['step_p50'])} | "
+            f"{_f(r['loop_cpu_ms'])} ({r['loop_share']:.0%}) | {r['cores']:.2f} | "
+            f"{r['rss']:.0f} | {ok} |")
     return lines
 
 
@@ -397,12 +411,12 @@ def rss_per_stream(rows: list[dict]) -> str:
 def measure_precision(precision: str, path: str, schedule: list[int],
                       args: argparse.Namespace) -> tuple[list[dict], float | None]:
     """The schedule for one exported file (run in its own process): rows, and activation MB per batch row."""
-    publisher = Publisher("tcp://127.0.0.1:*")
+    publisher = Publisher("tcp://127.0.0.1:*", background=True)
     deliveries = Deliveries(publisher.endpoint)
     rows, failures = [], 0
     try:
         connect(publisher, deliveries)
-        engine = OrtOnlineEngine(path, "cpu", threads=args.threads)
+        engine = OrtOnlineEngine(path, "cpu", threads=args.threads, spinning=args.spinning)
         for n in schedule:
             try:
                 r = run_case(engine, n, args, publisher, deliveries)
@@ -434,6 +448,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds per case before the window (excluded)")
     ap.add_argument("--threads", type=int, default=default_threads(),
                     help="onnxruntime intra-op threads (default: what `streamtsm run` uses, all cores but one)")
+    ap.add_argument("--spinning", action="store_true",
+                    help="let onnxruntime's pool threads busy-wait between operators (off in `streamtsm run`)")
     ap.add_argument("--phase", choices=("staggered", "aligned"), default="staggered",
                     help="camera frame clocks spread evenly over a frame period (default), or all in step")
     ap.add_argument("--calib-frames", type=int, default=192, help="int8 calibration frames (synthetic)")
@@ -534,15 +550,22 @@ def report(args, schedule, results, activations, models, meta, costs, python_byt
     lines.append(
         f"Each case: N synthetic scenes ({WIDTH}x{HEIGHT}, paced at {FPS:g} fps by the clock, seeds 0..N-1, frame "
         f"clocks {'spread evenly over one frame period' if args.phase == 'staggered' else 'in step'}), each with "
-        "its capture thread and a 1-frame `drop_oldest` buffer, one batched `OrtOnlineEngine` "
-        f"(CPUExecutionProvider, `intra_op_num_threads={args.threads}`), default post-processing (smooth 8, top-5), "
-        "a ZeroMQ publisher on tcp://127.0.0.1 with a subscriber thread in the same process reading every message. "
+        "its capture thread (which also preprocesses its frames) and a 1-frame `drop_oldest` buffer, one batched "
+        f"`OrtOnlineEngine` (CPUExecutionProvider, `intra_op_num_threads={args.threads}`, "
+        f"`session.intra_op.allow_spinning={int(args.spinning)}`, `inter_op_num_threads=1`), default "
+        "post-processing (smooth 8, top-5), a ZeroMQ publisher on tcp://127.0.0.1 sending on its own thread "
+        "(`Publisher(background=True)`, as `streamtsm run`) with a subscriber thread in the same process reading "
+        "every message. "
         f"{args.warmup:g} s warm-up (excluded), then a {args.seconds:g} s window between two of the stats snapshots "
         "the pipeline publishes every second; fps, captured, dropped, batch (processed frames / model calls) and CPU "
         "(process CPU time / wall time, all threads) are differences between those snapshots; latency is "
-        "capture->publish (`latency_ms` of the pred messages published in the window; thirds in capture order) and "
-        "capture->subscriber (receive time - `capture_ts`); step p50 is the wall time of the batched model call "
-        "over the last 1000 calls (it includes waiting for a core); RSS is VmRSS at the start of the window. "
+        "capture->publish (`latency_ms` of the pred messages published in the window, stamped when the pipeline "
+        "hands the message to the publisher; thirds in capture order) and capture->subscriber (receive time - "
+        "`capture_ts`, which includes the publisher's queue and thread); step p50 is the wall time of the batched "
+        "model call over the last 1000 calls (it includes waiting for a core); the pipeline thread's CPU per step is "
+        "its CPU time (`time.thread_time`, so waiting for a core does not count) over the window divided by the model "
+        "calls: the model call (one intra-op thread computes in the caller's thread) plus everything else the loop "
+        "does serially, and its busy share is that CPU time over the window; RSS is VmRSS at the start of the window. "
         f"Frame stride {max(1, int(meta['config'].get('frame_interval') or 1))} (the model's `frame_interval`; "
         f"frames skipped by it in the windows: {sum(r.get('skipped', 0) for rs in results.values() for r in rs)}). "
         "Schedule " + ", ".join(map(str, schedule)) + ", stopped after two failures in a row; each precision in a "
@@ -560,7 +583,8 @@ def report(args, schedule, results, activations, models, meta, costs, python_byt
         f"{costs['render_p50']:.2f}, {costs['frames']} frames, alone), i.e. {render_cores[0]:.2f} of a core per "
         f"stream and {render_cores[1]:.2f} at {TARGET_STREAMS} streams, spent in the capture threads on the same "
         "cores as the model; a real camera's decoding replaces it (its cost depends on the codec). Preprocessing "
-        f"(resize, crop, normalize) takes {costs['pre_mean']:.2f} ms per frame (p50 {costs['pre_p50']:.2f}).  ")
+        f"(resize, crop, normalize) takes {costs['pre_mean']:.2f} ms per frame (p50 {costs['pre_p50']:.2f}), also in "
+        "the capture threads.  ")
     quant = (f"; int8: `quantize_int8`, static QDQ, per-channel, min/max calibration on {args.calib_frames} "
              f"synthetic frames, top-1 agreement with fp32 {100 * q['top1_agreement']:.1f}% over "
              f"{q['holdout_predictions']} held-out frames (random weights; see the onnx section)") if q else ""

@@ -24,6 +24,9 @@ class Frame:
         media_ts: For a file or image sequence with a known frame rate, the frame's position in it in seconds
             (the number of images decoded before it since the source was opened, over the source's fps); None
             for live sources, which have no position, and for files whose fps is unknown.
+        tensor: The image already preprocessed for the stream's model (float32 ``[3, S, S]``), made by the capture
+            thread when it was given the model's preprocessing, so that this per-frame work runs on the capture
+            threads, side by side with the model step, instead of in the model's thread; None when not made there.
     """
 
     stream_id: str
@@ -32,3 +35,4 @@ class Frame:
     image: np.ndarray = field(repr=False)
     generation: int = 0
     media_ts: float | None = None
+    tensor: np.ndarray | None = field(default=None, repr=False)

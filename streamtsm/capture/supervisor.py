@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from enum import Enum
 
+import numpy as np
+
 from streamtsm.capture.buffer import FrameBuffer
 from streamtsm.capture.frame import Frame
 from streamtsm.capture.sources import Source, open_source
@@ -101,6 +103,8 @@ class StreamCapture:
         notify: event set whenever a frame arrives or the capture closes its buffer (one event for many streams).
         retry_open: a live source that cannot be opened at first is retried with back-off (``connecting``) instead
             of failing (see :class:`CaptureThread`).
+        preprocess: the model's preprocessing, run by a live source's capture thread on every frame it keeps
+            (``Frame.tensor``; see :class:`CaptureThread`); a file's frames come without it.
 
     Raises:
         SourceError: the source string names nothing that can be opened.
@@ -109,13 +113,15 @@ class StreamCapture:
 
     def __init__(self, source: str | int | Source | Callable[[], Source], stream_id: str, *, frame_stride: int = 1,
                  realtime: bool = False, read_timeout: float = 5.0, backoff: tuple[float, float] = (0.5, 8.0),
-                 notify: threading.Event | None = None, retry_open: bool = False) -> None:
+                 notify: threading.Event | None = None, retry_open: bool = False,
+                 preprocess: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         self.stream_id = stream_id
         self.retry_open = retry_open
         self.frame_stride = frame_stride
         self.realtime = realtime
         self.read_timeout = read_timeout
         self.backoff = backoff
+        self.preprocess = preprocess
         self._make_source = _source_maker(source)
         self._replaceable = not isinstance(source, Source)
         self._notify = notify
@@ -138,9 +144,13 @@ class StreamCapture:
             buffer = FrameBuffer(1, "drop_oldest", self._notify)
         else:
             buffer = FrameBuffer(4, "wait", self._notify)
+        # Only a live source's reader preprocesses: there the model is the bottleneck and the work is worth moving
+        # off its thread. A file's reader waits for the consumer anyway, and frames preprocessed there would reach
+        # the buffers at other moments, changing which streams' frames meet in a batch: files keep the batches
+        # (and so the exact outputs) they had.
         thread = CaptureThread(source, self.stream_id, buffer, frame_stride=self.frame_stride,
                                realtime=self.realtime, read_timeout=self.read_timeout, backoff=self.backoff,
-                               retry_open=self.retry_open)
+                               retry_open=self.retry_open, preprocess=self.preprocess if source.is_live else None)
         return thread, buffer
 
     # -- control ------------------------------------------------------------------------------------------------

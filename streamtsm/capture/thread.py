@@ -22,6 +22,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+
+import numpy as np
 
 from streamtsm.capture.buffer import FrameBuffer
 from streamtsm.capture.frame import Frame
@@ -68,6 +71,9 @@ class CaptureThread(threading.Thread):
         retry_open: A live source that cannot be opened the first time is retried with back-off (status
             ``"connecting"``, the reason in ``last_error``) until it opens or the thread is stopped; without it, it
             fails at once. A file always fails at once.
+        preprocess: Turns a frame's BGR image into the model's input (``Frame.tensor``), here rather than in the
+            consumer's thread. If it raises, the frame goes out without a tensor and the consumer preprocesses it
+            itself, so a bad crop or image is reported where it was before.
 
     Raises:
         ConfigError: If an option is out of range.
@@ -75,7 +81,8 @@ class CaptureThread(threading.Thread):
 
     def __init__(self, source: Source, stream_id: str, buffer: FrameBuffer, *, frame_stride: int = 1,
                  realtime: bool = False, reconnect: bool = True, backoff: tuple[float, float] = (0.5, 8.0),
-                 max_reconnects: int | None = None, read_timeout: float = 5.0, retry_open: bool = False):
+                 max_reconnects: int | None = None, read_timeout: float = 5.0, retry_open: bool = False,
+                 preprocess: Callable[[np.ndarray], np.ndarray] | None = None):
         if isinstance(frame_stride, bool) or not isinstance(frame_stride, int) or frame_stride < 1:
             raise ConfigError(f"frame_stride must be an integer >= 1, got {frame_stride!r}")
         if len(backoff) != 2 or not 0 < backoff[0] <= backoff[1]:
@@ -95,6 +102,7 @@ class CaptureThread(threading.Thread):
         self.max_reconnects = max_reconnects
         self.read_timeout = float(read_timeout)
         self.retry_open = retry_open
+        self.preprocess = preprocess
         self.error: BaseException | None = None
 
         self._halt = threading.Event()
@@ -290,7 +298,13 @@ class CaptureThread(threading.Thread):
                     self._bad_frames += 1
                 continue
             self._failed_attempts = 0
-            frame = Frame(self.stream_id, frame_index, timestamp, bgr, self.generation, media_ts)
+            tensor = None
+            if self.preprocess is not None:
+                try:
+                    tensor = self.preprocess(bgr)
+                except Exception:  # noqa: BLE001 - the consumer preprocesses it again and reports the error
+                    tensor = None
+            frame = Frame(self.stream_id, frame_index, timestamp, bgr, self.generation, media_ts, tensor)
             if not self.buffer.put(frame, self._halt):
                 return
 

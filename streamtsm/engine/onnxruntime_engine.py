@@ -99,14 +99,31 @@ def default_providers() -> list[str]:
     return [*gpu, "CPUExecutionProvider"]
 
 
-def _open_session(path: Path, providers: str | Sequence[str] | None, threads: int | None) -> ort.InferenceSession:
-    requested = resolve_providers(providers)
-    chosen = requested or default_providers()
+def session_options(threads: int | None, spinning: bool | None = None) -> ort.SessionOptions:
+    """The session options the engines use: ``threads`` intra-op threads (onnxruntime's default, one per core,
+    when None), one inter-op thread (the graphs are one chain of operators: a second pool would only add threads),
+    and the intra-op pool's spinning.
+
+    Spinning: between parallel regions onnxruntime's pool threads busy-wait for the next one, which saves a wake-up
+    when the model has the cores to itself but takes them from every other thread when it does not. In a pipeline
+    the capture threads render or decode and preprocess on the same cores, so spinning is off unless asked for
+    (``spinning=True``); with one thread there is no pool and it changes nothing.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: onnxruntime's warnings about unused initializers are noise here
     if threads:
         options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
+def _open_session(path: Path, providers: str | Sequence[str] | None, threads: int | None,
+                  spinning: bool | None = None) -> ort.InferenceSession:
+    requested = resolve_providers(providers)
+    chosen = requested or default_providers()
+    options = session_options(threads, spinning)
     try:
         session = ort.InferenceSession(str(path), options, providers=chosen)
     except Exception as e:  # onnxruntime raises its own pybind types (Fail, InvalidGraph, NotImplemented, ...)
@@ -207,14 +224,15 @@ def _check_graph(path: Path, meta: dict, session: ort.InferenceSession) -> None:
 class _OrtModel:
     """What both engines load: metadata, config, labels, the checked session."""
 
-    def __init__(self, path: str | os.PathLike, kind: str, providers, labels, labels_file, threads) -> None:
+    def __init__(self, path: str | os.PathLike, kind: str, providers, labels, labels_file, threads,
+                 spinning=None) -> None:
         self.path = Path(path)
         self.meta = read_metadata(self.path)
         if self.meta["kind"] != kind:
             raise ConfigError(f"{self.path} holds a {self.meta['kind']} model; use load_onnx_engine() or the "
                               f"{'OrtOnlineEngine' if self.meta['kind'] == 'online' else 'OrtClipEngine'}")
         self.cfg = ModelConfig.from_dict(self.meta["config"])
-        self.session = _open_session(self.path, providers, threads)
+        self.session = _open_session(self.path, providers, threads, spinning)
         _check_graph(self.path, self.meta, self.session)  # before the labels: a wrong class count is named here
         self.labels = resolve_labels(self.cfg.num_classes, labels_file=labels_file, given=labels,
                                      saved=self.cfg.labels)
@@ -233,6 +251,8 @@ class OrtOnlineEngine(OnlineEngine):
         labels, labels_file: class names, or a file of them; the file's own when neither is given, else numbered
             (see :func:`streamtsm.labels.resolve_labels`).
         threads: onnxruntime intra-op threads (onnxruntime's default when None).
+        spinning: let the intra-op pool's threads busy-wait between parallel regions (off unless True; see
+            :func:`session_options`).
         io_binding: keep the state in device memory with IOBinding; None turns it on when the CUDA or TensorRT
             provider runs the model. True on CPU runs the same path with host OrtValues (what the tests do).
     """
@@ -241,8 +261,8 @@ class OrtOnlineEngine(OnlineEngine):
 
     def __init__(self, path: str | os.PathLike, providers: str | Sequence[str] | None = None,
                  labels: Sequence[str] | None = None, *, threads: int | None = None, io_binding: bool | None = None,
-                 labels_file: str | os.PathLike | None = None) -> None:
-        model = _OrtModel(path, "online", providers, labels, labels_file, threads)
+                 labels_file: str | os.PathLike | None = None, spinning: bool | None = None) -> None:
+        model = _OrtModel(path, "online", providers, labels, labels_file, threads, spinning)
         self.path, self.meta, self.cfg, self.labels = model.path, model.meta, model.cfg, model.labels
         self.session, self.providers = model.session, model.providers
         self.precision = self.meta["precision"]
@@ -302,8 +322,8 @@ class OrtClipEngine(ClipEngine):
 
     def __init__(self, path: str | os.PathLike, providers: str | Sequence[str] | None = None,
                  labels: Sequence[str] | None = None, *, threads: int | None = None,
-                 labels_file: str | os.PathLike | None = None) -> None:
-        model = _OrtModel(path, "clip", providers, labels, labels_file, threads)
+                 labels_file: str | os.PathLike | None = None, spinning: bool | None = None) -> None:
+        model = _OrtModel(path, "clip", providers, labels, labels_file, threads, spinning)
         self.path, self.meta, self.cfg, self.labels = model.path, model.meta, model.cfg, model.labels
         self.session, self.providers = model.session, model.providers
         self.precision = self.meta["precision"]
@@ -319,7 +339,7 @@ class OrtClipEngine(ClipEngine):
 
 def load_onnx_engine(path: str | os.PathLike, providers: str | Sequence[str] | None = None,
                      labels: Sequence[str] | None = None, *, threads: int | None = None,
-                     labels_file: str | os.PathLike | None = None) -> Engine:
+                     labels_file: str | os.PathLike | None = None, spinning: bool | None = None) -> Engine:
     """An :class:`OrtOnlineEngine` or :class:`OrtClipEngine`, as the file's metadata says.
 
     Raises:
@@ -328,7 +348,7 @@ def load_onnx_engine(path: str | os.PathLike, providers: str | Sequence[str] | N
     """
     kind = read_metadata(path)["kind"]
     engine = OrtOnlineEngine if kind == "online" else OrtClipEngine
-    return engine(path, providers, labels, threads=threads, labels_file=labels_file)
+    return engine(path, providers, labels, threads=threads, labels_file=labels_file, spinning=spinning)
 
 
 # -- device-resident state (CUDA / TensorRT) ----------------------------------------------------------------
