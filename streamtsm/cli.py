@@ -379,13 +379,13 @@ def _run(args: argparse.Namespace, stop, running) -> int:
         note = _demo_model_note(args, out) if site is None else None
         if note:
             print(note, file=sys.stderr, flush=True)
-        if not args.quiet:  # --quiet: errors, warnings (the note above) and the final summary only
+        if not args.quiet:  # --quiet: errors, warnings (the note above), where it serves and the final summary
             models = ", ".join(f"{g.engine.model_name} ({g.engine.backend})" for g in groups)
             reach = f", publishing on {endpoint_reach(publisher.endpoint)}" if publisher else ""
             print(f"streamtsm: {models} on {', '.join(pipeline.stream_ids)}{reach}", file=sys.stderr, flush=True)
-            for server in [*servers, metrics and metrics.server]:
-                if server:
-                    print(f"streamtsm: serving {_served(server)} at {server.url}", file=sys.stderr, flush=True)
+        for server in [*servers, metrics and metrics.server]:
+            if server:  # said even with --quiet: an HTTP port someone must know is open
+                print(f"streamtsm: serving {_served(server)} at {server.url}", file=sys.stderr, flush=True)
         final = pipeline.run(stop)
     finally:
         for server in servers:
