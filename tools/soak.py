@@ -181,6 +181,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
 
+    load_before = os.getloadavg()
     made_by, work = "", None
     if args.bench_model:
         from bench_streams import build_models
@@ -311,6 +312,8 @@ def main() -> None:
             ok = max(r["times"]) <= 1.0 and r["codes"] == [0]
             lines.append(f"| {r['state']} | {', '.join(f'{t:.2f}' for t in r['times'])} | "
                          f"{', '.join(map(str, r['codes']))} | {'yes' if ok else 'NO'} |")
+    lines.append("\nLoad average (1/5/15 min) before: " + " / ".join(f"{v:.2f}" for v in load_before)
+                 + ", after: " + " / ".join(f"{v:.2f}" for v in os.getloadavg()) + ".")
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
