@@ -250,18 +250,13 @@ def _record_dir(args: argparse.Namespace, out: dict):
     return prepare_record_dir(out["record_events"])
 
 
-class _StopRequested(BaseException):
-    """Ctrl-C or SIGTERM before the streams run (the interpreter starting, a model loading, a config being read): a
-    clean exit, not a traceback (0 for `run`, the usual 128 + signal for the other commands). A BaseException, so no
-    ``except Exception`` on the way swallows it."""
-
-    def __init__(self, signum: int = 15) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_stop(signum: int, _frame) -> None:
-    raise _StopRequested(signum)
+def _stop_before_start(signum: int, _frame) -> None:
+    """SIGINT/SIGTERM before `run`'s streams start (the interpreter starting, a model loading, a source opening): the
+    process ends at once, exit 0; nothing it has opened yet holds anything to keep. Not by raising an exception from
+    the handler: one raised while Python code runs inside a C++ call (torch's imports do) aborts the process (C++
+    terminate, exit 134)."""
+    print("streamtsm: stopped before the streams started", file=sys.stderr, flush=True)
+    os._exit(0)
 
 
 # Set when `run` has ended, everything it opened closed: entry() then ends the process at once (see there). The
@@ -279,7 +274,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # is joined and closed; before that (a model loading, sources opening) setup is abandoned at once.
         stop.set()
         if not running.is_set():
-            raise _StopRequested(signum)
+            _stop_before_start(signum, _frame)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
@@ -496,7 +491,7 @@ def _cmd_bridge_mqtt(args: argparse.Namespace) -> int:
         username=args.username or os.environ.get("STREAMTSM_MQTT_USERNAME") or None,
         password=args.password or os.environ.get("STREAMTSM_MQTT_PASSWORD") or None,
         predictions_per_second=args.predictions_per_second, homeassistant=args.homeassistant,
-        discovery_prefix=args.discovery_prefix, buffer=args.buffer)
+        discovery_prefix=args.discovery_prefix, buffer=args.mqtt_buffer)
     bridge = MqttBridge(options)  # checks the options and reads a --cafile, before anything is said or started
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -650,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prefix", default="streamtsm", help="first topic level(s) (default: streamtsm)")
     b.add_argument("--predictions-per-second", type=float, default=0.0, metavar="R",
                    help="republish at most R predictions per second per stream (default: 0, none)")
-    b.add_argument("--buffer", type=int, default=1000, metavar="N",
+    b.add_argument("--buffer", dest="mqtt_buffer", type=int, default=1000, metavar="N",
                    help="events kept while the MQTT broker is away; beyond, the oldest are dropped (default: 1000)")
     b.add_argument("--homeassistant", action="store_true",
                    help="publish Home Assistant MQTT discovery configs (an action sensor per stream)")
@@ -712,6 +707,10 @@ def _add_global_options(p: argparse.ArgumentParser, defaults: dict | None) -> No
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "run" and signal.getsignal(signal.SIGTERM) is _stop_before_start:
+        # Only `run` takes a stop for its normal end; the others are interrupted as any program is (Ctrl-C: 130).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if args.offline:
         os.environ["STREAMTSM_OFFLINE"] = "1"  # read by every download, in this process and the ones it starts
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -725,11 +724,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"streamtsm: error: {e}", file=sys.stderr)
         return 2
-    except _StopRequested as e:
-        if args.command != "run":
-            return 128 + e.signum
-        print("streamtsm: stopped before the streams started", file=sys.stderr, flush=True)
-        return 0
     except KeyboardInterrupt:
         return 130
 
@@ -741,13 +735,10 @@ def entry() -> None:
     a stop must take under one, and a capture thread still blocked inside a decoder (a stalled network camera) would
     be torn down under it and abort the process (C++ terminate, exit 134)."""
     # From the first moment, so that a stop while the interpreter starts (imports, the command line) is a clean
-    # exit, not a death by signal; `run` replaces these with its own once it starts.
+    # exit, not a death by signal; main() gives the other commands Python's defaults back, `run` its own handlers.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _raise_stop)
-    try:
-        code = main()
-    except _StopRequested:  # before the command line was read: nothing had started
-        code = 0
+        signal.signal(sig, _stop_before_start)
+    code = main()
     if _run_ended.is_set():
         if _blocked_at_exit:
             log.warning("leaving %d capture thread(s) blocked in a decoder (%s)", len(_blocked_at_exit),

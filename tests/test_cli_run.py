@@ -321,25 +321,25 @@ def test_a_command_without_opencv_installed_names_the_extras_in_one_line(command
     assert len(lines) == 1 and "OpenCV" in lines[0] and "streamtsm[cpu]" in lines[0], proc.stderr
 
 
-@pytest.mark.parametrize("after_s", [0.3, 0.6])
+@pytest.mark.parametrize("after_s", [0.3, 0.6, 0.9, 1.2, 1.5, 1.8])
 def test_sigterm_while_the_interpreter_starts_run_exits_0(after_s):
-    # Before `run` installs its handlers: the command line being read, onnxruntime and the config loading. The
-    # process's entry point catches the signal from its first line, so this is a clean stop, not death by signal.
+    # Before `run` installs its handlers (the command line being read, onnxruntime importing) and while torch imports
+    # and the model loads: the process's entry point catches the signal from its first line, and no handler raises
+    # into an import that runs through C++ (that aborted the process), so this is a clean stop.
     proc = subprocess.Popen(RUN + ["run", "--source", "synthetic:96x72@30", "--publish", "none"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(after_s)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "terminate" not in err
 
 
-def test_sigterm_to_another_command_exits_with_128_plus_the_signal(tmp_path):
-    # Only `run` treats a stop as its normal end; an interrupted training or export says it was interrupted.
+def test_sigterm_to_another_command_is_not_reported_as_success(tmp_path):
+    # Only `run` treats a stop as its normal end; an interrupted `synth` ends as any program killed by the signal.
     proc = subprocess.Popen(RUN + ["synth", "--out", str(tmp_path / "d"), "--clips-per-class", "1000"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(2.0)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 143, err
-    assert "Traceback" not in err
+    assert proc.returncode == -signal.SIGTERM, err

@@ -26,13 +26,21 @@ REQUIRED = {
     "download": ["streamtsm_demo"],
     "models": [],
     "broker": [],
+    "bridge mqtt": ["--connect", "tcp://127.0.0.1:1", "--mqtt", "127.0.0.1:1"],
 }
 
 
-def _subparsers() -> dict[str, argparse.ArgumentParser]:
-    parser = build_parser()
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
-    return dict(action.choices)
+def _subparsers(parser: argparse.ArgumentParser | None = None, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser by its words (``"run"``, ``"bridge mqtt"``): a command with commands of its own is
+    replaced by them."""
+    parser = parser or build_parser()
+    action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)  # noqa: SLF001
+    if action is None:
+        return {prefix.strip(): parser}
+    out = {}
+    for name, sub in action.choices.items():
+        out.update(_subparsers(sub, f"{prefix}{name} "))
+    return out
 
 
 def _numeric_options() -> list[tuple[str, str, str, type]]:
@@ -87,7 +95,7 @@ CASES = [(c, f, n, v) for c, f, n, k in NUMERIC for v in _bad_values(n, k)]
 @pytest.mark.parametrize(("command", "flag", "name", "value"), CASES, ids=[f"{c} {f} {v}" for c, f, _, v in CASES])
 def test_command_ranges_out_of_range_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch, command, flag, name, value):
     monkeypatch.chdir(tmp_path)
-    code = main([command, *REQUIRED[command], f"{flag}={value}"])  # = : "-inf" would read as an option
+    code = main([*command.split(), *REQUIRED[command], f"{flag}={value}"])  # = : "-inf" would read as an option
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2 and len(lines) == 1, captured.err

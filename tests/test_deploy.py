@@ -322,8 +322,7 @@ def test_setup_script_parses_and_keeps_one_apt_line():
 def test_run_publishes_on_loopback_by_default_and_says_so(capsys):
     assert RUN_DEFAULTS["publish"] == "tcp://127.0.0.1:5556"
     # The default port may be taken by another run on this machine: the same loopback host on a free port.
-    code = main(["run", "--source", "synthetic:64x48@30", "--max-frames", "1", "--quiet", "--publish",
-                 "tcp://127.0.0.1:0"])
+    code = main(["run", "--source", "synthetic:64x48@30", "--max-frames", "1", "--publish", "tcp://127.0.0.1:0"])
     err = capsys.readouterr().err
     assert code == 0, err
     assert re.search(r"publishing on tcp://127\.0\.0\.1:\d+ \(loopback: this machine only\)", err), err
