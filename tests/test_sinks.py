@@ -316,10 +316,17 @@ def test_pipeline_reports_steps_only_to_sinks_that_define_on_step(engine, shared
                         options=PipelineOptions(max_frames=5))
     pipeline.start().run()
     assert plain.items == steps.items and plain.items.count("pred") == 10
-    assert len(reports) == 5
-    for i, report in enumerate(reports):
+    # Which frames share a step depends on when each capture thread delivers; every frame is in exactly one report,
+    # each stream's in order, and a report holds at most one frame per stream.
+    seen = {"a": [], "b": []}
+    for report in reports:
         assert report.group == engine.model_name and report.step_ms > 0
-        assert [(r.stream_id, r.frame.index, len(r.topk)) for r in report.results] == [("a", i, 3), ("b", i, 3)]
+        ids = [r.stream_id for r in report.results]
+        assert len(ids) == len(set(ids)) >= 1
+        for r in report.results:
+            assert len(r.topk) == 3
+            seen[r.stream_id].append(r.frame.index)
+    assert seen == {"a": [0, 1, 2, 3, 4], "b": [0, 1, 2, 3, 4]}
 
 
 def test_display_sink_draws_on_its_own_thread_and_q_stops_the_run(monkeypatch):
