@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
 
 from streamtsm.errors import ConfigError
-from streamtsm.synthetic import MOTIONS, MotionScene, render_clip, render_clip_with_masks
+from streamtsm.synthetic import MOTIONS, MotionScene, clip_renderer, render_clip, render_clip_with_masks
 
 W, H, T = 96, 80, 16
 
@@ -154,3 +156,41 @@ def test_render_clip_background_contrast_scales_the_clutter_and_is_checked():
     for bad in (-0.1, 1.5):
         with pytest.raises(ConfigError, match="background contrast"):
             render_clip("still", 2, 32, 32, np.random.default_rng(0), bad)
+
+
+def _whole_frame(renderer, t: int, offset: tuple[int, int]) -> np.ndarray:
+    """Frame t blended over the whole frame, the reference for the renderer's blend inside the shape's footprint."""
+    layer, background = renderer.layer(t), renderer.background
+    height, width = background.shape[:2]
+    blended = background + layer[..., 3:] * (layer[..., :3] - background)
+    noise = renderer.noise[offset[0]:offset[0] + height, offset[1]:offset[1] + width]
+    return np.clip(blended * renderer.gain + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("width", "height", "seed"), [(64, 48, 0), (97, 131, 1), (320, 240, 2)])
+def test_frames_blended_only_where_the_shape_lies_equal_a_whole_frame_blend_bit_for_bit(width, height, seed):
+    # The demo model was trained on these frames: blending inside the footprint only must change no pixel. Clips
+    # (gain != 1) and a scene's segments (gain 1); moves and zooms take the shape partly out of the frame.
+    rng = np.random.default_rng(seed)
+    renderers = [clip_renderer(m, 16, width, height, rng) for m in ("move_left", "zoom_in", "rotate_cw")]
+    scene = MotionScene(width, height, seed=seed, segment_frames=16)
+    renderers += [scene.segment_renderer(k) for k in range(len(MOTIONS))]
+    assert any(r.gain != 1.0 for r in renderers) and any(r.gain == 1.0 for r in renderers)
+    for renderer in renderers:
+        for t in range(16):
+            for offset in ((0, 0), (3, 8)):
+                frame, mask = renderer.render(t, offset)
+                assert np.array_equal(frame, _whole_frame(renderer, t, offset)), (renderer.motion, t, offset)
+                assert np.array_equal(mask, renderer.layer(t)[..., 3] > 0.5)
+    # A shape wholly outside the frame: an empty footprint, the background and noise alone.
+    far = dataclasses.replace(renderers[0], path=dataclasses.replace(renderers[0].path, center=(-500.0, 900.0)))
+    frame, mask = far.render(3, (1, 1))
+    assert np.array_equal(frame, _whole_frame(far, 3, (1, 1))) and not mask.any()
+
+
+def test_motion_scene_render_is_the_frame_of_render_with_mask():
+    scene = MotionScene(80, 60, seed=4, segment_frames=6)
+    for t in (0, 5, 6, 31):
+        assert np.array_equal(scene.render(t), scene.render_with_mask(t)[0])
+    with pytest.raises(ValueError, match=">= 0"):
+        scene.render(-1)
