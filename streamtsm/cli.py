@@ -131,7 +131,7 @@ _CAMERA_OPTIONS = {"sources": "--camera/--source", "name": "--name", "model": "-
 
 # Numeric options of `run` and `listen`, each checked by the range of its setting (streamtsm.settings.RANGES).
 _NUMERIC_OPTIONS = ("max_frames", "duration", "stats_interval", "threshold", "topk", "hold", "smooth",
-                    "frame_stride", "clip_stride", "threads", "metrics_port", "max_messages", "timeout",
+                    "frame_stride", "clip_stride", "threads", "shards", "metrics_port", "max_messages", "timeout",
                     "startup_timeout", "http_port")
 # --record-events' numbers; its options need the folder.
 _RECORD_OPTIONS = {"pre_roll": "--pre-roll", "post_roll": "--post-roll", "record_max_gb": "--record-max-gb",
@@ -181,7 +181,8 @@ def _groups_from_args(args: argparse.Namespace, settings: dict):
     providers = args.providers.split(",") if args.providers else None
     engine = build_engine(model=args.model, weights=args.weights, onnx=args.onnx, labels_file=args.labels,
                           device=settings["device"], providers=providers, threads=args.threads,
-                          backend=settings["backend"], url=args.url, triton_model=args.triton_model)
+                          backend=settings["backend"], url=args.url, triton_model=args.triton_model,
+                          shards=args.shards)
     return [ModelGroup(engine, specs, clip_stride=settings["clip_stride"])]
 
 
@@ -313,7 +314,7 @@ def _run(args: argparse.Namespace, stop, running) -> int:
     if site is not None:
         from .siteconfig import build_groups
 
-        groups = build_groups(site, args.threads)
+        groups = build_groups(site, args.threads, args.shards)
     else:
         groups = _groups_from_args(args, out)
     options = PipelineOptions.from_settings(out)
@@ -566,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--clip-stride", type=int, metavar="K",
                    help=f"clip models: predict every k-th frame (default: {d['clip_stride']})")
     m.add_argument("--threads", type=int, help="model threads (default: all cores but one, leaving one for capture)")
+    m.add_argument("--shards", type=int, metavar="N",
+                   help="onnxruntime on CPU: run each batched step as up to N parts at once, each on a thread of "
+                        "its own (default: 2 on a 2-core machine, else 1)")
     o = p.add_argument_group("output")
     o.add_argument("--publish", metavar="ENDPOINT",
                    help=f"ZeroMQ PUB endpoint to bind, or 'none' (default: {d['publish']})")

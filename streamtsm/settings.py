@@ -92,6 +92,7 @@ RANGES: Mapping[str, Range] = MappingProxyType({
     "frame_stride": Range(int, 1, 10_000),
     "clip_stride": Range(int, 1, 10_000),
     "threads": Range(int, 1, 4096),
+    "shards": Range(int, 1, 256, meaning="parts of a batched step"),
     "max_frames": Range(int, 1, 10**12),
     "duration": Range(float, 0.0, 365 * _DAY, low_open=True, meaning="seconds"),
     "stats_interval": Range(float, 0.0, _DAY, low_open=True, meaning="seconds"),

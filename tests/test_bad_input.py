@@ -125,6 +125,8 @@ _BAD_OPTIONS = [
     (["--clip-stride", "0"], "--clip-stride"),
     (["--threads", "0"], "--threads"),
     (["--threads", "-4"], "--threads"),
+    (["--shards", "0"], "--shards"),
+    (["--shards", "1000"], "--shards"),
     (["--metrics-port", "0"], "--metrics-port"),
     (["--metrics-port", "70000"], "--metrics-port"),
     (["--metrics-port", "-1"], "--metrics-port"),

@@ -307,3 +307,92 @@ def test_session_options_turn_spinning_off_unless_asked_and_use_one_inter_op_thr
 def test_ort_online_engine_passes_spinning_to_its_session(online):
     engine = OrtOnlineEngine(online[1], "cpu", threads=1, spinning=True)
     assert engine.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
+# -- a batched step in parts (shards) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("batch", "shards", "bounds"), [
+    (5, 3, [(0, 1), (1, 3), (3, 5)]), (2, 4, [(0, 1), (1, 2)]), (1, 2, [(0, 1)]), (8, 2, [(0, 4), (4, 8)]),
+    (7, 1, [(0, 7)])])
+def test_shard_bounds_cover_the_batch_in_order_as_evenly_as_possible(batch, shards, bounds):
+    from streamtsm.engine.shards import shard_bounds
+
+    assert shard_bounds(batch, shards) == bounds
+
+
+def test_sharded_calls_run_the_parts_at_once_and_concatenate_them_in_row_order():
+    import threading
+
+    from streamtsm.engine.shards import ShardedCalls
+
+    calls = ShardedCalls(3)
+    inside, seen = threading.Barrier(3, timeout=5), []
+
+    def call(lo, hi):
+        seen.append(threading.current_thread().name)
+        inside.wait()  # all three parts are running at the same time, or this times out
+        return [np.arange(lo, hi), np.full((hi - lo, 2), lo)]
+
+    rows, firsts = calls.run(call, 7)
+    assert rows.tolist() == list(range(7)) and firsts[:, 0].tolist() == [0, 0, 2, 2, 4, 4, 4]
+    assert len(set(seen)) == 3 and threading.current_thread().name in seen
+    calls.close()
+    assert calls.run(lambda lo, hi: [np.arange(lo, hi)], 4)[0].tolist() == [0, 1, 2, 3]  # closed: one part
+    with pytest.raises(ValueError, match="shards must be an integer >= 1"):
+        ShardedCalls(0)
+
+
+def test_an_error_in_one_part_is_raised_after_every_part_has_ended():
+    import threading
+    import time
+
+    from streamtsm.engine.shards import ShardedCalls
+
+    calls, ended = ShardedCalls(2), threading.Event()
+
+    def call(lo, hi):
+        if lo == 0:
+            raise RuntimeError("part 0 failed")
+        time.sleep(0.2)
+        ended.set()
+        return [np.zeros(hi - lo)]
+
+    with pytest.raises(RuntimeError, match="part 0 failed"):
+        calls.run(call, 4)
+    assert ended.is_set()
+    calls.close()
+
+
+def test_sharded_ort_engines_give_the_results_of_one_call(online, clip):
+    whole = OrtOnlineEngine(online[1], "cpu", threads=1, shards=1)
+    parts = OrtOnlineEngine(online[1], "cpu", threads=1, shards=3)
+    assert (whole.shards, parts.shards) == (1, 3)
+    a, b = whole.zero_state(5), parts.zero_state(5)
+    for t in range(3):
+        (la, a), (lb, b) = whole.step(frames(5, t), a), parts.step(frames(5, t), b)
+        assert scaled_diff(lb, la) <= TOL
+        assert all(scaled_diff(b[n], a[n]) <= TOL for n in a)
+    one, split = OrtClipEngine(clip[1], "cpu", shards=1), OrtClipEngine(clip[1], "cpu", shards=2)
+    clips = np.random.default_rng(0).standard_normal((4, one.clip_len, 3, SIZE, SIZE), dtype=np.float32)
+    assert scaled_diff(split.predict(clips), one.predict(clips)) <= TOL
+    for engine in (whole, parts, one, split):
+        engine.close()
+
+
+def test_shards_default_to_two_on_two_cores_and_are_refused_where_a_batch_runs_whole(online, monkeypatch):
+    from pathlib import Path
+
+    from streamtsm.engine import shards as shards_module
+    from streamtsm.engine.factory import build_engine
+    from streamtsm.engine.onnxruntime_engine import resolve_shards
+
+    for cores, expected in ((1, 1), (2, 2), (4, 1), (None, 1)):
+        monkeypatch.setattr(shards_module.os, "cpu_count", lambda cores=cores: cores)
+        assert shards_module.default_shards() == expected
+    assert OrtOnlineEngine(online[1], "cpu", threads=1).shards == 1  # cpu_count is still patched to None
+    with pytest.raises(ConfigError, match="--shards 2: .* runs on CUDAExecutionProvider"):
+        resolve_shards(2, "CUDAExecutionProvider", Path("m.onnx"))
+    assert resolve_shards(None, "CUDAExecutionProvider", Path("m.onnx")) == 1
+    with pytest.raises(ConfigError, match="--shards splits the steps .* the torch backend"):
+        build_engine(model="tsm_mobilenetv2_online", shards=2)

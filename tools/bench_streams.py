@@ -2,7 +2,7 @@
 onnxruntime (fp32 and int8), capture->publish latency at that load, and memory per stream.
 
     python tools/bench_streams.py [--streams 1,2,4,6,8,10,12,16] [--precision fp32,int8] [--seconds 20]
-                                  [--warmup 5] [--threads N] [--spinning] [--phase staggered|aligned]
+                                  [--warmup 5] [--threads N] [--shards N] [--spinning] [--phase staggered|aligned]
                                   [--calib-frames 192] [--no-write]
 
 For each precision and each N of the schedule (stopping after two failures in a row) the real pipeline runs N
@@ -49,6 +49,7 @@ from streamtsm.capture import SyntheticSource  # noqa: E402
 from streamtsm.config import ModelConfig  # noqa: E402
 from streamtsm.engine.factory import default_threads  # noqa: E402
 from streamtsm.engine.onnxruntime_engine import OrtOnlineEngine  # noqa: E402
+from streamtsm.engine.shards import default_shards  # noqa: E402
 from streamtsm.export import calibration_frames, export_onnx, quantize_int8, read_metadata  # noqa: E402
 from streamtsm.labels import numbered_labels  # noqa: E402
 from streamtsm.models import create  # noqa: E402
@@ -416,7 +417,7 @@ def measure_precision(precision: str, path: str, schedule: list[int],
     rows, failures = [], 0
     try:
         connect(publisher, deliveries)
-        engine = OrtOnlineEngine(path, "cpu", threads=args.threads, spinning=args.spinning)
+        engine = OrtOnlineEngine(path, "cpu", threads=args.threads, spinning=args.spinning, shards=args.shards)
         for n in schedule:
             try:
                 r = run_case(engine, n, args, publisher, deliveries)
@@ -448,6 +449,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds per case before the window (excluded)")
     ap.add_argument("--threads", type=int, default=default_threads(),
                     help="onnxruntime intra-op threads (default: what `streamtsm run` uses, all cores but one)")
+    ap.add_argument("--shards", type=int, default=default_shards(),
+                    help="parts each batched step runs in at once (default: what `streamtsm run` uses)")
     ap.add_argument("--spinning", action="store_true",
                     help="let onnxruntime's pool threads busy-wait between operators (off in `streamtsm run`)")
     ap.add_argument("--phase", choices=("staggered", "aligned"), default="staggered",
@@ -552,7 +555,8 @@ def report(args, schedule, results, activations, models, meta, costs, python_byt
         f"clocks {'spread evenly over one frame period' if args.phase == 'staggered' else 'in step'}), each with "
         "its capture thread (which also preprocesses its frames) and a 1-frame `drop_oldest` buffer, one batched "
         f"`OrtOnlineEngine` (CPUExecutionProvider, `intra_op_num_threads={args.threads}`, "
-        f"`session.intra_op.allow_spinning={int(args.spinning)}`, `inter_op_num_threads=1`), default "
+        f"`session.intra_op.allow_spinning={int(args.spinning)}`, `inter_op_num_threads=1`, each batched step "
+        f"run as up to {args.shards} part(s) at once: `shards={args.shards}`), default "
         "post-processing (smooth 8, top-5), a ZeroMQ publisher on tcp://127.0.0.1 sending on its own thread "
         "(`Publisher(background=True)`, as `streamtsm run`) with a subscriber thread in the same process reading "
         "every message. "
