@@ -19,8 +19,11 @@ import bench_tsm_step  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.mark.parametrize("form", [bench_tsm_step.step_identity_convs, bench_tsm_step.step_split_first_conv],
-                         ids=["identity_convs", "split_first_conv"])
+FORMS = [bench_tsm_step.step_identity_convs, bench_tsm_step.step_split_first_conv, bench_tsm_step.step_masks,
+         bench_tsm_step.step_split_hardsigmoid]
+
+
+@pytest.mark.parametrize("form", FORMS, ids=["identity_convs", "split_first_conv", "masks", "split_hardsigmoid"])
 def test_bench_tsm_step_shift_forms_equal_the_library_step(form):
     model = tiny_online(seed=2).eval()
     frames = torch.randn(3, 2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
@@ -36,7 +39,7 @@ def test_bench_tsm_step_shift_forms_equal_the_library_step(form):
 
 def test_bench_tsm_step_shift_form_restores_the_library_step():
     originals = ShiftableBlock.step, TemporalShift.step
-    for form in (bench_tsm_step.step_identity_convs, bench_tsm_step.step_split_first_conv):
+    for form in FORMS:
         with pytest.raises(RuntimeError), bench_tsm_step.shift_form(form):
             assert (ShiftableBlock.step, TemporalShift.step) != originals
             raise RuntimeError("export failed")
