@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -441,11 +441,17 @@ class LatencyTracker:
         Raises:
             ValueError: If ``p`` is outside 0-100.
         """
-        if not 0 <= p <= 100:
-            raise ValueError(f"percentile must be within 0-100, got {p}")
+        return self.percentiles((p,))[0]
+
+    def percentiles(self, ps: Sequence[float]) -> list[float | None]:
+        """:meth:`percentile` of each of ``ps``, from one pass over the window (a stats message asks for two per
+        stream every second, on the pipeline's thread)."""
+        for p in ps:
+            if not 0 <= p <= 100:
+                raise ValueError(f"percentile must be within 0-100, got {p}")
         if not self._samples:
-            return None
-        return float(np.percentile(np.fromiter(self._samples, dtype=np.float64), p))
+            return [None] * len(ps)
+        return [float(v) for v in np.percentile(np.fromiter(self._samples, dtype=np.float64), ps)]
 
     def reset(self) -> None:
         """Forgets all samples."""

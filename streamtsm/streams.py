@@ -101,13 +101,14 @@ class GroupState:
 
     def stats(self) -> dict:
         """The group's entry in the stats message's ``models``."""
+        p50, p99 = self.step_latency.percentiles((50, 99))
         return {
             "model": self.model_name,
             "backend": self.engine.backend,
             "kind": self.runner.kind,
             "steps": self.steps,
-            "step_p50_ms": rounded(self.step_latency.percentile(50)),
-            "step_p99_ms": rounded(self.step_latency.percentile(99)),
+            "step_p50_ms": rounded(p50),
+            "step_p99_ms": rounded(p99),
             "batch_mean": rounded(self.batched_frames / self.steps) if self.steps else None,
         }
 
@@ -137,6 +138,7 @@ class StreamState:
     def stats(self) -> dict:
         """The stream's entry in the stats message's ``streams``."""
         c = self.capture.stats()  # cumulative over the stream's replaced readers
+        p50, p99 = self.latency.percentiles((50, 99))
         return {
             "source": c["source"],
             "model": self.group.model_name,
@@ -150,8 +152,8 @@ class StreamState:
             "step_errors": self.step_errors,
             "missing_frames": c["missing_frames"],  # frames a file or image sequence failed to deliver
             "nonfinite": self.nonfinite,
-            "latency_p50_ms": rounded(self.latency.percentile(50)),
-            "latency_p99_ms": rounded(self.latency.percentile(99)),
+            "latency_p50_ms": rounded(p50),
+            "latency_p99_ms": rounded(p99),
             "last_error": c["last_error"],
         }
 

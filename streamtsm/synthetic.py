@@ -248,7 +248,7 @@ class ClipRenderer:
         # The shape is blended only where the warp put it: elsewhere its layer is zero and the blend would give
         # the background back exactly, so the frame is the same, bit for bit, as blending the whole frame (tested),
         # at a fraction of the cost (a live synthetic camera renders on the cores the model runs on).
-        image = self.background * self.gain if self.gain != 1.0 else self.background.copy()
+        image = (self.background * self.gain if self.gain != 1.0 else self.background) + noise
         rows, cols = _footprint(matrix, width, height)
         canvas, shape = self.background[rows, cols], layer[rows, cols]
         blended = shape[..., :3] - canvas
@@ -256,8 +256,8 @@ class ClipRenderer:
         blended += canvas  # canvas + alpha * (colour - canvas), in that order of float32 operations
         if self.gain != 1.0:
             blended *= np.float32(self.gain)
+        blended += noise[rows, cols]
         image[rows, cols] = blended
-        image += noise
         np.clip(image, 0, 255, out=image)
         return image.astype(np.uint8), (layer[..., 3] > 0.5) if with_mask else None
 

@@ -304,11 +304,15 @@ def test_latency_tracker_percentiles_over_bounded_window():
         tracker.add(float(ms))
     assert tracker.count == 100
     assert tracker.percentile(0) == 0.0 and tracker.percentile(100) == 1099.0
+    assert tracker.percentiles((0, 50, 100)) == [tracker.percentile(0), tracker.percentile(50), 1099.0]
+    assert LatencyTracker().percentiles((50, 99)) == [None, None]
 
 
 def test_latency_tracker_rejects_out_of_range_percentile():
     with pytest.raises(ValueError, match="0-100"):
         LatencyTracker().percentile(101)
+    with pytest.raises(ValueError, match="0-100"):
+        LatencyTracker().percentiles((50, -1))
 
 
 def test_rate_meter_measures_steady_rate_and_decays_when_ticks_stop():
