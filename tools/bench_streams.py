@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_onnx import random_but_calibrated  # noqa: E402
-from benchlib import pct, rss_mb, write_section  # noqa: E402
+from benchlib import cpu_ticks, pct, rss_mb, steal_share, write_section  # noqa: E402
 
 from streamtsm.capture import SyntheticSource  # noqa: E402
 from streamtsm.config import ModelConfig  # noqa: E402
@@ -188,7 +188,16 @@ def run_case(engine: OrtOnlineEngine, n: int, args: argparse.Namespace, publishe
     deliveries.take()
     pipeline.start()
     t0 = time.monotonic()
+    ticks: dict[str, tuple[int, int] | None] = {}
+    # Steal over the measured window, sampled by a timer at its edges (the pipeline's thread is busy running).
+    edges = [threading.Timer(args.warmup, lambda: ticks.__setitem__("start", cpu_ticks())),
+             threading.Timer(args.warmup + args.seconds, lambda: ticks.__setitem__("end", cpu_ticks()))]
+    for timer in edges:
+        timer.daemon = True
+        timer.start()
     pipeline.run()
+    for timer in edges:
+        timer.cancel()
     deliveries.drain()
     preds = deliveries.take()
 
@@ -231,6 +240,7 @@ def run_case(engine: OrtOnlineEngine, n: int, args: argparse.Namespace, publishe
         "cores": (end["cpu"] - start["cpu"]) / window, "rss": start["rss"], "rss_end": end["rss"],
         "loop_cpu_ms": (end["thread_cpu"] - start["thread_cpu"]) * 1e3 / steps if steps else float("nan"),
         "loop_share": (end["thread_cpu"] - start["thread_cpu"]) / window,
+        "steal": steal_share(ticks.get("start"), ticks.get("end")),
     }
     if in_window:
         r.update({
@@ -368,11 +378,11 @@ def table(rows: list[dict]) -> list[str]:
              "dropped (warm-up) | "
              "latency p50 ms | p99 ms | p50 first -> last third ms | subscriber p99 ms | mean batch | "
              "step p50 ms (wall) | step / frame period | pipeline thread CPU ms per step (busy share) | CPU cores | "
-             "RSS MB | sustained |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "CPU stolen by the host | RSS MB | sustained |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['n']} |" + " - |" * 15 + f" **no** ({r['error']}) |")
+            lines.append(f"| {r['n']} |" + " - |" * 16 + f" **no** ({r['error']}) |")
             continue
         ok = "yes" if not r["reasons"] else "**no**: " + "; ".join(r["reasons"])
         lines.append(
@@ -381,7 +391,7 @@ def table(rows: list[dict]) -> list[str]:
             f"{r['dropped']} ({r['warmup_dropped']}) | {_f(r.get('p50'))} | {_f(r.get('p99'))} | "
             f"{_f(r.get('first_p50'))} -> {_f(r.get('last_p50'))} | {_f(r.get('recv_p99'))} | "
             f"{r['batch_mean']:.2f} | {_f(r['step_p50'])} | {_share(r['step_p50'])} | "
-            f"{_f(r['loop_cpu_ms'])} ({r['loop_share']:.0%}) | {r['cores']:.2f} | "
+            f"{_f(r['loop_cpu_ms'])} ({r['loop_share']:.0%}) | {r['cores']:.2f} | {r['steal']:.1%} | "
             f"{r['rss']:.0f} | {ok} |")
     return lines
 
@@ -569,7 +579,9 @@ def report(args, schedule, results, activations, models, meta, costs, python_byt
         "model call over the last 1000 calls (it includes waiting for a core); the pipeline thread's CPU per step is "
         "its CPU time (`time.thread_time`, so waiting for a core does not count) over the window divided by the model "
         "calls: the model call (one intra-op thread computes in the caller's thread) plus everything else the loop "
-        "does serially, and its busy share is that CPU time over the window; RSS is VmRSS at the start of the window. "
+        "does serially, and its busy share is that CPU time over the window; CPU stolen by the host is the steal "
+        "share of all CPU time in /proc/stat over the window (time the hypervisor gave this virtual machine's cores "
+        "to others while they had work: capacity the pipeline did not get); RSS is VmRSS at the start of the window. "
         f"Frame stride {max(1, int(meta['config'].get('frame_interval') or 1))} (the model's `frame_interval`; "
         f"frames skipped by it in the windows: {sum(r.get('skipped', 0) for rs in results.values() for r in rs)}). "
         "Schedule " + ", ".join(map(str, schedule)) + ", stopped after two failures in a row; each precision in a "

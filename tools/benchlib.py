@@ -45,6 +45,25 @@ def open_fds() -> int:
         return -1
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) ticks of all CPUs since boot, from /proc/stat (Linux); None elsewhere. Steal is time the
+    hypervisor ran something else while this virtual machine had work to run: on a shared host it is capacity the
+    benchmark did not get, so benchmarks of capacity report it for their window."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return values[7], sum(values)
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float:
+    """Stolen share of the CPU time between two :func:`cpu_ticks` samples (NaN without them)."""
+    if before is None or after is None or after[1] == before[1]:
+        return float("nan")
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
