@@ -43,9 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_onnx import random_but_calibrated  # noqa: E402
-from benchlib import cpu_ticks, pct, rss_mb, steal_share, write_section  # noqa: E402
+from benchlib import cpu_ticks, interleaved, pct, rss_mb, steal_share, write_section  # noqa: E402
 
-from streamtsm.capture import SyntheticSource  # noqa: E402
+from streamtsm.capture import CaptureThread, FrameBuffer, SyntheticSource  # noqa: E402
 from streamtsm.config import ModelConfig  # noqa: E402
 from streamtsm.engine.factory import default_threads  # noqa: E402
 from streamtsm.engine.onnxruntime_engine import OrtOnlineEngine  # noqa: E402
@@ -295,6 +295,58 @@ def per_frame_costs(cfg, frames: int = 300) -> dict:
             "pre_p50": pct(prep, 50), "pre_mean": statistics.fmean(prep)}
 
 
+STEP_FORMS_BATCHES = (4, 8)
+
+
+def step_forms(models: dict, args: argparse.Namespace, iterations: int = 40) -> list[str]:
+    """One batched step in three forms side by side (interleaved): one intra-op thread; every core as intra-op
+    threads; one thread per part in two parts. Alone, then beside 8 live synthetic cameras (capture threads
+    rendering and preprocessing at 30 fps, their frames taken and discarded), where the cores are shared."""
+    cores = os.cpu_count() or 1
+    forms = {"1 thread, whole batch": (1, 1), f"{cores} intra-op threads, whole batch": (cores, 1),
+             "1 thread per part, 2 parts": (1, 2)}
+    lines = ["| precision | batch | beside | " + " | ".join(f"{name}, p50 ms" for name in forms)
+             + " | 2 parts / 1 thread | 2 parts / all-core threads |",
+             "|---|---|---|" + "---|" * (len(forms) + 2)]
+    for precision in args.precision:
+        engines = {name: OrtOnlineEngine(models[precision], "cpu", threads=t, shards=k)
+                   for name, (t, k) in forms.items()}
+        for beside in ("nothing", f"{TARGET_STREAMS} live cameras"):
+            captures = []
+            if beside != "nothing":
+                pre = Preprocessor.for_config(next(iter(engines.values())).cfg)
+                for i in range(TARGET_STREAMS):
+                    buffer = FrameBuffer(1, "drop_oldest")
+                    captures.append((CaptureThread(SyntheticSource(WIDTH, HEIGHT, FPS, seed=i), f"cam{i}", buffer,
+                                                   preprocess=pre), buffer))
+                for capture, _ in captures:
+                    capture.start()
+                time.sleep(1.0)
+            try:
+                for batch in STEP_FORMS_BATCHES:
+                    rng = np.random.default_rng(batch)
+                    frames = rng.standard_normal((batch, 3, 224, 224), dtype=np.float32)
+                    cases = {}
+                    for name, engine in engines.items():
+                        state = engine.zero_state(batch)
+                        cases[name] = lambda engine=engine, state=state: engine.step(frames, state)
+                    times = interleaved(cases, iterations)
+                    p50 = {name: pct(t, 50) for name, t in times.items()}
+                    whole1, wholeall, parts = p50.values()
+                    lines.append(f"| {precision} | {batch} | {beside} | "
+                                 + " | ".join(f"{v:.1f}" for v in p50.values())
+                                 + f" | {parts / whole1:.2f}x | {parts / wholeall:.2f}x |")
+            finally:
+                for capture, buffer in captures:
+                    capture.stop()
+                    buffer.close()
+                for capture, _ in captures:
+                    capture.join(2.0)
+        for engine in engines.values():
+            engine.close()
+    return lines
+
+
 def python_side_bytes(labels: list[str], options: PipelineOptions) -> dict:
     """Bytes the post-processing objects of one stream hold once their windows are full, and what one synthetic
     scene holds (background, noise tile, a segment's sprite), measured with tracemalloc."""
@@ -481,6 +533,7 @@ def main() -> None:
         meta = read_metadata(models["fp32"])
         cfg = ModelConfig.from_dict(meta["config"])
         costs = per_frame_costs(cfg)
+        forms = step_forms(models, args)
         python_bytes = python_side_bytes(list(cfg.labels or numbered_labels(cfg.num_classes)), PipelineOptions())
         for precision in args.precision:
             # A fresh process per precision: memory the previous one freed would otherwise be reused and hide
@@ -491,15 +544,22 @@ def main() -> None:
             if act is not None:
                 activations[precision] = act
     load_after = os.getloadavg()
-    body = report(args, schedule, results, activations, models, meta, costs, python_bytes, load_before, load_after)
+    body = report(args, schedule, results, activations, models, meta, costs, python_bytes, load_before, load_after,
+                  forms)
     print(body)
     if not args.no_write:
         write_section("streams", "Live streams per process: sustained 30 fps streams, latency, memory (CPU)", body)
 
 
 def report(args, schedule, results, activations, models, meta, costs, python_bytes, load_before,
-           load_after) -> str:
-    lines = []
+           load_after, forms) -> str:
+    lines = [
+        "A batched step alone and beside live cameras, three forms side by side (interleaved, "
+        f"{' and '.join(map(str, STEP_FORMS_BATCHES))} rows of random frames, the same file; the parts are "
+        "`streamtsm run --shards`):", "",
+        *forms, "",
+        "Streams sustained, with the step run as `streamtsm run` runs it on this machine "
+        f"(`threads={args.threads}`, `shards={args.shards}`):", ""]
     for precision, rows in results.items():
         lines += [f"**onnxruntime {precision}**", "", *table(rows), ""]
         ok = [r for r in rows if "error" not in r and r["processed"]]
