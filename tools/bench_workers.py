@@ -2,15 +2,16 @@
 machine: where adding processes stops adding streams (the cores run out).
 
     python tools/bench_workers.py [--processes 1,2] [--streams 6,8,10,12] [--precision int8] [--seconds 15]
-                                  [--warmup 4] [--threads N] [--calib-frames 96] [--no-write]
+                                  [--warmup 4] [--threads N] [--shards N] [--calib-frames 96]
+                                  [--no-write]
 
 This is the documented way to scale past one process (README, "Scaling"): one broker, and each `run` publishing into
 its frontend with ``--connect``; subscribers read every process's messages from the broker's backend. For each
 process count P and each total N of the schedule (stopping after two failures in a row), the tool starts the broker
 and P ``streamtsm run`` processes, each with N/P synthetic 320x240 30 fps sources (streams ``w<p>c<i>``), the online
-MobileNetV2-TSM at 224 (``--onnx``, random but calibrated weights as in tools/bench_streams.py) and ``--threads``
-onnxruntime threads (default: the cores divided among the processes, at least 1, so they do not oversubscribe the
-cores). A subscriber on the backend keeps every stats and pred message. After every process reports all its streams
+MobileNetV2-TSM at 224 (``--onnx``, random but calibrated weights as in tools/bench_streams.py), ``--threads``
+onnxruntime threads and ``--shards`` parts per batched step (defaults: what `run` takes, divided among the processes,
+at least 1, so they do not oversubscribe the cores). A subscriber on the backend keeps every stats and pred message. After every process reports all its streams
 running, ``--warmup`` seconds are let pass, then the window of ``--seconds`` is measured.
 
 A total is sustained when, over the window, in every process: no frame was dropped, every source delivered >= 98% of
@@ -36,9 +37,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_streams import (FPS, GROWTH_FACTOR, GROWTH_SLACK_MS, HEIGHT, MIN_CAPTURE_RATIO, WIDTH,  # noqa: E402
                            build_models)
-from benchlib import pct, write_section  # noqa: E402
+from benchlib import cpu_ticks, pct, steal_share, write_section  # noqa: E402
 
 from streamtsm.engine.factory import default_threads  # noqa: E402
+from streamtsm.engine.shards import default_shards  # noqa: E402
 from streamtsm.publish import Subscriber  # noqa: E402
 
 CLI = [sys.executable, "-m", "streamtsm.cli"]
@@ -123,7 +125,7 @@ def run_case(model: str, processes: int, total: int, args: argparse.Namespace) -
     try:
         for p, n in enumerate(per):
             cmd = CLI + ["run", "--onnx", model, "--connect", front, "--threads", str(args.threads_each),
-                         "--quiet", "--stats-interval", "1"]
+                         "--shards", str(args.shards_each), "--quiet", "--stats-interval", "1"]
             for name in names[p]:
                 cmd += ["--source", f"synthetic:{WIDTH}x{HEIGHT}@{FPS:g}", "--name", name]
             workers.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
@@ -136,9 +138,9 @@ def run_case(model: str, processes: int, total: int, args: argparse.Namespace) -
             time.sleep(0.2)
         time.sleep(args.warmup)
         pids = [broker.pid] + [w.pid for w in workers]
-        cpu0, busy0, t0 = sum(cpu_seconds(pid) for pid in pids), busy_seconds(), time.time()
+        cpu0, busy0, t0, ticks0 = sum(cpu_seconds(pid) for pid in pids), busy_seconds(), time.time(), cpu_ticks()
         time.sleep(args.seconds)
-        cpu1, busy1, t1 = sum(cpu_seconds(pid) for pid in pids), busy_seconds(), time.time()
+        cpu1, busy1, t1, ticks1 = sum(cpu_seconds(pid) for pid in pids), busy_seconds(), time.time(), cpu_ticks()
         time.sleep(1.5)  # the stats message after the window's end
     finally:
         for w in workers:
@@ -175,8 +177,10 @@ def run_case(model: str, processes: int, total: int, args: argparse.Namespace) -
     recv = [p[2] for p in window]
     third = max(1, len(window) // 3)
     r = {"processes": processes, "n": total, "per_process": per, "threads": args.threads_each,
+         "shards": args.shards_each,
          "dropped": dropped, "publish_dropped": publish_dropped, "fps_min": fps_min, "capture_fps_min": cap_min,
-         "received": len(window), "cores": (cpu1 - cpu0) / (t1 - t0), "machine_busy": (busy1 - busy0) / (t1 - t0)}
+         "received": len(window), "cores": (cpu1 - cpu0) / (t1 - t0), "machine_busy": (busy1 - busy0) / (t1 - t0),
+         "steal": steal_share(ticks0, ticks1)}
     reasons = []
     if dropped:
         reasons.append(f"{dropped} frames dropped")
@@ -209,6 +213,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="onnxruntime threads per process (default: what `run` takes, all cores but one, divided "
                          "among the processes, at least 1)")
+    ap.add_argument("--shards", type=int, default=None,
+                    help="parts of each batched step per process (default: what `run` takes, divided among the "
+                         "processes, at least 1)")
     ap.add_argument("--calib-frames", type=int, default=96, help="int8 calibration frames (synthetic)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = ap.parse_args()
@@ -226,6 +233,7 @@ def main() -> None:
         model = str(models[args.precision[0]])
         for processes in counts:
             args.threads_each = args.threads or max(1, default_threads() // processes)
+            args.shards_each = args.shards or max(1, default_shards() // processes)
             failures = 0
             for total in schedule:
                 if total < processes:
@@ -249,17 +257,18 @@ def main() -> None:
 
 
 def report(args, rows, cores, load_before, load_after) -> str:
-    lines = [f"| processes | threads each | streams (per process) | CPU cores (of {cores}) | "
-             "whole machine busy (cores) | dropped | slowest stream fps | p99 capture->publish ms | "
-             "p99 capture->subscriber ms | sustained |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| processes | threads / parts each | streams (per process) | CPU cores (of {cores}) | "
+             "whole machine busy (cores) | CPU stolen by the host | dropped | slowest stream fps | "
+             "p99 capture->publish ms | p99 capture->subscriber ms | sustained |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['processes']} | - | {r['n']} | - | - | - | - | - | - | **no** ({r['error']}) |")
+            lines.append(f"| {r['processes']} | - | {r['n']} | - | - | - | - | - | - | - | **no** ({r['error']}) |")
             continue
         ok = "yes" if not r["reasons"] else "**no**: " + "; ".join(r["reasons"])
-        lines.append(f"| {r['processes']} | {r['threads']} | {r['n']} ({' + '.join(map(str, r['per_process']))}) | "
-                     f"{r['cores']:.2f} | {r['machine_busy']:.2f} | {r['dropped']} | {r['fps_min']:.1f} | "
+        lines.append(f"| {r['processes']} | {r['threads']} / {r['shards']} | {r['n']} "
+                     f"({' + '.join(map(str, r['per_process']))}) | {r['cores']:.2f} | {r['machine_busy']:.2f} | "
+                     f"{r['steal']:.1%} | {r['dropped']} | {r['fps_min']:.1f} | "
                      f"{_f(r.get('p99'))} | {_f(r.get('recv_p99'))} | {ok} |")
     lines.append("")
     best = {}
