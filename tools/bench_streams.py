@@ -43,7 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_onnx import random_but_calibrated  # noqa: E402
-from benchlib import cpu_ticks, interleaved, pct, rss_mb, steal_share, write_section  # noqa: E402
+from benchlib import (cpu_ticks, interleaved, pct, rss_mb, steal_share, thread_cpu, thread_delta,  # noqa: E402
+                      write_section)
 
 from streamtsm.capture import CaptureThread, FrameBuffer, SyntheticSource  # noqa: E402
 from streamtsm.config import ModelConfig  # noqa: E402
@@ -188,10 +189,12 @@ def run_case(engine: OrtOnlineEngine, n: int, args: argparse.Namespace, publishe
     deliveries.take()
     pipeline.start()
     t0 = time.monotonic()
-    ticks: dict[str, tuple[int, int] | None] = {}
-    # Steal over the measured window, sampled by a timer at its edges (the pipeline's thread is busy running).
-    edges = [threading.Timer(args.warmup, lambda: ticks.__setitem__("start", cpu_ticks())),
-             threading.Timer(args.warmup + args.seconds, lambda: ticks.__setitem__("end", cpu_ticks()))]
+    ticks: dict[str, tuple] = {}
+    # Steal and the threads' CPU over the measured window, sampled by timers at its edges (the pipeline's thread is
+    # busy running).
+    edges = [threading.Timer(args.warmup, lambda: ticks.__setitem__("start", (cpu_ticks(), thread_cpu(_role)))),
+             threading.Timer(args.warmup + args.seconds,
+                             lambda: ticks.__setitem__("end", (cpu_ticks(), thread_cpu(_role))))]
     for timer in edges:
         timer.daemon = True
         timer.start()
@@ -240,7 +243,9 @@ def run_case(engine: OrtOnlineEngine, n: int, args: argparse.Namespace, publishe
         "cores": (end["cpu"] - start["cpu"]) / window, "rss": start["rss"], "rss_end": end["rss"],
         "loop_cpu_ms": (end["thread_cpu"] - start["thread_cpu"]) * 1e3 / steps if steps else float("nan"),
         "loop_share": (end["thread_cpu"] - start["thread_cpu"]) / window,
-        "steal": steal_share(ticks.get("start"), ticks.get("end")),
+        "steal": steal_share(*(ticks[k][0] for k in ("start", "end"))) if len(ticks) == 2 else float("nan"),
+        "threads": ({role: sec / args.seconds for role, sec in thread_delta(ticks["start"][1], ticks["end"][1]).items()}
+                    if len(ticks) == 2 else {}),
     }
     if in_window:
         r.update({
@@ -250,6 +255,37 @@ def run_case(engine: OrtOnlineEngine, n: int, args: argparse.Namespace, publishe
         })
     r["reasons"] = verdict(r)
     return r
+
+
+ROLES = ("pipeline thread (model part 1, pre/post-processing)", "model part threads", "capture threads",
+         "publisher thread", "subscriber (the benchmark's)", "other")
+
+
+def _role(t: threading.Thread) -> str:
+    if t is threading.main_thread():
+        return ROLES[0]
+    if t.name.startswith("model-shard"):
+        return ROLES[1]
+    if t.name.startswith("capture"):
+        return ROLES[2]
+    if t.name == "publisher":
+        return ROLES[3]
+    if t.name == "bench-subscriber":
+        return ROLES[4]
+    return ROLES[5]
+
+
+def thread_table(rows: list[dict]) -> list[str]:
+    """CPU cores by thread over each case's window."""
+    ok = [r for r in rows if r.get("threads")]
+    if not ok:
+        return []
+    lines = ["| streams | " + " | ".join(ROLES) + " | Python threads, all | process, all threads |",
+             "|---|" + "---|" * (len(ROLES) + 2)]
+    for r in ok:
+        lines.append(f"| {r['n']} | " + " | ".join(f"{r['threads'].get(role, 0.0):.2f}" for role in ROLES)
+                     + f" | {sum(r['threads'].values()):.2f} | {r['cores']:.2f} |")
+    return lines
 
 
 def verdict(r: dict) -> list[str]:
@@ -562,6 +598,11 @@ def report(args, schedule, results, activations, models, meta, costs, python_byt
         f"(`threads={args.threads}`, `shards={args.shards}`):", ""]
     for precision, rows in results.items():
         lines += [f"**onnxruntime {precision}**", "", *table(rows), ""]
+        threads = thread_table(rows)
+        if threads:
+            lines += ["CPU cores by thread over each window (from /proc/self/task; the process's figure also counts "
+                      "the threads of libraries' own pools, OpenCV's and ZeroMQ's, which are not Python threads):",
+                      "", *threads, ""]
         ok = [r for r in rows if "error" not in r and r["processed"]]
         if ok:
             cover = [r["received"] / r["processed"] for r in ok]

@@ -39,6 +39,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from benchlib import thread_cpu, thread_delta  # noqa: E402 (standard library only: light for --client)
 
 
 # -- the client (a separate process: python tools/bench_views.py --client URL) ------------------------------------
@@ -120,33 +122,22 @@ def _tree_cpu(pid: int) -> float:
     return total
 
 
+def _what_thread(t: threading.Thread) -> str:
+    name = t.name
+    if t is threading.main_thread():
+        return "main (the pipeline: model step, pre/post-processing, the sinks' inline calls)"
+    if "process_request_thread" in name:
+        return "http responses"
+    if name.startswith("http-"):
+        return "http accept"
+    if name.startswith("Thread-") or name.startswith("capture") or "Capture" in type(t).__name__:
+        return "capture" if "Capture" in type(t).__name__ else "other threads"
+    return name
+
+
 def _thread_cpu() -> dict[int, tuple[str, float]]:
-    """CPU seconds of each live thread of this process, by native id: (what it is, seconds), from /proc (Linux)."""
-    tick, out = os.sysconf("SC_CLK_TCK"), {}
-    for t in threading.enumerate():
-        try:
-            fields = Path(f"/proc/self/task/{t.native_id}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, TypeError):
-            continue
-        name = t.name
-        if t is threading.main_thread():
-            name = "main (the pipeline: model step, pre/post-processing, the sinks' inline calls)"
-        elif "process_request_thread" in name:
-            name = "http responses"
-        elif name.startswith("http-"):
-            name = "http accept"
-        elif name.startswith("Thread-") or name.startswith("capture") or "Capture" in type(t).__name__:
-            name = "capture" if "Capture" in type(t).__name__ else "other threads"
-        out[t.native_id] = (name, (int(fields[11]) + int(fields[12])) / tick)
-    return out
-
-
-def _thread_delta(before: dict, after: dict) -> dict[str, float]:
-    """CPU seconds spent between two :func:`_thread_cpu` samples, summed by what the thread is."""
-    spent: dict[str, float] = {}
-    for tid, (name, cpu) in after.items():
-        spent[name] = spent.get(name, 0.0) + cpu - before.get(tid, (name, 0.0))[1]
-    return spent
+    """CPU seconds of each live thread of this process by native id: (what it is, seconds), from /proc (Linux)."""
+    return thread_cpu(_what_thread)
 
 
 def main() -> None:
@@ -214,7 +205,7 @@ def main() -> None:
         threads0 = _thread_cpu()
         stats = pipeline.run()
         # Before the sinks close, while their threads still live (the writer's last few queued frames are missed).
-        threads = _thread_delta(threads0, _thread_cpu())
+        threads = thread_delta(threads0, _thread_cpu())
         threads["threads ended before the sample (capture)"] = time.process_time() - cpu0 - sum(threads.values())
         if video is not None:
             video.close()  # the file is written and closed: part of the cost

@@ -9,6 +9,7 @@ import platform
 import re
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +63,27 @@ def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -
     if before is None or after is None or after[1] == before[1]:
         return float("nan")
     return (after[0] - before[0]) / (after[1] - before[1])
+
+
+def thread_cpu(name_of: Callable[[threading.Thread], str]) -> dict[int, tuple[str, float]]:
+    """CPU seconds of each live Python thread of this process by native id: (``name_of(thread)``, seconds), from
+    /proc (Linux; empty elsewhere). Threads that are not Python's (a library's own pools) are not in it."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for t in threading.enumerate():
+        try:
+            fields = Path(f"/proc/self/task/{t.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, TypeError):
+            continue
+        out[t.native_id] = (name_of(t), (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def thread_delta(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds spent between two :func:`thread_cpu` samples, summed by name."""
+    spent: dict[str, float] = {}
+    for tid, (name, cpu) in after.items():
+        spent[name] = spent.get(name, 0.0) + cpu - before.get(tid, (name, 0.0))[1]
+    return spent
 
 
 def machine() -> str:
