@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 import time
 from collections.abc import Sequence
 
@@ -292,7 +293,9 @@ class Pipeline:
                 self._publish_events(s, events, at)
                 s.latency.add((time.time() - f.timestamp) * 1e3)
                 if self._out.step_sinks:
-                    reported.append(StreamResult(s.id, f, topk))
+                    # Without its model input (600 kB at 224): sinks queue frames (--output holds 16 per stream)
+                    # and draw on the image; the tensor was only for this step.
+                    reported.append(StreamResult(s.id, replace(f, tensor=None) if f.tensor is not None else f, topk))
             if self.options.max_frames is not None and s.processed >= self.options.max_frames:
                 self._end_stream(s)
         if reported:

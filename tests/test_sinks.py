@@ -346,3 +346,22 @@ def test_display_sink_draws_on_its_own_thread_and_q_stops_the_run(monkeypatch):
     assert [title for title, _ in drawn] == ["streamtsm cam"]
     assert drawn[0][1] is not threading.current_thread()
     assert sink.dropped == 0
+
+
+def test_frames_reach_step_sinks_without_the_model_input_the_capture_thread_made(engine):
+    # A live capture thread preprocesses its frames (Frame.tensor, 600 kB at 224); sinks that queue frames must not
+    # hold those tensors too.
+    reports: list[StepReport] = []
+
+    class Steps(MessagesOnly):
+        def on_message(self, topic: str, payload: dict) -> None:
+            pass
+
+        def on_step(self, step: StepReport) -> None:
+            reports.append(step)
+
+    pipeline = Pipeline(engine, [StreamSpec("synthetic:64x48@30", "live")], sinks=[Steps()],
+                        options=PipelineOptions(max_frames=4))
+    pipeline.start().run()
+    frames = [r.frame for report in reports for r in report.results]
+    assert len(frames) == 4 and all(f.tensor is None and f.image.shape == (48, 64, 3) for f in frames)
