@@ -121,11 +121,16 @@ def _sprite_matrix(center: tuple[float, float], size: float, angle: float) -> np
     return matrix
 
 
+def _warp(sprite: _Sprite, matrix: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The sprite placed in a width x height frame by ``matrix``: [H, W, 4] with colour and alpha."""
+    return cv2.warpAffine(sprite.rgba, matrix, (width, height), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0, 0))
+
+
 def _warp_sprite(sprite: _Sprite, center: tuple[float, float], size: float, angle: float,
                  width: int, height: int) -> np.ndarray:
     """Places the sprite in a width x height frame; returns [H, W, 4] with colour and alpha."""
-    return cv2.warpAffine(sprite.rgba, _sprite_matrix(center, size, angle), (width, height), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0, 0))
+    return _warp(sprite, _sprite_matrix(center, size, angle), width, height)
 
 
 def _footprint(matrix: np.ndarray, width: int, height: int) -> tuple[slice, slice]:
@@ -227,21 +232,17 @@ class ClipRenderer:
         height, width = self.background.shape[:2]
         return _sprite_matrix(*_pose(self.motion, t, self.num_frames, self.path, width, height))
 
-    def _warp(self, matrix: np.ndarray) -> np.ndarray:
-        height, width = self.background.shape[:2]
-        return cv2.warpAffine(self.sprite.rgba, matrix, (width, height), flags=cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0, 0))
-
     def layer(self, t: int) -> np.ndarray:
         """The moving shape of frame t placed in the frame: [H, W, 4] float32, B, G, R and alpha in [0, 1]."""
-        return self._warp(self._matrix(t))
+        height, width = self.background.shape[:2]
+        return _warp(self.sprite, self._matrix(t), width, height)
 
     def render(self, t: int, noise_offset: tuple[int, int], with_mask: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Returns (BGR uint8 [H, W, 3] frame, bool [H, W] mask of the moving shape, or None without
         ``with_mask``) for frame t."""
         height, width = self.background.shape[:2]
         matrix = self._matrix(t)
-        layer = self._warp(matrix)
+        layer = _warp(self.sprite, matrix, width, height)
         dy, dx = noise_offset
         # Fresh-looking sensor noise on every frame without drawing a full noise image per frame.
         noise = self.noise[dy:dy + height, dx:dx + width]

@@ -43,8 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_onnx import random_but_calibrated  # noqa: E402
-from benchlib import (cpu_ticks, interleaved, pct, rss_mb, steal_share, thread_cpu, thread_delta,  # noqa: E402
-                      write_section)
+from benchlib import (SubscriberThread, cpu_ticks, interleaved, pct, rss_mb, steal_share, thread_cpu,  # noqa: E402
+                      thread_delta, write_section)
 
 from streamtsm.capture import CaptureThread, FrameBuffer, SyntheticSource  # noqa: E402
 from streamtsm.config import ModelConfig  # noqa: E402
@@ -57,7 +57,7 @@ from streamtsm.models import create  # noqa: E402
 from streamtsm.pipeline import Pipeline, PipelineOptions, StreamSpec  # noqa: E402
 from streamtsm.postprocess import LatencyTracker, RateMeter, StreamPostprocessor  # noqa: E402
 from streamtsm.preprocess import Preprocessor  # noqa: E402
-from streamtsm.publish import TOPIC_STATS, Publisher, Subscriber, stats_message  # noqa: E402
+from streamtsm.publish import TOPIC_STATS, Publisher, stats_message  # noqa: E402
 from streamtsm.synthetic import MotionScene  # noqa: E402
 
 WIDTH, HEIGHT, FPS = 320, 240, 30.0
@@ -94,36 +94,21 @@ def stream_specs(n: int, phase: str) -> list[StreamSpec]:
 # -- what is observed -----------------------------------------------------------------------------------------
 
 
-class Deliveries:
+class Deliveries(SubscriberThread):
     """A subscriber thread reading everything the publisher sends; keeps the pred messages of the current case."""
 
     def __init__(self, endpoint: str) -> None:
-        self._lock = threading.Lock()
         # (publish_ts, capture_ts, capture->publish ms, capture->receive ms)
         self._preds: list[tuple[float, float, float, float]] = []
-        self.last_recv = time.monotonic()
-        self.ready = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(endpoint,), name="bench-subscriber", daemon=True)
-        self._thread.start()
+        super().__init__(endpoint)
 
-    def _run(self, endpoint: str) -> None:
-        with Subscriber(endpoint, ["streamtsm"]) as sub:
-            while not self._stop.is_set():
-                msg = sub.recv(timeout=0.1)
-                if msg is None:
-                    continue
-                now = time.time()
-                self.last_recv = time.monotonic()
-                self.ready.set()
-                payload = msg[1]
-                if payload.get("type") == "pred":
-                    with self._lock:
-                        self._preds.append((payload["publish_ts"], payload["capture_ts"], payload["latency_ms"],
-                                            (now - payload["capture_ts"]) * 1e3))
+    def on_message(self, received: float, payload: dict) -> None:
+        if payload.get("type") == "pred":
+            self._preds.append((payload["publish_ts"], payload["capture_ts"], payload["latency_ms"],
+                                (received - payload["capture_ts"]) * 1e3))
 
     def take(self) -> list[tuple[float, float, float, float]]:
-        with self._lock:
+        with self.lock:
             out, self._preds = self._preds, []
         return out
 
@@ -131,11 +116,7 @@ class Deliveries:
         """Wait until nothing arrived for ``quiet_s`` (the tail of a run is still in flight), at most ``limit_s``."""
         deadline = time.monotonic() + limit_s
         while time.monotonic() < deadline and time.monotonic() - self.last_recv < quiet_s:
-            self._stop.wait(0.05)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
+            time.sleep(0.05)
 
 
 def connect(publisher: Publisher, deliveries: Deliveries, timeout: float = 5.0) -> None:
@@ -361,7 +342,8 @@ def step_forms(models: dict, args: argparse.Namespace, iterations: int = 40) -> 
             try:
                 for batch in STEP_FORMS_BATCHES:
                     rng = np.random.default_rng(batch)
-                    frames = rng.standard_normal((batch, 3, 224, 224), dtype=np.float32)
+                    size = next(iter(engines.values())).cfg.input_size
+                    frames = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
                     cases = {}
                     for name, engine in engines.items():
                         state = engine.zero_state(batch)

@@ -64,6 +64,11 @@ def step_identity_convs(shift, x, cached):
     return x + F.conv2d(cached - new, eye[:, :fold, None, None]), new
 
 
+def _folded(conv, bn) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
+
+
 def step_split_first_conv(block, x, cached):
     """ShiftableBlock.step of an inverted residual with its first 1x1 conv (BN folded) split over the fold and the
     rest, summed: no concat; the rest's weights see x whole with the fold's columns zeroed, so x is not sliced
@@ -72,8 +77,7 @@ def step_split_first_conv(block, x, cached):
     if conv.groups != 1 or conv.kernel_size != (1, 1):  # no 1x1 expansion (expand ratio 1): nothing to split
         return LIBRARY_BLOCK_STEP(block, x, cached)
     fold = block.shift.fold
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    weight, bias = conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
+    weight, bias = _folded(conv, bn)
     rest = torch.cat([torch.zeros_like(weight[:, :fold]), weight[:, fold:]], 1)
     hidden = act(F.conv2d(x, rest, bias) + F.conv2d(cached, weight[:, :fold]))
     return x + block.conv[3:](hidden), x[:, :fold]
@@ -89,11 +93,6 @@ def step_masks(shift, x, cached):
     keep[:fold] = 0
     shifted = F.conv2d(cached, eye[:, :fold, None, None]) + F.conv2d(x, keep[:, None, None, None], groups=channels)
     return shifted, F.conv2d(x, eye[:fold, :, None, None])
-
-
-def _folded(conv, bn) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
 
 
 def step_split_hardsigmoid(block, x, cached):

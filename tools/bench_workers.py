@@ -30,18 +30,16 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_streams import (FPS, GROWTH_FACTOR, GROWTH_SLACK_MS, HEIGHT, MIN_CAPTURE_RATIO, WIDTH,  # noqa: E402
                            build_models)
-from benchlib import cpu_ticks, pct, steal_share, write_section  # noqa: E402
+from benchlib import SubscriberThread, busy_seconds, cpu_ticks, pct, steal_share, write_section  # noqa: E402
 
 from streamtsm.engine.factory import default_threads  # noqa: E402
 from streamtsm.engine.shards import default_shards  # noqa: E402
-from streamtsm.publish import Subscriber  # noqa: E402
 
 CLI = [sys.executable, "-m", "streamtsm.cli"]
 READY_TIMEOUT_S = 120.0  # a `run` on a loaded machine takes a while to import and load its model
@@ -53,13 +51,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def busy_seconds() -> float:
-    """CPU seconds the whole machine has spent not idle (every process, ours and others'), from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (all its threads), from /proc."""
     try:
@@ -69,31 +60,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class Messages:
+class Messages(SubscriberThread):
     """A subscriber thread on the broker's backend keeping stats snapshots per stream and every prediction."""
 
     def __init__(self, endpoint: str) -> None:
-        self.lock = threading.Lock()
         self.stats: list[tuple[float, dict]] = []  # (receive time, payload)
         self.preds: list[tuple[float, float, float]] = []  # (capture ts, capture->publish ms, capture->receive ms)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(endpoint,), daemon=True)
-        self._thread.start()
+        super().__init__(endpoint)
 
-    def _run(self, endpoint: str) -> None:
-        with Subscriber(endpoint, ["streamtsm"]) as sub:
-            while not self._stop.is_set():
-                msg = sub.recv(timeout=0.1)
-                if msg is None:
-                    continue
-                now = time.time()
-                payload = msg[1]
-                with self.lock:
-                    if payload.get("type") == "stats" and payload.get("streams"):
-                        self.stats.append((now, payload))
-                    elif payload.get("type") == "pred":
-                        self.preds.append((payload["capture_ts"], payload["latency_ms"],
-                                           (now - payload["capture_ts"]) * 1e3))
+    def on_message(self, received: float, payload: dict) -> None:
+        if payload.get("type") == "stats" and payload.get("streams"):
+            self.stats.append((received, payload))
+        elif payload.get("type") == "pred":
+            self.preds.append((payload["capture_ts"], payload["latency_ms"], (received - payload["capture_ts"]) * 1e3))
 
     def running(self, streams: set[str]) -> bool:
         """Whether every stream has been reported running."""
@@ -102,10 +81,6 @@ class Messages:
             for _, p in self.stats:
                 seen |= {sid for sid, v in p["streams"].items() if v["status"] == "running"}
         return streams <= seen
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
 
 
 def snapshot_near(stats: list[tuple[float, dict]], sid: str, t: float) -> dict | None:
@@ -138,9 +113,9 @@ def run_case(model: str, processes: int, total: int, args: argparse.Namespace) -
             time.sleep(0.2)
         time.sleep(args.warmup)
         pids = [broker.pid] + [w.pid for w in workers]
-        cpu0, busy0, t0, ticks0 = sum(cpu_seconds(pid) for pid in pids), busy_seconds(), time.time(), cpu_ticks()
+        cpu0, t0, ticks0 = sum(cpu_seconds(pid) for pid in pids), time.time(), cpu_ticks()
         time.sleep(args.seconds)
-        cpu1, busy1, t1, ticks1 = sum(cpu_seconds(pid) for pid in pids), busy_seconds(), time.time(), cpu_ticks()
+        cpu1, t1, ticks1 = sum(cpu_seconds(pid) for pid in pids), time.time(), cpu_ticks()
         time.sleep(1.5)  # the stats message after the window's end
     finally:
         for w in workers:
@@ -179,7 +154,8 @@ def run_case(model: str, processes: int, total: int, args: argparse.Namespace) -
     r = {"processes": processes, "n": total, "per_process": per, "threads": args.threads_each,
          "shards": args.shards_each,
          "dropped": dropped, "publish_dropped": publish_dropped, "fps_min": fps_min, "capture_fps_min": cap_min,
-         "received": len(window), "cores": (cpu1 - cpu0) / (t1 - t0), "machine_busy": (busy1 - busy0) / (t1 - t0),
+         "received": len(window), "cores": (cpu1 - cpu0) / (t1 - t0),
+         "machine_busy": busy_seconds(ticks0, ticks1) / (t1 - t0),
          "steal": steal_share(ticks0, ticks1)}
     reasons = []
     if dropped:
@@ -295,7 +271,7 @@ def report(args, rows, cores, load_before, load_after) -> str:
                      "processes in a window): where these processes alone run out of cores needs a rerun on a quiet "
                      "machine (the command above).")
     else:
-        lines.append(f"- Nothing else ran: at most {max(others, default=0.0):.2f} cores busy beyond these processes in "
+        lines.append(f"- Nothing else ran: at most {max(0.0, *others):.2f} cores busy beyond these processes in "
                      "any window.")
     lines += ["", (f"Run at {time.strftime('%H:%M UTC', time.gmtime())}, {args.precision[0]}, "
                    f"{args.warmup:g} s warm-up then a {args.seconds:g} s window per case. Each case: a fresh "

@@ -46,23 +46,64 @@ def open_fds() -> int:
         return -1
 
 
-def cpu_ticks() -> tuple[int, int] | None:
-    """(steal, total) ticks of all CPUs since boot, from /proc/stat (Linux); None elsewhere. Steal is time the
-    hypervisor ran something else while this virtual machine had work to run: on a shared host it is capacity the
-    benchmark did not get, so benchmarks of capacity report it for their window."""
+class SubscriberThread:
+    """A thread reading every ``streamtsm`` message from a ZeroMQ endpoint: the benchmarks that watch a run from
+    outside it. Each message goes to :meth:`on_message` (receive time, payload) under ``self.lock``; a subclass
+    sets its own fields before calling ``__init__``, which starts the thread."""
+
+    def __init__(self, endpoint: str, name: str = "bench-subscriber") -> None:
+        self.lock = threading.Lock()
+        self.last_recv = time.monotonic()
+        self.ready = threading.Event()  # set by the first message
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(endpoint,), name=name, daemon=True)
+        self._thread.start()
+
+    def on_message(self, received: float, payload: dict) -> None:
+        raise NotImplementedError
+
+    def _run(self, endpoint: str) -> None:
+        from streamtsm.publish import Subscriber  # not at the top: light tools import this module too
+
+        with Subscriber(endpoint, ["streamtsm"]) as sub:
+            while not self._stop.is_set():
+                msg = sub.recv(timeout=0.1)
+                if msg is None:
+                    continue
+                now = time.time()
+                self.last_recv = time.monotonic()
+                self.ready.set()
+                with self.lock:
+                    self.on_message(now, msg[1])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+
+def cpu_ticks() -> tuple[int, ...] | None:
+    """Ticks of all CPUs since boot from /proc/stat (Linux; None elsewhere): user, nice, system, idle, iowait, irq,
+    softirq, steal. Steal is time the hypervisor ran something else while this virtual machine had work to run: on
+    a shared host it is capacity the benchmark did not get, so benchmarks of capacity report it for their window."""
     try:
         fields = Path("/proc/stat").read_text().splitlines()[0].split()
     except (OSError, IndexError):
         return None
-    values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
-    return values[7], sum(values)
+    return tuple(int(v) for v in fields[1:9])
 
 
-def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float:
+def steal_share(before: tuple[int, ...] | None, after: tuple[int, ...] | None) -> float:
     """Stolen share of the CPU time between two :func:`cpu_ticks` samples (NaN without them)."""
-    if before is None or after is None or after[1] == before[1]:
+    if before is None or after is None or sum(after) == sum(before):
         return float("nan")
-    return (after[0] - before[0]) / (after[1] - before[1])
+    return (after[7] - before[7]) / (sum(after) - sum(before))
+
+
+def busy_seconds(before: tuple[int, ...], after: tuple[int, ...]) -> float:
+    """CPU seconds the whole machine spent not idle (every process, ours and others', and steal) between two
+    :func:`cpu_ticks` samples."""
+    idle = (after[3] - before[3]) + (after[4] - before[4])  # idle + iowait
+    return (sum(after) - sum(before) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu(name_of: Callable[[threading.Thread], str]) -> dict[int, tuple[str, float]]:
