@@ -271,7 +271,7 @@ def report(args, rows, cores, load_before, load_after) -> str:
                      "processes in a window): where these processes alone run out of cores needs a rerun on a quiet "
                      "machine (the command above).")
     else:
-        lines.append(f"- Nothing else ran: at most {max(0.0, *others):.2f} cores busy beyond these processes in "
+        lines.append(f"- Nothing else ran: at most {max([0.0, *others]):.2f} cores busy beyond these processes in "
                      "any window.")
     lines += ["", (f"Run at {time.strftime('%H:%M UTC', time.gmtime())}, {args.precision[0]}, "
                    f"{args.warmup:g} s warm-up then a {args.seconds:g} s window per case. Each case: a fresh "
