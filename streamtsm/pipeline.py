@@ -83,6 +83,7 @@ class Pipeline:
         self.sinks = self._out.sinks
         self._notify = threading.Event()
         self._consecutive_errors = 0
+        self._started = False
         self._groups: list[GroupState] = []
         self._streams: list[StreamState] = []
         ids = set()
@@ -138,6 +139,7 @@ class Pipeline:
         Raises:
             SourceError: a source could not be opened (the other captures are stopped again).
         """
+        self._started = True
         for s in self._streams:
             s.capture.start()
         deadline = time.monotonic() + self.options.startup_timeout
@@ -192,12 +194,18 @@ class Pipeline:
                 log.warning("capture thread of %s did not stop (blocked in a read); leaving it as a daemon", s.id)
 
     def run(self, stop: threading.Event | None = None) -> dict:
-        """Process frames until every stream is done, ``duration`` passes, or ``stop`` is set.
+        """Process frames until every stream is done, ``duration`` passes, or ``stop`` is set; starts the captures
+        first (:meth:`start`) when they were not started.
 
         Returns:
             The final stats (as in the stats message).
+
+        Raises:
+            SourceError: as :meth:`start`, when it starts them.
         """
         stop = stop or threading.Event()
+        if not self._started:
+            self.start(stop)
         started = time.monotonic()
         next_stats = started + self.options.stats_interval
         try:

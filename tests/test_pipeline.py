@@ -314,6 +314,15 @@ def test_file_that_does_not_open_is_still_an_error_at_start(engine, tmp_path):
         pipeline.start()
 
 
+def test_run_without_start_starts_the_captures_itself(engine, tmp_path):
+    from streamtsm.errors import SourceError
+
+    final = Pipeline(engine, [StreamSpec("synthetic:32x32@60", "cam")], options=PipelineOptions(max_frames=3)).run()
+    assert final["streams"]["cam"]["frames"] == 3
+    with pytest.raises(SourceError, match="gone.mp4"):  # as start() says it
+        Pipeline(engine, [StreamSpec(str(tmp_path / "gone.mp4"), "f")]).run()
+
+
 def test_stop_event_ends_a_live_run_promptly(engine):
     pipeline = Pipeline(engine, [StreamSpec("synthetic:64x48@30", "s")])
     stop = threading.Event()
