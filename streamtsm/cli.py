@@ -286,6 +286,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, stop, running) -> int:
+    from .capture import opencv_on_calling_threads
     from .pipeline import Pipeline, PipelineOptions
     from .publish import Publisher
     from .sinks import ConsoleSink
@@ -366,6 +367,7 @@ def _run(args: argparse.Namespace, stop, running) -> int:
             display = display_sink(stop, streams=len(stream_ids))
             sinks.append(display)
         pipeline = Pipeline.from_groups(groups, sinks=sinks, options=options)
+        opencv_on_calling_threads()  # the capture threads are the parallelism; see its docstring
         running.set()  # from here a signal only sets stop: start() and run() end promptly and close what is open
         if stop.is_set():
             pipeline.stop()

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import pytest
 import zmq
 
@@ -95,6 +96,17 @@ def test_run_on_a_file_prints_predictions_and_summary(capsys, shared_data):
                  "tsm_mobilenetv2_online", "--publish", "none", "--max-frames", "12"])
     out = capsys.readouterr().out
     assert code == 0 and "arm_wrestling #0" in out and "arm_wrestling: 12 frames processed" in out
+
+
+def test_run_makes_opencv_run_each_call_on_the_capture_thread_that_makes_it(capsys):
+    # Capture threads are the parallelism; OpenCV's pool splitting each small resize over the cores again costs more.
+    cv2.setNumThreads(2)
+    try:
+        code = main(["run", "--source", "synthetic:64x48@30", "--model", "tsn_mobilenetv2", "--publish", "none",
+                     "--max-frames", "2"])
+        assert code == 0 and cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(-1)  # OpenCV's default for the tests after this one
 
 
 def test_listen_prints_what_run_publishes(capsys):

@@ -37,6 +37,7 @@ import tracemalloc
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -46,7 +47,7 @@ from bench_onnx import random_but_calibrated  # noqa: E402
 from benchlib import (SubscriberThread, cpu_ticks, interleaved, pct, rss_mb, steal_share, thread_cpu,  # noqa: E402
                       thread_delta, write_section)
 
-from streamtsm.capture import CaptureThread, FrameBuffer, SyntheticSource  # noqa: E402
+from streamtsm.capture import CaptureThread, FrameBuffer, SyntheticSource, opencv_on_calling_threads  # noqa: E402
 from streamtsm.config import ModelConfig  # noqa: E402
 from streamtsm.engine.factory import default_threads  # noqa: E402
 from streamtsm.engine.onnxruntime_engine import OrtOnlineEngine  # noqa: E402
@@ -312,6 +313,41 @@ def per_frame_costs(cfg, frames: int = 300) -> dict:
             "pre_p50": pct(prep, 50), "pre_mean": statistics.fmean(prep)}
 
 
+def capture_cores(cfg, rounds: int = 5, seconds: float = 3.0) -> dict:
+    """Process CPU cores of 8 live synthetic cameras with their preprocessing and nothing else (their frames taken
+    and discarded), with OpenCV's own thread pool and with each call on its capture thread
+    (:func:`opencv_on_calling_threads`, what `streamtsm run` does), in alternating windows of one run."""
+    pre = Preprocessor.for_config(cfg)
+    buffers = [FrameBuffer(1, "drop_oldest") for _ in range(TARGET_STREAMS)]
+    captures = [CaptureThread(SyntheticSource(WIDTH, HEIGHT, FPS, seed=i), f"cam{i}", buffer, preprocess=pre)
+                for i, buffer in enumerate(buffers)]
+    cv2.setNumThreads(-1)  # OpenCV's default pool, whatever was set before
+    settings = {"pool": cv2.getNumThreads(), "calling": 1}
+    cores: dict[str, list[float]] = {name: [] for name in settings}
+    for capture in captures:
+        capture.start()
+    try:
+        time.sleep(1.0)
+        for _ in range(rounds):
+            for name, threads in settings.items():
+                cv2.setNumThreads(threads)
+                time.sleep(0.5)  # the previous setting's calls end
+                wall, cpu, end = time.monotonic(), time.process_time(), time.monotonic() + seconds
+                while time.monotonic() < end:
+                    for buffer in buffers:
+                        buffer.pop()
+                    time.sleep(0.005)
+                cores[name].append((time.process_time() - cpu) / (time.monotonic() - wall))
+    finally:
+        for capture, buffer in zip(captures, buffers):
+            capture.stop()
+            buffer.close()
+        for capture in captures:
+            capture.join(2.0)
+    return {"pool_threads": settings["pool"], "rounds": rounds, "seconds": seconds,
+            **{name: statistics.median(v) for name, v in cores.items()}}
+
+
 STEP_FORMS_BATCHES = (4, 8)
 
 
@@ -492,6 +528,7 @@ def rss_per_stream(rows: list[dict]) -> str:
 def measure_precision(precision: str, path: str, schedule: list[int],
                       args: argparse.Namespace) -> tuple[list[dict], float | None]:
     """The schedule for one exported file (run in its own process): rows, and activation MB per batch row."""
+    opencv_on_calling_threads()  # as `streamtsm run`
     publisher = Publisher("tcp://127.0.0.1:*", background=True)
     deliveries = Deliveries(publisher.endpoint)
     rows, failures = [], 0
@@ -551,6 +588,8 @@ def main() -> None:
         meta = read_metadata(models["fp32"])
         cfg = ModelConfig.from_dict(meta["config"])
         costs = per_frame_costs(cfg)
+        costs["capture"] = capture_cores(cfg)
+        opencv_on_calling_threads()  # as `streamtsm run`, for the step forms beside live cameras
         forms = step_forms(models, args)
         python_bytes = python_side_bytes(list(cfg.labels or numbered_labels(cfg.num_classes)), PipelineOptions())
         for precision in args.precision:
@@ -683,7 +722,11 @@ def report(args, schedule, results, activations, models, meta, costs, python_byt
         f"stream and {render_cores[1]:.2f} at {TARGET_STREAMS} streams, spent in the capture threads on the same "
         "cores as the model; a real camera's decoding replaces it (its cost depends on the codec). Preprocessing "
         f"(resize, crop, normalize) takes {costs['pre_mean']:.2f} ms per frame (p50 {costs['pre_p50']:.2f}), also in "
-        "the capture threads.  ")
+        "the capture threads. The 8 cameras with their preprocessing and nothing else, side by side in alternating "
+        f"{costs['capture']['seconds']:g} s windows (median of {costs['capture']['rounds']}): "
+        f"{costs['capture']['pool']:.2f} cores with OpenCV's own pool of "
+        f"{costs['capture']['pool_threads']} threads, {costs['capture']['calling']:.2f} with each OpenCV call "
+        "on its capture thread, as `streamtsm run` sets it.  ")
     quant = (f"; int8: `quantize_int8`, static QDQ, per-channel, min/max calibration on {args.calib_frames} "
              f"synthetic frames, top-1 agreement with fp32 {100 * q['top1_agreement']:.1f}% over "
              f"{q['holdout_predictions']} held-out frames (random weights; see the onnx section)") if q else ""

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import open_fds, os_threads, pct, rss_mb, write_section  # noqa: E402
 from ip_camera import IpCamera  # noqa: E402
 
+from streamtsm.capture import opencv_on_calling_threads  # noqa: E402
 from streamtsm.engine.factory import build_engine  # noqa: E402
 from streamtsm.pipeline import Pipeline, PipelineOptions, StreamSpec, effective_frame_stride  # noqa: E402
 from streamtsm.publish import Publisher, Subscriber  # noqa: E402
@@ -203,6 +204,7 @@ def main() -> None:
     specs += [StreamSpec(url, f"{mode}{i}") for i, (mode, url, _) in enumerate(cameras)]
     # No duration: the tool stops the pipeline itself after its last sample, so no sample sees the teardown.
     pipeline = Pipeline(engine, specs, sinks=[publisher, latency], options=PipelineOptions())
+    opencv_on_calling_threads()  # as `streamtsm run`
     stop_sub = threading.Event()
     received = [0]
 

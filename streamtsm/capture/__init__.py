@@ -26,7 +26,7 @@ from streamtsm.capture.sources import (CameraSource, Source, SyntheticSource, Vi
                                        to_bgr)
 from streamtsm.capture.supervisor import (TRANSITIONS, StatusTransitionError, StreamCapture, StreamStatus,
                                           check_transition)
-from streamtsm.capture.thread import STATUSES, CaptureThread
+from streamtsm.capture.thread import STATUSES, CaptureThread, opencv_on_calling_threads
 
 __all__ = [
     "POLICIES",
@@ -44,6 +44,7 @@ __all__ = [
     "VideoSource",
     "check_transition",
     "open_source",
+    "opencv_on_calling_threads",
     "stream_name",
     "to_bgr",
 ]

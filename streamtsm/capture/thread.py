@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+import cv2
 import numpy as np
 
 from streamtsm.capture.buffer import FrameBuffer
@@ -37,6 +38,18 @@ STATUSES = ("starting", "connecting", "running", "reconnecting", "ended", "faile
 
 _FPS_WINDOW_S = 2.0
 _MAX_CATCH_UP_S = 1.0  # a paced file read more than this late re-anchors its clock instead of bursting
+
+
+def opencv_on_calling_threads() -> None:
+    """Makes OpenCV run each call on the thread that makes it (``cv2.setNumThreads(1)``; process-wide).
+
+    A live process already runs one capture thread per stream, each decoding, resizing and converting its frames
+    beside the model's threads. OpenCV's own pool would split each of those small calls over every core again, and
+    the split costs more than it saves: 8 synthetic 320x240 cameras at 30 fps with their preprocessing, and nothing
+    else, took 0.62 cores with OpenCV's pool of 2 threads and 0.48 without it on a 2-core machine (alternating
+    windows of one run, tools/bench_streams.py). FFmpeg's decoding threads are its own and not affected.
+    """
+    cv2.setNumThreads(1)
 
 
 class CaptureThread(threading.Thread):
