@@ -46,7 +46,7 @@ def opencv_on_calling_threads() -> None:
     A live process already runs one capture thread per stream, each decoding, resizing and converting its frames
     beside the model's threads. OpenCV's own pool would split each of those small calls over every core again, and
     the split costs more than it saves: 8 synthetic 320x240 cameras at 30 fps with their preprocessing, and nothing
-    else, took 0.62 cores with OpenCV's pool of 2 threads and 0.48 without it on a 2-core machine (alternating
+    else, took 0.61 cores with OpenCV's pool of 2 threads and 0.51 without it on a 2-core machine (alternating
     windows of one run, tools/bench_streams.py). FFmpeg's decoding threads are its own and not affected.
     """
     cv2.setNumThreads(1)
