@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import replace
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 

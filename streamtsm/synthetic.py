@@ -127,12 +127,6 @@ def _warp(sprite: _Sprite, matrix: np.ndarray, width: int, height: int) -> np.nd
                           borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0, 0))
 
 
-def _warp_sprite(sprite: _Sprite, center: tuple[float, float], size: float, angle: float,
-                 width: int, height: int) -> np.ndarray:
-    """Places the sprite in a width x height frame; returns [H, W, 4] with colour and alpha."""
-    return _warp(sprite, _sprite_matrix(center, size, angle), width, height)
-
-
 def _footprint(matrix: np.ndarray, width: int, height: int) -> tuple[slice, slice]:
     """Rows and columns of the frame outside which a warp by ``matrix`` leaves only zeros (a 2-pixel margin
     covers the bilinear taps of the sprite's edge)."""
@@ -166,8 +160,10 @@ def _make_background(width: int, height: int, rng: np.random.Generator,
             cv2.rectangle(background, p1, p2, colour, thickness, cv2.LINE_AA)
     # Static distractors that look like the moving shape, so that "a shape is present" tells nothing.
     for _ in range(int(rng.integers(1, 3))):
-        layer = _warp_sprite(_make_sprite(rng), (rng.uniform(0, width), rng.uniform(0, height)),
-                             rng.uniform(0.1, 0.25) * scale, rng.uniform(0, 360), width, height)
+        sprite = _make_sprite(rng)
+        matrix = _sprite_matrix((rng.uniform(0, width), rng.uniform(0, height)), rng.uniform(0.1, 0.25) * scale,
+                                rng.uniform(0, 360))
+        layer = _warp(sprite, matrix, width, height)
         background = _blend(background, layer)
     background += rng.normal(0, 5, background.shape).astype(np.float32)
     background = np.clip(background, 0, 255)
@@ -251,14 +247,10 @@ class ClipRenderer:
         # at a fraction of the cost (a live synthetic camera renders on the cores the model runs on).
         image = (self.background * self.gain if self.gain != 1.0 else self.background) + noise
         rows, cols = _footprint(matrix, width, height)
-        canvas, shape = self.background[rows, cols], layer[rows, cols]
-        blended = shape[..., :3] - canvas
-        blended *= shape[..., 3:]
-        blended += canvas  # canvas + alpha * (colour - canvas), in that order of float32 operations
+        blended = _blend(self.background[rows, cols], layer[rows, cols])
         if self.gain != 1.0:
             blended *= np.float32(self.gain)
-        blended += noise[rows, cols]
-        image[rows, cols] = blended
+        image[rows, cols] = blended + noise[rows, cols]
         np.clip(image, 0, 255, out=image)
         return image.astype(np.uint8), (layer[..., 3] > 0.5) if with_mask else None
 

@@ -25,6 +25,7 @@ changes nothing in the cost of a step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -34,6 +35,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -313,21 +315,36 @@ def per_frame_costs(cfg, frames: int = 300) -> dict:
             "pre_p50": pct(prep, 50), "pre_mean": statistics.fmean(prep)}
 
 
-def capture_cores(cfg, rounds: int = 5, seconds: float = 3.0) -> dict:
-    """Process CPU cores of 8 live synthetic cameras with their preprocessing and nothing else (their frames taken
-    and discarded), with OpenCV's own thread pool and with each call on its capture thread
-    (:func:`opencv_on_calling_threads`, what `streamtsm run` does), in alternating windows of one run."""
+@contextlib.contextmanager
+def live_cameras(cfg, n: int = TARGET_STREAMS) -> Iterator[list[FrameBuffer]]:
+    """``n`` live synthetic cameras, each a capture thread rendering and preprocessing at 30 fps into a 1-frame
+    ``drop_oldest`` buffer (yielded; nothing need take the frames), running one second before the body and stopped
+    after it."""
     pre = Preprocessor.for_config(cfg)
-    buffers = [FrameBuffer(1, "drop_oldest") for _ in range(TARGET_STREAMS)]
+    buffers = [FrameBuffer(1, "drop_oldest") for _ in range(n)]
     captures = [CaptureThread(SyntheticSource(WIDTH, HEIGHT, FPS, seed=i), f"cam{i}", buffer, preprocess=pre)
                 for i, buffer in enumerate(buffers)]
-    cv2.setNumThreads(-1)  # OpenCV's default pool, whatever was set before
-    settings = {"pool": cv2.getNumThreads(), "calling": 1}
-    cores: dict[str, list[float]] = {name: [] for name in settings}
     for capture in captures:
         capture.start()
     try:
         time.sleep(1.0)
+        yield buffers
+    finally:
+        for capture, buffer in zip(captures, buffers):
+            capture.stop()
+            buffer.close()
+        for capture in captures:
+            capture.join(2.0)
+
+
+def capture_cores(cfg, rounds: int = 5, seconds: float = 3.0) -> dict:
+    """Process CPU cores of 8 live synthetic cameras with their preprocessing and nothing else (their frames taken
+    and discarded), with OpenCV's own thread pool and with each call on its capture thread
+    (:func:`opencv_on_calling_threads`, what `streamtsm run` does), in alternating windows of one run."""
+    cv2.setNumThreads(-1)  # OpenCV's default pool, whatever was set before
+    settings = {"pool": cv2.getNumThreads(), "calling": 1}
+    cores: dict[str, list[float]] = {name: [] for name in settings}
+    with live_cameras(cfg) as buffers:
         for _ in range(rounds):
             for name, threads in settings.items():
                 cv2.setNumThreads(threads)
@@ -338,12 +355,6 @@ def capture_cores(cfg, rounds: int = 5, seconds: float = 3.0) -> dict:
                         buffer.pop()
                     time.sleep(0.005)
                 cores[name].append((time.process_time() - cpu) / (time.monotonic() - wall))
-    finally:
-        for capture, buffer in zip(captures, buffers):
-            capture.stop()
-            buffer.close()
-        for capture in captures:
-            capture.join(2.0)
     return {"pool_threads": settings["pool"], "rounds": rounds, "seconds": seconds,
             **{name: statistics.median(v) for name, v in cores.items()}}
 
@@ -354,7 +365,7 @@ STEP_FORMS_BATCHES = (4, 8)
 def step_forms(models: dict, args: argparse.Namespace, iterations: int = 40) -> list[str]:
     """One batched step in three forms side by side (interleaved): one intra-op thread; every core as intra-op
     threads; one thread per part in two parts. Alone, then beside 8 live synthetic cameras (capture threads
-    rendering and preprocessing at 30 fps, their frames taken and discarded), where the cores are shared."""
+    rendering and preprocessing at 30 fps, their frames left in their buffers), where the cores are shared."""
     cores = os.cpu_count() or 1
     forms = {"1 thread, whole batch": (1, 1), f"{cores} intra-op threads, whole batch": (cores, 1),
              "1 thread per part, 2 parts": (1, 2)}
@@ -364,21 +375,12 @@ def step_forms(models: dict, args: argparse.Namespace, iterations: int = 40) -> 
     for precision in args.precision:
         engines = {name: OrtOnlineEngine(models[precision], "cpu", threads=t, shards=k)
                    for name, (t, k) in forms.items()}
+        cfg = next(iter(engines.values())).cfg
         for beside in ("nothing", f"{TARGET_STREAMS} live cameras"):
-            captures = []
-            if beside != "nothing":
-                pre = Preprocessor.for_config(next(iter(engines.values())).cfg)
-                for i in range(TARGET_STREAMS):
-                    buffer = FrameBuffer(1, "drop_oldest")
-                    captures.append((CaptureThread(SyntheticSource(WIDTH, HEIGHT, FPS, seed=i), f"cam{i}", buffer,
-                                                   preprocess=pre), buffer))
-                for capture, _ in captures:
-                    capture.start()
-                time.sleep(1.0)
-            try:
+            with live_cameras(cfg) if beside != "nothing" else contextlib.nullcontext():
                 for batch in STEP_FORMS_BATCHES:
                     rng = np.random.default_rng(batch)
-                    size = next(iter(engines.values())).cfg.input_size
+                    size = cfg.input_size
                     frames = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
                     cases = {}
                     for name, engine in engines.items():
@@ -390,12 +392,6 @@ def step_forms(models: dict, args: argparse.Namespace, iterations: int = 40) -> 
                     lines.append(f"| {precision} | {batch} | {beside} | "
                                  + " | ".join(f"{v:.1f}" for v in p50.values())
                                  + f" | {parts / whole1:.2f}x | {parts / wholeall:.2f}x |")
-            finally:
-                for capture, buffer in captures:
-                    capture.stop()
-                    buffer.close()
-                for capture, _ in captures:
-                    capture.join(2.0)
         for engine in engines.values():
             engine.close()
     return lines

@@ -36,7 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_streams import (FPS, GROWTH_FACTOR, GROWTH_SLACK_MS, HEIGHT, MIN_CAPTURE_RATIO, WIDTH,  # noqa: E402
                            build_models)
-from benchlib import SubscriberThread, busy_seconds, cpu_ticks, pct, steal_share, write_section  # noqa: E402
+from benchlib import (SubscriberThread, busy_seconds, cpu_ticks, pct, stat_cpu_seconds, steal_share,  # noqa: E402
+                      write_section)
 
 from streamtsm.engine.factory import default_threads  # noqa: E402
 from streamtsm.engine.shards import default_shards  # noqa: E402
@@ -49,15 +50,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Messages(SubscriberThread):
@@ -113,9 +105,9 @@ def run_case(model: str, processes: int, total: int, args: argparse.Namespace) -
             time.sleep(0.2)
         time.sleep(args.warmup)
         pids = [broker.pid] + [w.pid for w in workers]
-        cpu0, t0, ticks0 = sum(cpu_seconds(pid) for pid in pids), time.time(), cpu_ticks()
+        cpu0, t0, ticks0 = sum(stat_cpu_seconds(f"/proc/{pid}/stat") for pid in pids), time.time(), cpu_ticks()
         time.sleep(args.seconds)
-        cpu1, t1, ticks1 = sum(cpu_seconds(pid) for pid in pids), time.time(), cpu_ticks()
+        cpu1, t1, ticks1 = sum(stat_cpu_seconds(f"/proc/{pid}/stat") for pid in pids), time.time(), cpu_ticks()
         time.sleep(1.5)  # the stats message after the window's end
     finally:
         for w in workers:

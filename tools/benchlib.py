@@ -106,16 +106,24 @@ def busy_seconds(before: tuple[int, ...], after: tuple[int, ...]) -> float:
     return (sum(after) - sum(before) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def stat_cpu_seconds(stat: str) -> float:
+    """User + system CPU seconds from a /proc ``stat`` file (``/proc/<pid>/stat``: a process, all its threads;
+    ``/proc/self/task/<tid>/stat``: one thread); NaN when it cannot be read (the process ended; not Linux)."""
+    try:
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def thread_cpu(name_of: Callable[[threading.Thread], str]) -> dict[int, tuple[str, float]]:
     """CPU seconds of each live Python thread of this process by native id: (``name_of(thread)``, seconds), from
     /proc (Linux; empty elsewhere). Threads that are not Python's (a library's own pools) are not in it."""
-    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    out = {}
     for t in threading.enumerate():
-        try:
-            fields = Path(f"/proc/self/task/{t.native_id}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, TypeError):
-            continue
-        out[t.native_id] = (name_of(t), (int(fields[11]) + int(fields[12])) / tick)
+        seconds = stat_cpu_seconds(f"/proc/self/task/{t.native_id}/stat")
+        if seconds == seconds:  # not NaN: the thread still runs
+            out[t.native_id] = (name_of(t), seconds)
     return out
 
 
