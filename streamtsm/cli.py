@@ -131,7 +131,7 @@ _CAMERA_OPTIONS = {"sources": "--camera/--source", "name": "--name", "model": "-
 
 # Numeric options of `run` and `listen`, each checked by the range of its setting (streamtsm.settings.RANGES).
 _NUMERIC_OPTIONS = ("max_frames", "duration", "stats_interval", "threshold", "topk", "hold", "smooth",
-                    "frame_stride", "clip_stride", "threads", "shards", "metrics_port", "max_messages", "timeout",
+                    "frame_stride", "clip_stride", "threads", "lanes", "metrics_port", "max_messages", "timeout",
                     "startup_timeout", "http_port")
 # --record-events' numbers; its options need the folder.
 _RECORD_OPTIONS = {"pre_roll": "--pre-roll", "post_roll": "--post-roll", "record_max_gb": "--record-max-gb",
@@ -181,8 +181,7 @@ def _groups_from_args(args: argparse.Namespace, settings: dict):
     providers = args.providers.split(",") if args.providers else None
     engine = build_engine(model=args.model, weights=args.weights, onnx=args.onnx, labels_file=args.labels,
                           device=settings["device"], providers=providers, threads=args.threads,
-                          backend=settings["backend"], url=args.url, triton_model=args.triton_model,
-                          shards=args.shards)
+                          backend=settings["backend"], url=args.url, triton_model=args.triton_model)
     return [ModelGroup(engine, specs, clip_stride=settings["clip_stride"])]
 
 
@@ -315,7 +314,7 @@ def _run(args: argparse.Namespace, stop, running) -> int:
     if site is not None:
         from .siteconfig import build_groups
 
-        groups = build_groups(site, args.threads, args.shards)
+        groups = build_groups(site, args.threads)
     else:
         groups = _groups_from_args(args, out)
     options = PipelineOptions.from_settings(out)
@@ -380,7 +379,9 @@ def _run(args: argparse.Namespace, stop, running) -> int:
         if not args.quiet:  # --quiet: errors, warnings (the note above), where it serves and the final summary
             models = ", ".join(f"{g.engine.model_name} ({g.engine.backend})" for g in groups)
             reach = f", publishing on {endpoint_reach(publisher.endpoint)}" if publisher else ""
-            print(f"streamtsm: {models} on {', '.join(pipeline.stream_ids)}{reach}", file=sys.stderr, flush=True)
+            lanes = f" in {pipeline.lanes} lanes" if pipeline.lanes > 1 else ""
+            print(f"streamtsm: {models} on {', '.join(pipeline.stream_ids)}{lanes}{reach}", file=sys.stderr,
+                  flush=True)
         for server in [*servers, metrics and metrics.server]:
             if server:  # said even with --quiet: an HTTP port someone must know is open
                 print(f"streamtsm: serving {_served(server)} at {server.url}", file=sys.stderr, flush=True)
@@ -569,9 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--clip-stride", type=int, metavar="K",
                    help=f"clip models: predict every k-th frame (default: {d['clip_stride']})")
     m.add_argument("--threads", type=int, help="model threads (default: all cores but one, leaving one for capture)")
-    m.add_argument("--shards", type=int, metavar="N",
-                   help="onnxruntime on CPU: run each batched step as up to N parts at once, each on a thread of "
-                        "its own (default: 2 on a 2-core machine, else 1)")
+    m.add_argument("--lanes", type=int, metavar="N",
+                   help="split the streams into N lanes, each stepping its streams' batches on a thread of its own "
+                        "(models on this machine's CPU; default: 2 on a 2-core machine, else 1)")
     o = p.add_argument_group("output")
     o.add_argument("--publish", metavar="ENDPOINT",
                    help=f"ZeroMQ PUB endpoint to bind, or 'none' (default: {d['publish']})")

@@ -1,9 +1,9 @@
-"""The live pipeline: sources -> capture threads -> preprocess -> one batched model call -> post-process -> ZeroMQ.
+"""The live pipeline: sources -> capture threads -> preprocess -> batched model calls -> post-process -> ZeroMQ.
 
 ::
 
     source ──► StreamCapture (thread: read, Preprocessor; buffer) ─┐
-    source ──► StreamCapture (thread: read, Preprocessor; buffer) ─┼─► newest frame of each ready stream
+    source ──► StreamCapture (thread: read, Preprocessor; buffer) ─┼─► lane: newest frame of each of its ready streams
     ...                                                             ┘        │ (its tensor copied into the batch)
                                                                             ▼
             per model group: OnlineRunner (B frames, B states) or ClipRunner (ring buffers, due windows)
@@ -12,16 +12,26 @@
 
 Streams are grouped by model: streams sharing a model are batched together, groups of different models run side by side
 in the same loop. Each live source's capture thread preprocesses its frames for its stream's group (``Frame.tensor``),
-so the per-frame resize and normalization run beside the model step rather than before it; everything after the buffers
-runs in the caller's thread, and a Publisher made with ``background=True`` sends on a thread of its own. Each stream's
-capture is a :class:`~streamtsm.capture.StreamCapture`, which picks the buffer policy (live sources skip frames rather
-than build lag, files give every frame), replaces a hung reader and keeps the stream's counters; the pipeline polls it
-once per loop.
+so the per-frame resize and normalization run beside the model step rather than before it. Each stream's capture is a
+:class:`~streamtsm.capture.StreamCapture`, which picks the buffer policy (live sources skip frames rather than build
+lag, files give every frame), replaces a hung reader and keeps the stream's counters; its lane polls it once per loop.
+
+The streams are dealt to ``lanes``: a lane is a thread that runs the loop above (collect, step, post-process, hand
+to the sinks) for its own streams, with its own runners and batches, so the lanes' model steps run side by side on
+the machine's cores and never wait for each other. The first lane runs in the caller's thread, which also publishes
+the periodic stats; the lanes share the sinks and the figures under one lock, taken after each model step, never
+during one. A Publisher made with ``background=True`` sends on a thread of its own.
+
+Why lanes rather than one batch split in parts run at once: a split step ends when its slowest part does, and on a
+2-core machine whose capture threads preempt the parts, a stretched step collects a larger next batch, which
+stretches the next step again: 8 int8 streams dropped 156 frames in 25 s with one batch in 2 parts, 1 with 2 lanes of
+4 streams (docs/benchmarks.md, "Live streams per process").
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -38,15 +48,43 @@ from .preprocess import Preprocessor
 from .settings import PipelineOptions
 from .sinks.base import Sink, StepReport, StreamResult
 from .sinks.fanout import Fanout
-from .streams import GroupState, ModelGroup, StreamSpec, StreamState, effective_frame_stride
+from .streams import GroupLane, GroupState, ModelGroup, StreamSpec, StreamState, effective_frame_stride
 
-__all__ = ["ModelGroup", "Pipeline", "PipelineOptions", "StreamSpec", "effective_frame_stride"]
+__all__ = ["ModelGroup", "Pipeline", "PipelineOptions", "StreamSpec", "default_lanes", "effective_frame_stride"]
 
 log = logging.getLogger(__name__)
 
 _MAX_CONSECUTIVE_STEP_ERRORS = 20
 # Seconds stop() waits for all capture threads together; one still alive then is blocked in a decoder.
 STOP_WAIT_S = 0.5
+
+
+def default_lanes() -> int:
+    """2 on a 2-core machine, 1 elsewhere.
+
+    On 2 cores a model gets one intra-op thread (``default_threads``: the other core is the capture threads'), so
+    one lane's steps use one core however many streams wait; a second lane uses the other core whenever capture
+    leaves it idle. With more cores the intra-op threads already have cores of their own.
+    """
+    return 2 if (os.cpu_count() or 1) == 2 else 1
+
+
+class Lane:
+    """Some of the pipeline's streams, stepped by one thread: their runners (one per model group) and the event
+    their capture threads set when a frame arrives."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.notify = threading.Event()
+        self.streams: list[StreamState] = []
+        self.groups: dict[str, GroupLane] = {}  # group key -> its runner here
+        self.consecutive_errors = 0
+        self.done = threading.Event()  # its loop has ended
+
+    def group_lane(self, group: GroupState) -> GroupLane:
+        if group.key not in self.groups:
+            self.groups[group.key] = GroupLane(group)
+        return self.groups[group.key]
 
 
 class Pipeline:
@@ -60,7 +98,12 @@ class Pipeline:
             ``on_step`` a report of every model step. A :class:`~streamtsm.publish.Publisher` among them publishes
             over ZeroMQ and its counts are the stats' ``published`` and ``publish_dropped``. With none, results are
             computed and dropped (benchmarks). The pipeline does not close them: their maker does, after the run.
-        options: post-processing and run control.
+            With several lanes they are called from several threads, one call at a time.
+        options: post-processing and run control; ``options.lanes`` threads step the streams (None:
+            :func:`default_lanes`, 1 when a model does not compute on this machine's CPU).
+
+    Raises:
+        ConfigError: no source, two sources with one stream id, or lanes asked for a model that computes elsewhere.
     """
 
     def __init__(self, engine: Engine, streams: list[StreamSpec], *, sinks: Sequence[Sink] = (),
@@ -81,11 +124,13 @@ class Pipeline:
         self.options = options or PipelineOptions()
         self._out = Fanout(sinks)
         self.sinks = self._out.sinks
-        self._notify = threading.Event()
-        self._consecutive_errors = 0
         self._started = False
+        # Sinks and figures are shared by the lanes: each takes this after its model step to hand out the results.
+        self._lock = threading.RLock()
         self._groups: list[GroupState] = []
         self._streams: list[StreamState] = []
+        lanes = self._lane_count(groups)
+        self._lanes = [Lane(i) for i in range(lanes)]
         ids = set()
         keys: set[str] = set()
         for g in groups:
@@ -105,9 +150,30 @@ class Pipeline:
                 if sid in ids:
                     raise ConfigError(f"two sources have the stream id {sid!r}; give them distinct names")
                 ids.add(sid)
-                self._streams.append(self._make_stream(sid, spec, group))
+                # Dealt in turn over every group's streams, so the lanes get as many streams each as can be.
+                lane = self._lanes[len(self._streams) % lanes]
+                stream = self._make_stream(sid, spec, group, lane)
+                lane.streams.append(stream)
+                self._streams.append(stream)
 
-    def _make_stream(self, sid: str, spec: StreamSpec, group: GroupState) -> StreamState:
+    def _lane_count(self, groups: list[ModelGroup]) -> int:
+        streams = sum(len(g.streams) for g in groups)
+        elsewhere = [g.engine for g in groups if g.streams and not g.engine.host_cpu]
+        asked = self.options.lanes
+        if asked is None:
+            return 1 if elsewhere else min(default_lanes(), streams)
+        if asked > 1 and elsewhere:
+            raise ConfigError(f"--lanes {asked}: lanes step models on this machine's CPU cores side by side; "
+                              f"{elsewhere[0].model_name} runs on {elsewhere[0].backend} elsewhere (a GPU or a server), "
+                              "which takes each batch whole (drop --lanes)")
+        return min(asked, streams)
+
+    @property
+    def lanes(self) -> int:
+        """Threads stepping the streams (see the module doc)."""
+        return len(self._lanes)
+
+    def _make_stream(self, sid: str, spec: StreamSpec, group: GroupState, lane: Lane) -> StreamState:
         o = self.options
         labels = group.engine.labels
         post = StreamPostprocessor(labels, smooth=o.smooth, topk=o.topk, threshold=o.threshold, hold=o.hold,
@@ -118,8 +184,8 @@ class Pipeline:
         # A live source that is down at start is retried (status "connecting"); start() decides how long to wait.
         capture = StreamCapture(spec.source, sid, frame_stride=effective_frame_stride(spec, group.engine),
                                 realtime=o.realtime, read_timeout=o.read_timeout, backoff=o.backoff,
-                                notify=self._notify, retry_open=True, preprocess=preprocess)
-        return StreamState(sid, spec, group, capture, preprocess, post)
+                                notify=lane.notify, retry_open=True, preprocess=preprocess)
+        return StreamState(sid, spec, lane.group_lane(group), capture, preprocess, post)
 
     @property
     def stream_ids(self) -> list[str]:
@@ -145,25 +211,33 @@ class Pipeline:
         deadline = time.monotonic() + self.options.startup_timeout
         alone = len(self._streams) == 1 and not self.options.keep_trying
         waiting = (StreamStatus.STARTING, StreamStatus.CONNECTING) if alone else (StreamStatus.STARTING,)
-        for s in self._streams:
-            while s.capture.status in waiting and time.monotonic() < deadline:
-                if stop is not None and stop.is_set():
+        for lane in self._lanes:
+            for s in lane.streams:
+                if not self._wait_open(s, lane, waiting, deadline, alone, stop):
                     return self
-                self._notify.wait(0.05)
-            status = s.capture.status
-            if status is StreamStatus.FAILED and s.capture.error is not None and s.processed == 0:
-                self.stop()
-                err = s.capture.error
-                raise err if isinstance(err, SourceError) else SourceError(f"{s.id}: {err}")
-            if status is StreamStatus.CONNECTING:
-                reason = s.capture.stats()["last_error"]
-                if alone:
-                    self.stop()
-                    raise SourceError(f"{reason} (still not open after {self.options.startup_timeout:g} s; "
-                                      "--keep-trying waits for it)")
-                log.warning("stream %s: cannot open its source yet (%s); retrying with back-off while the other "
-                            "streams run", s.id, reason)
         return self
+
+    def _wait_open(self, s: StreamState, lane: Lane, waiting: tuple[StreamStatus, ...], deadline: float, alone: bool,
+                   stop: threading.Event | None) -> bool:
+        """Wait for one stream's source (see :meth:`start`); False when ``stop`` was set meanwhile."""
+        while s.capture.status in waiting and time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                return False
+            lane.notify.wait(0.05)
+        status = s.capture.status
+        if status is StreamStatus.FAILED and s.capture.error is not None and s.processed == 0:
+            self.stop()
+            err = s.capture.error
+            raise err if isinstance(err, SourceError) else SourceError(f"{s.id}: {err}")
+        if status is StreamStatus.CONNECTING:
+            reason = s.capture.stats()["last_error"]
+            if alone:
+                self.stop()
+                raise SourceError(f"{reason} (still not open after {self.options.startup_timeout:g} s; "
+                                  "--keep-trying waits for it)")
+            log.warning("stream %s: cannot open its source yet (%s); retrying with back-off while the other "
+                        "streams run", s.id, reason)
+        return True
 
     @property
     def blocked_streams(self) -> list[str]:
@@ -207,34 +281,64 @@ class Pipeline:
         if not self._started:
             self.start(stop)
         started = time.monotonic()
-        next_stats = started + self.options.stats_interval
+        until = None if self.options.duration is None else started + self.options.duration
+        halt = threading.Event()  # ends the other lanes: this one ended, or one of them failed
+        errors: list[BaseException] = []
+
+        def lane_thread(lane: Lane) -> None:
+            try:
+                self._run_lane(lane, (stop, halt), until)
+            except BaseException as e:  # noqa: BLE001 (raised again by run(), in the caller's thread)
+                errors.append(e)
+                halt.set()
+
+        others = [threading.Thread(target=lane_thread, args=(lane,), name=f"lane-{lane.index + 1}", daemon=True)
+                  for lane in self._lanes[1:]]
         try:
-            while not stop.is_set():
-                now = time.monotonic()
-                if self.options.duration is not None and now - started >= self.options.duration:
-                    break
-                if now >= next_stats:
-                    self.publish_stats()
-                    next_stats = now + self.options.stats_interval
-                self._check_status_changes()
-                # Clear before sweeping the buffers, so a frame arriving during the sweep wakes the next wait.
-                self._notify.clear()
-                batch = self._collect()
-                if batch:
-                    self._process(batch)
-                elif all(s.done for s in self._streams):
-                    break
-                else:
-                    self._notify.wait(0.05)
+            for t in others:
+                t.start()
+            self._run_lane(self._lanes[0], (stop, halt), until, next_stats=started + self.options.stats_interval)
         finally:
+            halt.set()
+            for t in others:
+                t.join()  # each ends within a step and a 50 ms wait
             self._finish()
+        if errors:
+            raise errors[0]
         return self.stats()
 
-    # -- one iteration ------------------------------------------------------------------------------------------
+    # -- one lane -----------------------------------------------------------------------------------------------
 
-    def _collect(self) -> list[tuple[StreamState, Frame]]:
+    def _run_lane(self, lane: Lane, stops: tuple[threading.Event, ...], until: float | None,
+                  next_stats: float | None = None) -> None:
+        """The loop of one lane until ``until``, any of ``stops``, or the end of its streams; with ``next_stats``
+        (the first lane) it also publishes the stats every interval, until every lane has ended."""
+        try:
+            while not any(e.is_set() for e in stops):
+                now = time.monotonic()
+                if until is not None and now >= until:
+                    break
+                if next_stats is not None and now >= next_stats:
+                    self.publish_stats()
+                    next_stats = now + self.options.stats_interval
+                self._check_status_changes(lane)
+                # Clear before sweeping the buffers, so a frame arriving during the sweep wakes the next wait.
+                lane.notify.clear()
+                batch = self._collect(lane)
+                if batch:
+                    self._process(lane, batch)
+                elif all(s.done for s in lane.streams):
+                    if next_stats is None or all(other.done.is_set() for other in self._lanes[1:]):
+                        break
+                    stops[0].wait(0.05)  # the stats lane outlives its streams while other lanes run
+                else:
+                    lane.notify.wait(0.05)
+        finally:
+            lane.done.set()
+
+    def _collect(self, lane: Lane) -> list[tuple[StreamState, Frame]]:
         batch = []
-        for s in self._streams:
+        for s in lane.streams:
             if s.done:
                 continue
             frame = s.capture.pop()
@@ -245,14 +349,14 @@ class Pipeline:
             batch.append((s, frame))
         return batch
 
-    def _process(self, batch: list[tuple[StreamState, Frame]]) -> None:
-        for group in self._groups:
-            items = [(s, f) for s, f in batch if s.group is group]
+    def _process(self, lane: Lane, batch: list[tuple[StreamState, Frame]]) -> None:
+        for group_lane in lane.groups.values():
+            items = [(s, f) for s, f in batch if s.group_lane is group_lane]
             if items:
-                self._process_group(group, items)
+                self._process_group(lane, group_lane, items)
 
-    def _process_group(self, group: GroupState, batch: list[tuple[StreamState, Frame]]) -> None:
-        frames = group.batch_rows(len(batch))  # [B, 3, S, S], reused from step to step
+    def _process_group(self, lane: Lane, group_lane: GroupLane, batch: list[tuple[StreamState, Frame]]) -> None:
+        frames = group_lane.batch_rows(len(batch))  # [B, 3, S, S], reused from step to step
         for row, (s, f) in zip(frames, batch):
             if f.tensor is not None and f.tensor.shape == row.shape:
                 row[...] = f.tensor  # preprocessed by the capture thread
@@ -265,20 +369,26 @@ class Pipeline:
                 s.generation = f.generation
         t0 = time.perf_counter()
         try:
-            results = group.runner.process([s.id for s, _ in batch], [f.generation for _, f in batch], frames)
+            results = group_lane.runner.process([s.id for s, _ in batch], [f.generation for _, f in batch], frames)
         except StepError as e:
-            self._consecutive_errors += 1
-            log.error("%s (states reset; %d in a row)", e, self._consecutive_errors)
+            lane.consecutive_errors += 1
+            log.error("%s (states reset; %d in a row)", e, lane.consecutive_errors)
             for s, f in batch:
                 if s.id in e.stream_ids:
                     s.step_errors += 1
                     self._publish_events(s, s.post.reset(), (f.index, f.timestamp, f.media_ts))
-            if self._consecutive_errors >= _MAX_CONSECUTIVE_STEP_ERRORS:
+            if lane.consecutive_errors >= _MAX_CONSECUTIVE_STEP_ERRORS:
                 raise
             return
-        self._consecutive_errors = 0
-        predicted = sum(r is not None for r in results)
+        lane.consecutive_errors = 0
         ms = (time.perf_counter() - t0) * 1e3
+        with self._lock:
+            self._hand_out(group_lane, batch, results, ms)
+
+    def _hand_out(self, group_lane: GroupLane, batch: list[tuple[StreamState, Frame]], results: list, ms: float) -> None:
+        """A step's results to the streams' figures and post-processing, and on to the sinks (under the lock)."""
+        group = group_lane.group
+        predicted = sum(r is not None for r in results)
         if predicted:
             group.record_step(ms, predicted)
         reported: list[StreamResult] = []
@@ -294,7 +404,7 @@ class Pipeline:
                 if s.nonfinite == 1:
                     log.warning("%s: the model output NaN or infinity; the frame is skipped and the stream's model "
                                 "state reset (counted in the stats' nonfinite; further ones are not logged)", s.id)
-                group.runner.reset(s.id)
+                group_lane.runner.reset(s.id)
             elif row is not None:
                 topk, events = s.post.process(row, f.index, f.timestamp, f.media_ts)
                 self._out.prediction(s.id, group.model_name, f, topk)
@@ -312,7 +422,8 @@ class Pipeline:
     def _publish_events(self, s: StreamState, events: list[ActionEvent], at: tuple[int, float, float | None]) -> None:
         """``at``: (index, capture time, media time) of the frame whose prediction decided the events."""
         if events:
-            self._out.events(s.id, s.group.model_name, events, *at)
+            with self._lock:
+                self._out.events(s.id, s.group.model_name, events, *at)
 
     def _end_stream(self, s: StreamState) -> None:
         if s.done:
@@ -320,7 +431,7 @@ class Pipeline:
         s.done = True
         s.capture.finish()
         self._flush(s)
-        s.group.runner.remove(s.id)
+        s.group_lane.runner.remove(s.id)
 
     def _flush(self, s: StreamState) -> None:
         """Close a stream's open action (its offset refers to the newest processed frame)."""
@@ -328,9 +439,9 @@ class Pipeline:
         if events and s.last_seen is not None:
             self._publish_events(s, events, s.last_seen)
 
-    def _check_status_changes(self) -> None:
+    def _check_status_changes(self, lane: Lane) -> None:
         changed = False
-        for s in self._streams:
+        for s in lane.streams:
             if s.capture.poll():
                 changed = True
                 if s.capture.status is StreamStatus.FAILED:
@@ -342,15 +453,17 @@ class Pipeline:
 
     def stats(self) -> dict:
         """The pipeline's figures, as in the stats message: per stream, per model group, and the publishers'."""
-        return {
-            "streams": {s.id: s.stats() for s in self._streams},
-            "models": {g.key: g.stats() for g in self._groups},
-            **self._out.publish_counts(),
-        }
+        with self._lock:
+            return {
+                "streams": {s.id: s.stats() for s in self._streams},
+                "models": {g.key: g.stats() for g in self._groups},
+                **self._out.publish_counts(),
+            }
 
     def publish_stats(self) -> None:
         if self.sinks:  # no one to tell: skip gathering the figures
-            self._out.stats(self.stats())
+            with self._lock:
+                self._out.stats(self.stats())
 
     def _finish(self) -> None:
         for s in self._streams:
@@ -358,4 +471,3 @@ class Pipeline:
                 self._flush(s)
         self.stop()
         self.publish_stats()
-

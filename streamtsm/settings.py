@@ -52,6 +52,7 @@ RUN_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "keep_trying": False,  # a single source that does not open: keep retrying instead of failing at the timeout
     "read_timeout": 5.0,
     "backoff": (0.5, 8.0),
+    "lanes": None,  # threads stepping the streams' batches; None: the machine's (see streamtsm.pipeline.default_lanes)
     # event recordings (--record-events)
     "record_events": None,  # a folder; None records nothing
     "pre_roll": 2.0,  # seconds of video before an action's onset
@@ -92,7 +93,7 @@ RANGES: Mapping[str, Range] = MappingProxyType({
     "frame_stride": Range(int, 1, 10_000),
     "clip_stride": Range(int, 1, 10_000),
     "threads": Range(int, 1, 4096),
-    "shards": Range(int, 1, 256, meaning="parts of a batched step"),
+    "lanes": Range(int, 1, 256, meaning="threads stepping the streams' batches"),
     "max_frames": Range(int, 1, 10**12),
     "duration": Range(float, 0.0, 365 * _DAY, low_open=True, meaning="seconds"),
     "stats_interval": Range(float, 0.0, _DAY, low_open=True, meaning="seconds"),
@@ -236,6 +237,7 @@ class PipelineOptions:
     keep_trying: bool = RUN_DEFAULTS["keep_trying"]
     read_timeout: float = RUN_DEFAULTS["read_timeout"]
     backoff: tuple[float, float] = RUN_DEFAULTS["backoff"]
+    lanes: int | None = RUN_DEFAULTS["lanes"]
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> PipelineOptions:

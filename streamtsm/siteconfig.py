@@ -293,13 +293,12 @@ def _beside(config: Path, value: str, *, must_exist: bool) -> str:
     return str(candidate)
 
 
-def build_groups(site: SiteConfig, threads: int | None = None, shards: int | None = None) -> list[ModelGroup]:
+def build_groups(site: SiteConfig, threads: int | None = None) -> list[ModelGroup]:
     """One :class:`~streamtsm.pipeline.ModelGroup` per distinct model of the site's cameras, in file order.
 
     Args:
         site: a config from :func:`load_site_config`.
         threads: intra-op threads of each engine (default: the engine factory's).
-        shards: parts each engine's batched steps run in (onnxruntime on CPU; default: the engine's).
 
     Raises:
         StreamTSMError: an engine cannot be built; the same kind of error as the factory's, its message prefixed
@@ -318,7 +317,7 @@ def build_groups(site: SiteConfig, threads: int | None = None, shards: int | Non
                     engine = build_engine(model=cam.model, weights=cam.weights, onnx=cam.onnx,
                                           labels_file=cam.labels, device=cam.device, providers=providers,
                                           threads=threads, backend=cam.backend, url=cam.url,
-                                          triton_model=cam.triton_model, shards=shards)
+                                          triton_model=cam.triton_model)
                 except StreamTSMError as e:
                     where = f"{site.path}:{cam.line}" if cam.line else str(site.path)
                     raise type(e)(f"{where}: camera {cam.id!r}: {e}") from e

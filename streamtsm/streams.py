@@ -1,6 +1,6 @@
 """What the pipeline is given (a :class:`StreamSpec` per source, a :class:`ModelGroup` per model) and what it keeps
-while it runs (a :class:`StreamState` per stream, a :class:`GroupState` per model), each with its own figures for
-the stats message."""
+while it runs (a :class:`StreamState` per stream, a :class:`GroupState` per model, each with its own figures for the
+stats message, and a :class:`GroupLane` per model and lane: the runner of the group's streams in that lane)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class ModelGroup:
 
 
 class GroupState:
-    """A model group at run time: its runner and its step figures.
+    """A model group at run time: its model and its step figures (over every lane that runs its streams).
 
     Args:
         engine: the group's model.
@@ -72,26 +72,13 @@ class GroupState:
 
     def __init__(self, engine: Engine, clip_stride: int, key: str) -> None:
         self.engine = engine
+        self.clip_stride = clip_stride
         self.key = key
-        # Clip models get rolling windows; online ones are stepped frame by frame with their state.
-        if engine.cfg.kind == "clip":
-            self.runner: OnlineRunner | ClipRunner = ClipRunner(engine, clip_stride)
-        else:
-            self.runner = OnlineRunner(engine)
+        self.kind = engine.cfg.kind  # "online" or "clip", as the stats' "models" say
         self.model_name = engine.model_name
         self.step_latency = LatencyTracker()
         self.steps = 0
         self.batched_frames = 0
-        self._rows: np.ndarray | None = None
-
-    def batch_rows(self, batch: int) -> np.ndarray:
-        """The first ``batch`` rows of the group's input array ``[B, 3, S, S]`` float32, kept between steps: a fresh
-        array of a few megabytes per step would be new pages for the system to map every time. The runners copy what
-        they keep (the clip rings), so reusing it is safe."""
-        if self._rows is None or len(self._rows) < batch:
-            size = self.engine.cfg.input_size
-            self._rows = np.empty((batch, 3, size, size), np.float32)
-        return self._rows[:batch]
 
     def record_step(self, ms: float, predicted: int) -> None:
         """Count a batched call that predicted ``predicted`` streams and took ``ms`` milliseconds."""
@@ -105,7 +92,7 @@ class GroupState:
         return {
             "model": self.model_name,
             "backend": self.engine.backend,
-            "kind": self.runner.kind,
+            "kind": self.kind,
             "steps": self.steps,
             "step_p50_ms": rounded(p50),
             "step_p99_ms": rounded(p99),
@@ -113,13 +100,37 @@ class GroupState:
         }
 
 
+class GroupLane:
+    """A model group's streams in one lane (see :mod:`streamtsm.pipeline`): the runner that keeps their states
+    (online) or frame rings (clip) and steps them in one batched call, and that call's input array."""
+
+    def __init__(self, group: GroupState) -> None:
+        self.group = group
+        # Clip models get rolling windows; online ones are stepped frame by frame with their state.
+        if group.kind == "clip":
+            self.runner: OnlineRunner | ClipRunner = ClipRunner(group.engine, group.clip_stride)
+        else:
+            self.runner = OnlineRunner(group.engine)
+        self._rows: np.ndarray | None = None
+
+    def batch_rows(self, batch: int) -> np.ndarray:
+        """The first ``batch`` rows of the input array ``[B, 3, S, S]`` float32, kept between steps: a fresh array of
+        a few megabytes per step would be new pages for the system to map every time. The runners copy what they
+        keep (the clip rings), so reusing it is safe."""
+        if self._rows is None or len(self._rows) < batch:
+            size = self.group.engine.cfg.input_size
+            self._rows = np.empty((batch, 3, size, size), np.float32)
+        return self._rows[:batch]
+
+
 class StreamState:
     """Everything the pipeline keeps for one stream: its capture, preprocessing, post-processing and figures."""
 
-    def __init__(self, stream_id: str, spec: StreamSpec, group: GroupState, capture: StreamCapture,
+    def __init__(self, stream_id: str, spec: StreamSpec, group_lane: GroupLane, capture: StreamCapture,
                  preprocess: Preprocessor, post: StreamPostprocessor) -> None:
         self.id = stream_id
-        self.group = group
+        self.group_lane = group_lane  # its group's runner in the lane that steps it
+        self.group = group_lane.group
         self.spec = spec
         self.capture = capture
         self.preprocess = preprocess

@@ -109,6 +109,16 @@ def test_run_makes_opencv_run_each_call_on_the_capture_thread_that_makes_it(caps
         cv2.setNumThreads(-1)  # OpenCV's default for the tests after this one
 
 
+@pytest.mark.parametrize(("lanes", "said"), [("2", "in 2 lanes"), ("1", None)])
+def test_run_lanes_option_steps_the_streams_in_that_many_lanes_and_says_so(capsys, lanes, said):
+    code = main(["run", "--source", "synthetic:64x48@30", "--source", "synthetic:64x48@30", "--model",
+                 "tsn_mobilenetv2", "--publish", "none", "--max-frames", "3", "--lanes", lanes])
+    captured = capsys.readouterr()
+    assert code == 0 and "synthetic: 3 frames processed" in captured.out and "synthetic-2: 3 frames" in captured.out
+    banner = next(line for line in captured.err.splitlines() if " on synthetic, synthetic-2" in line)
+    assert (said in banner) if said else "lanes" not in banner
+
+
 def test_listen_prints_what_run_publishes(capsys):
     port = _free_port()
     proc = subprocess.Popen(RUN + ["run", "--source", "synthetic:64x48@30", "--model", "tsn_mobilenetv2",

@@ -513,3 +513,143 @@ def test_pipeline_preprocesses_in_the_capture_threads_per_group_and_crop(engine,
     # Every frame preprocessed by its stream's capture thread (those dropped too), none by the model's thread.
     assert {t.split("-", 1)[0] for t in during_run} == {"capture"}
     assert all(during_run.count(f"capture-{sid}") >= 6 for sid in "abc")
+
+
+# -- lanes ----------------------------------------------------------------------------------------------------
+
+
+def _still_cameras(n: int) -> list[StreamSpec]:
+    """n live cameras, camera i showing a flat image of level 40 i + 20: its rows in a batch say whose they are."""
+    return [StreamSpec(StillCamera(np.full((48, 64, 3), 40 * i + 20, np.uint8)), f"cam{i}", frame_stride=1)
+            for i in range(n)]
+
+
+class LaneRecordingEngine:
+    """Records, per step, the thread that ran it and the streams in its batch (by their flat image's level); the
+    first step of each of ``side_by_side`` threads waits for the others' at a barrier, so they overlap or it fails."""
+
+    def __init__(self, inner, side_by_side: int = 1):
+        self.inner, self.steps = inner, []
+        self._first = threading.Barrier(side_by_side, timeout=10) if side_by_side > 1 else None
+        self._seen: set[str] = set()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def step(self, frames, state):
+        thread = threading.current_thread().name
+        if self._first is not None and thread not in self._seen:
+            self._seen.add(thread)
+            self._first.wait()
+        levels = frozenset(int(round(float(v))) for v in frames[:, 0, 0, 0] * 1000)
+        self.steps.append((thread, levels))
+        return self.inner.step(frames, state)
+
+
+def _scores_by_stream(sink_results):
+    out: dict[str, list] = {}
+    for r in sink_results:
+        out.setdefault(r.stream_id, []).append([score for _, score in r.topk])
+    return out
+
+
+def test_lanes_deal_the_streams_in_turn_and_step_them_side_by_side_on_threads_of_their_own(engine):
+    recorder = LaneRecordingEngine(engine, side_by_side=2)
+    results, inside, overlaps = [], threading.Lock(), []
+
+    def one_at_a_time(result):
+        if not inside.acquire(blocking=False):
+            overlaps.append(result.stream_id)
+            return
+        try:
+            results.append(result)
+            time.sleep(0.001)  # widen the window in which a second lane would enter
+        finally:
+            inside.release()
+
+    pipeline = Pipeline(recorder, _still_cameras(4), sinks=[CallbackSink(results=one_at_a_time)],
+                        options=PipelineOptions(max_frames=8, lanes=2))
+    assert pipeline.lanes == 2
+    stats = pipeline.run()
+    assert all(s["frames"] == 8 for s in stats["streams"].values())
+    assert not overlaps, "sinks are handed one result at a time, whichever lane it comes from"
+    # Each stream's level (normalized) identifies it; the lanes got streams 0, 2 and 1, 3 and never mixed them.
+    by_thread: dict[str, set] = {}
+    for thread, levels in recorder.steps:
+        by_thread.setdefault(thread, set()).update(levels)
+    assert set(by_thread) == {"MainThread", "lane-2"}
+    assert len(by_thread["MainThread"]) == 2 and len(by_thread["lane-2"]) == 2
+    assert not by_thread["MainThread"] & by_thread["lane-2"]
+    assert stats["models"][engine.model_name]["steps"] == len(recorder.steps)
+
+    # The same streams in one lane: every stream's predictions are the same, frame for frame.
+    alone = []
+    one_lane = Pipeline(engine, _still_cameras(4), sinks=[CallbackSink(results=alone.append)],
+                        options=PipelineOptions(max_frames=8, lanes=1))
+    one_lane.run()
+    two, one = _scores_by_stream(results), _scores_by_stream(alone)
+    assert set(two) == set(one) == {f"cam{i}" for i in range(4)}
+    for sid in one:
+        np.testing.assert_allclose(two[sid], one[sid], atol=1e-5)
+
+
+def test_a_lane_whose_model_keeps_failing_ends_the_run_with_its_error_and_stops_the_other_lane(engine):
+    from streamtsm.engine.online import StepError
+
+    class FailsForOddCameras:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def step(self, frames, state):
+            if threading.current_thread().name == "lane-2":
+                raise RuntimeError("injected fault")
+            return self.inner.step(frames, state)
+
+    stop, watchdog_fired = threading.Event(), threading.Event()
+
+    def watchdog():
+        if not stop.wait(30):
+            watchdog_fired.set()
+            stop.set()
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    pipeline = Pipeline(FailsForOddCameras(engine), _still_cameras(2), options=PipelineOptions(lanes=2))
+    try:
+        with pytest.raises(StepError, match="injected fault"):
+            pipeline.run(stop)  # live cameras, no duration: only the failing lane can end it
+    finally:
+        stop.set()
+    assert not watchdog_fired.is_set(), "the failing lane did not end the run; the watchdog did"
+    stats = pipeline.stats()["streams"]
+    assert stats["cam1"]["step_errors"] >= 20 and stats["cam1"]["frames"] == 0
+    assert stats["cam0"]["frames"] > 0 and stats["cam0"]["status"] == "stopped"
+
+
+def test_lanes_default_to_the_machines_and_are_refused_for_a_model_that_computes_elsewhere(engine, monkeypatch):
+    import streamtsm.pipeline as pipeline_module
+    from streamtsm.errors import ConfigError
+
+    class Remote:
+        host_cpu = False
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    specs = [StreamSpec("synthetic", f"s{i}") for i in range(3)]
+    for cores, expected in ((1, 1), (2, 2), (4, 1), (None, 1)):
+        monkeypatch.setattr(pipeline_module.os, "cpu_count", lambda cores=cores: cores)
+        assert pipeline_module.default_lanes() == expected
+        assert Pipeline(engine, specs).lanes == expected
+    monkeypatch.setattr(pipeline_module.os, "cpu_count", lambda: 2)
+    assert Pipeline(engine, specs[:1]).lanes == 1, "never more lanes than streams"
+    assert Pipeline(engine, specs, options=PipelineOptions(lanes=8)).lanes == 3
+    assert Pipeline(Remote(engine), specs).lanes == 1
+    with pytest.raises(ConfigError, match="--lanes 2: lanes step models on this machine's CPU cores"):
+        Pipeline(Remote(engine), specs, options=PipelineOptions(lanes=2))
+    assert Pipeline(Remote(engine), specs, options=PipelineOptions(lanes=1)).lanes == 1

@@ -2,7 +2,7 @@
 onnxruntime (fp32 and int8), capture->publish latency at that load, and memory per stream.
 
     python tools/bench_streams.py [--streams 1,2,4,6,8,10,12,16] [--precision fp32,int8] [--seconds 20]
-                                  [--warmup 5] [--threads N] [--shards N] [--spinning] [--phase staggered|aligned]
+                                  [--warmup 5] [--threads N] [--lanes N] [--spinning] [--phase staggered|aligned]
                                   [--calib-frames 192] [--no-write]
 
 For each precision and each N of the schedule (stopping after two failures in a row) the real pipeline runs N
@@ -53,11 +53,10 @@ from streamtsm.capture import CaptureThread, FrameBuffer, SyntheticSource, openc
 from streamtsm.config import ModelConfig  # noqa: E402
 from streamtsm.engine.factory import default_threads  # noqa: E402
 from streamtsm.engine.onnxruntime_engine import OrtOnlineEngine  # noqa: E402
-from streamtsm.engine.shards import default_shards  # noqa: E402
 from streamtsm.export import calibration_frames, export_onnx, quantize_int8, read_metadata  # noqa: E402
 from streamtsm.labels import numbered_labels  # noqa: E402
 from streamtsm.models import create  # noqa: E402
-from streamtsm.pipeline import Pipeline, PipelineOptions, StreamSpec  # noqa: E402
+from streamtsm.pipeline import Pipeline, PipelineOptions, StreamSpec, default_lanes  # noqa: E402
 from streamtsm.postprocess import LatencyTracker, RateMeter, StreamPostprocessor  # noqa: E402
 from streamtsm.preprocess import Preprocessor  # noqa: E402
 from streamtsm.publish import TOPIC_STATS, Publisher, stats_message  # noqa: E402
@@ -143,10 +142,7 @@ class StatsSnapshots:
 
     def on_message(self, topic: str, payload: dict) -> None:
         if payload.get("type") == "stats" and payload.get("streams"):
-            # thread_time: this is the pipeline's thread, which also runs the model call (with one intra-op
-            # thread onnxruntime computes in the caller's thread): its CPU per frame is the serial work.
             self.items.append({"mono": time.monotonic(), "wall": payload["publish_ts"], "cpu": time.process_time(),
-                               "thread_cpu": time.thread_time(),
                                "rss": rss_mb(), "streams": payload["streams"], "models": payload["models"],
                                "publish_dropped": payload["publish_dropped"]})
 
@@ -162,13 +158,14 @@ def _grows(first: float, last: float) -> bool:
 
 
 def run_case(engine: OrtOnlineEngine, n: int, args: argparse.Namespace, publisher: Publisher,
-             deliveries: Deliveries) -> dict:
-    """N live streams for warm-up + window; the figures of the window."""
+             deliveries: Deliveries, lanes: int | None = None) -> dict:
+    """N live streams in ``lanes`` lanes (default ``args.lanes``) for warm-up + window; the figures of the window."""
     snapshots = StatsSnapshots()
     # Two stats intervals of margin, so that a periodic snapshot falls near warm-up + seconds whatever the drift.
     duration = args.warmup + args.seconds + 2 * STATS_INTERVAL + 0.5
     pipeline = Pipeline(engine, stream_specs(n, args.phase), sinks=[publisher, snapshots],
-                        options=PipelineOptions(duration=duration, stats_interval=STATS_INTERVAL))
+                        options=PipelineOptions(duration=duration, stats_interval=STATS_INTERVAL,
+                                                lanes=lanes or args.lanes))
     gc.collect()
     deliveries.take()
     pipeline.start()
@@ -225,12 +222,15 @@ def run_case(engine: OrtOnlineEngine, n: int, args: argparse.Namespace, publishe
         "batch_mean": sum(frames.values()) / steps if steps else float("nan"),
         "step_p50": model["step_p50_ms"], "step_p99": model["step_p99_ms"],
         "cores": (end["cpu"] - start["cpu"]) / window, "rss": start["rss"], "rss_end": end["rss"],
-        "loop_cpu_ms": (end["thread_cpu"] - start["thread_cpu"]) * 1e3 / steps if steps else float("nan"),
-        "loop_share": (end["thread_cpu"] - start["thread_cpu"]) / window,
         "steal": steal_share(*(ticks[k][0] for k in ("start", "end"))) if len(ticks) == 2 else float("nan"),
         "threads": ({role: sec / args.seconds for role, sec in thread_delta(ticks["start"][1], ticks["end"][1]).items()}
                     if len(ticks) == 2 else {}),
     }
+    # The lanes' threads run the model calls (one intra-op thread computes in the caller's thread) and everything
+    # else the loops do serially; CPU time, so waiting for a core does not count.
+    lane_cores = sum(r["threads"].get(role, 0.0) for role in ROLES[:2]) if r["threads"] else float("nan")
+    r["loop_cpu_ms"] = lane_cores * window * 1e3 / steps if steps else float("nan")
+    r["loop_share"] = lane_cores
     if in_window:
         r.update({
             "p50": pct(pub_ms, 50), "p99": pct(pub_ms, 99), "recv_p99": pct(recv_ms, 99),
@@ -241,14 +241,14 @@ def run_case(engine: OrtOnlineEngine, n: int, args: argparse.Namespace, publishe
     return r
 
 
-ROLES = ("pipeline thread (model part 1, pre/post-processing)", "model part threads", "capture threads",
+ROLES = ("lane 1 (the caller's thread: its steps, pre/post-processing, stats)", "other lanes", "capture threads",
          "publisher thread", "subscriber (the benchmark's)", "other")
 
 
 def _role(t: threading.Thread) -> str:
     if t is threading.main_thread():
         return ROLES[0]
-    if t.name.startswith("model-shard"):
+    if t.name.startswith("lane-"):
         return ROLES[1]
     if t.name.startswith("capture"):
         return ROLES[2]
@@ -363,18 +363,16 @@ STEP_FORMS_BATCHES = (4, 8)
 
 
 def step_forms(models: dict, args: argparse.Namespace, iterations: int = 40) -> list[str]:
-    """One batched step in three forms side by side (interleaved): one intra-op thread; every core as intra-op
-    threads; one thread per part in two parts. Alone, then beside 8 live synthetic cameras (capture threads
-    rendering and preprocessing at 30 fps, their frames left in their buffers), where the cores are shared."""
+    """One batched step in two forms side by side (interleaved): one intra-op thread, and every core as intra-op
+    threads. Alone, then beside 8 live synthetic cameras (capture threads rendering and preprocessing at 30 fps,
+    their frames left in their buffers), where the cores are shared."""
     cores = os.cpu_count() or 1
-    forms = {"1 thread, whole batch": (1, 1), f"{cores} intra-op threads, whole batch": (cores, 1),
-             "1 thread per part, 2 parts": (1, 2)}
+    forms = {"1 thread": 1, f"{cores} intra-op threads": cores}
     lines = ["| precision | batch | beside | " + " | ".join(f"{name}, p50 ms" for name in forms)
-             + " | 2 parts / 1 thread | 2 parts / all-core threads |",
-             "|---|---|---|" + "---|" * (len(forms) + 2)]
+             + f" | {cores} threads / 1 thread |",
+             "|---|---|---|" + "---|" * (len(forms) + 1)]
     for precision in args.precision:
-        engines = {name: OrtOnlineEngine(models[precision], "cpu", threads=t, shards=k)
-                   for name, (t, k) in forms.items()}
+        engines = {name: OrtOnlineEngine(models[precision], "cpu", threads=t) for name, t in forms.items()}
         cfg = next(iter(engines.values())).cfg
         for beside in ("nothing", f"{TARGET_STREAMS} live cameras"):
             with live_cameras(cfg) if beside != "nothing" else contextlib.nullcontext():
@@ -387,13 +385,44 @@ def step_forms(models: dict, args: argparse.Namespace, iterations: int = 40) -> 
                         state = engine.zero_state(batch)
                         cases[name] = lambda engine=engine, state=state: engine.step(frames, state)
                     times = interleaved(cases, iterations)
-                    p50 = {name: pct(t, 50) for name, t in times.items()}
-                    whole1, wholeall, parts = p50.values()
-                    lines.append(f"| {precision} | {batch} | {beside} | "
-                                 + " | ".join(f"{v:.1f}" for v in p50.values())
-                                 + f" | {parts / whole1:.2f}x | {parts / wholeall:.2f}x |")
+                    one, every = (pct(t, 50) for t in times.values())
+                    lines.append(f"| {precision} | {batch} | {beside} | {one:.1f} | {every:.1f} | {every / one:.2f}x |")
         for engine in engines.values():
             engine.close()
+    return lines
+
+
+LANE_ROUNDS = 2
+
+
+def lane_forms(engine: OrtOnlineEngine, args: argparse.Namespace, publisher: Publisher,
+               deliveries: Deliveries) -> list[dict]:
+    """The target load (8 streams) with the streams in one lane and in two, alternating, ``LANE_ROUNDS`` rounds:
+    what lanes change, measured side by side in one process."""
+    rows = []
+    for round_ in range(LANE_ROUNDS):
+        for lanes in (1, 2):
+            try:
+                r = run_case(engine, TARGET_STREAMS, args, publisher, deliveries, lanes=lanes)
+            except Exception as e:  # noqa: BLE001 (a case that cannot run is reported, not the end of the run)
+                r = {"n": TARGET_STREAMS, "error": f"{type(e).__name__}: {e}", "reasons": ["error"]}
+            r.update(lanes=lanes, round=round_ + 1)
+            rows.append(r)
+            print(f"lanes {lanes}, round {round_ + 1}: " + (r.get("error") or
+                  f"dropped {r['dropped']}, p99 {_f(r.get('p99'))} ms, batch {r['batch_mean']:.2f}"), flush=True)
+    return rows
+
+
+def lane_table(rows: list[dict]) -> list[str]:
+    lines = ["| round | lanes | dropped | p50 / p99 capture->publish ms | mean batch | step p50 / p99 ms | "
+             "CPU cores, process | CPU stolen by the host |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['round']} | {r['lanes']} | {r['error']} | | | | | |")
+            continue
+        lines.append(f"| {r['round']} | {r['lanes']} | {r['dropped']} | {_f(r.get('p50'))} / {_f(r.get('p99'))} | "
+                     f"{r['batch_mean']:.2f} | {_f(r['step_p50'])} / {_f(r['step_p99'])} | {r['cores']:.2f} | "
+                     f"{100 * r['steal']:.1f}% |")
     return lines
 
 
@@ -479,7 +508,7 @@ def table(rows: list[dict]) -> list[str]:
     lines = ["| streams | fps/stream mean | min | processed / captured frames | captured fps/stream (min) | "
              "dropped (warm-up) | "
              "latency p50 ms | p99 ms | p50 first -> last third ms | subscriber p99 ms | mean batch | "
-             "step p50 ms (wall) | step / frame period | pipeline thread CPU ms per step (busy share) | CPU cores | "
+             "step p50 ms (wall) | step / frame period | lanes' CPU ms per step (cores) | CPU cores | "
              "CPU stolen by the host | RSS MB | sustained |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -493,7 +522,7 @@ def table(rows: list[dict]) -> list[str]:
             f"{r['dropped']} ({r['warmup_dropped']}) | {_f(r.get('p50'))} | {_f(r.get('p99'))} | "
             f"{_f(r.get('first_p50'))} -> {_f(r.get('last_p50'))} | {_f(r.get('recv_p99'))} | "
             f"{r['batch_mean']:.2f} | {_f(r['step_p50'])} | {_share(r['step_p50'])} | "
-            f"{_f(r['loop_cpu_ms'])} ({r['loop_share']:.0%}) | {r['cores']:.2f} | {r['steal']:.1%} | "
+            f"{_f(r['loop_cpu_ms'])} ({r['loop_share']:.2f}) | {r['cores']:.2f} | {r['steal']:.1%} | "
             f"{r['rss']:.0f} | {ok} |")
     return lines
 
@@ -522,15 +551,16 @@ def rss_per_stream(rows: list[dict]) -> str:
 
 
 def measure_precision(precision: str, path: str, schedule: list[int],
-                      args: argparse.Namespace) -> tuple[list[dict], float | None]:
-    """The schedule for one exported file (run in its own process): rows, and activation MB per batch row."""
+                      args: argparse.Namespace) -> tuple[list[dict], float | None, list[dict]]:
+    """The schedule for one exported file (run in its own process): rows, activation MB per batch row, and for
+    int8 the lanes compared at the target load (:func:`lane_forms`)."""
     opencv_on_calling_threads()  # as `streamtsm run`
     publisher = Publisher("tcp://127.0.0.1:*", background=True)
     deliveries = Deliveries(publisher.endpoint)
-    rows, failures = [], 0
+    rows, failures, lanes = [], 0, []
     try:
         connect(publisher, deliveries)
-        engine = OrtOnlineEngine(path, "cpu", threads=args.threads, spinning=args.spinning, shards=args.shards)
+        engine = OrtOnlineEngine(path, "cpu", threads=args.threads, spinning=args.spinning)
         for n in schedule:
             try:
                 r = run_case(engine, n, args, publisher, deliveries)
@@ -545,13 +575,15 @@ def measure_precision(precision: str, path: str, schedule: list[int],
             failures = failures + 1 if r["reasons"] else 0
             if failures == 2:
                 break
+        if precision == "int8" and not args.no_lanes:
+            lanes = lane_forms(engine, args, publisher, deliveries)
         engine.close()
     finally:
         deliveries.close()
         publisher.close()
     top = max(r["n"] for r in rows)
     # After the runs, so that the probe's arena cannot lower their RSS figures; too small a batch says nothing.
-    return rows, activation_mb_per_row(path, args.threads, top) if top >= 4 else None
+    return rows, activation_mb_per_row(path, args.threads, top) if top >= 4 else None, lanes
 
 
 def main() -> None:
@@ -562,8 +594,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds per case before the window (excluded)")
     ap.add_argument("--threads", type=int, default=default_threads(),
                     help="onnxruntime intra-op threads (default: what `streamtsm run` uses, all cores but one)")
-    ap.add_argument("--shards", type=int, default=default_shards(),
-                    help="parts each batched step runs in at once (default: what `streamtsm run` uses)")
+    ap.add_argument("--lanes", type=int, default=default_lanes(),
+                    help="threads stepping the streams, each its share of them (default: what `streamtsm run` uses)")
+    ap.add_argument("--no-lanes", action="store_true",
+                    help="skip the side-by-side run of 8 int8 streams in 1 and 2 lanes")
     ap.add_argument("--spinning", action="store_true",
                     help="let onnxruntime's pool threads busy-wait between operators (off in `streamtsm run`)")
     ap.add_argument("--phase", choices=("staggered", "aligned"), default="staggered",
@@ -579,6 +613,7 @@ def main() -> None:
     load_before = os.getloadavg()
     results: dict[str, list[dict]] = {}
     activations: dict[str, float] = {}
+    lanes: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-streams-") as tmp:
         models = build_models(Path(tmp), args)
         meta = read_metadata(models["fp32"])
@@ -592,27 +627,33 @@ def main() -> None:
             # A fresh process per precision: memory the previous one freed would otherwise be reused and hide
             # this one's growth in RSS.
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                results[precision], act = pool.submit(measure_precision, precision, models[precision], schedule,
-                                                      args).result()
+                results[precision], act, compared = pool.submit(measure_precision, precision, models[precision],
+                                                                schedule, args).result()
+            lanes += compared
             if act is not None:
                 activations[precision] = act
     load_after = os.getloadavg()
     body = report(args, schedule, results, activations, models, meta, costs, python_bytes, load_before, load_after,
-                  forms)
+                  forms, lanes)
     print(body)
     if not args.no_write:
         write_section("streams", "Live streams per process: sustained 30 fps streams, latency, memory (CPU)", body)
 
 
 def report(args, schedule, results, activations, models, meta, costs, python_bytes, load_before,
-           load_after, forms) -> str:
+           load_after, forms, lanes) -> str:
     lines = [
-        "A batched step alone and beside live cameras, three forms side by side (interleaved, "
-        f"{' and '.join(map(str, STEP_FORMS_BATCHES))} rows of random frames, the same file; the parts are "
-        "`streamtsm run --shards`):", "",
-        *forms, "",
-        "Streams sustained, with the step run as `streamtsm run` runs it on this machine "
-        f"(`threads={args.threads}`, `shards={args.shards}`):", ""]
+        "A batched step alone and beside live cameras, one intra-op thread and every core's, side by side "
+        f"(interleaved, {' and '.join(map(str, STEP_FORMS_BATCHES))} rows of random frames, the same file):", "",
+        *forms, ""]
+    if lanes:
+        lines += [
+            f"{TARGET_STREAMS} int8 streams in one lane and in two (`streamtsm run --lanes`), alternating in one "
+            f"process, {LANE_ROUNDS} rounds (each case as below: warm-up, then the window):", "",
+            *lane_table(lanes), ""]
+    lines += [
+        "Streams sustained, with the streams stepped as `streamtsm run` steps them on this machine "
+        f"(`threads={args.threads}`, `lanes={args.lanes}`):", ""]
     for precision, rows in results.items():
         lines += [f"**onnxruntime {precision}**", "", *table(rows), ""]
         threads = thread_table(rows)
@@ -683,8 +724,8 @@ def report(args, schedule, results, activations, models, meta, costs, python_byt
         f"clocks {'spread evenly over one frame period' if args.phase == 'staggered' else 'in step'}), each with "
         "its capture thread (which also preprocesses its frames) and a 1-frame `drop_oldest` buffer, one batched "
         f"`OrtOnlineEngine` (CPUExecutionProvider, `intra_op_num_threads={args.threads}`, "
-        f"`session.intra_op.allow_spinning={int(args.spinning)}`, `inter_op_num_threads=1`, each batched step "
-        f"run as up to {args.shards} part(s) at once: `shards={args.shards}`), default "
+        f"`session.intra_op.allow_spinning={int(args.spinning)}`, `inter_op_num_threads=1`; the streams dealt "
+        f"to {args.lanes} lane(s), each a thread stepping its own streams' batches: `lanes={args.lanes}`), default "
         "post-processing (smooth 8, top-5), a ZeroMQ publisher on tcp://127.0.0.1 sending on its own thread "
         "(`Publisher(background=True)`, as `streamtsm run`) with a subscriber thread in the same process reading "
         "every message. "
@@ -694,10 +735,10 @@ def report(args, schedule, results, activations, models, meta, costs, python_byt
         "capture->publish (`latency_ms` of the pred messages published in the window, stamped when the pipeline "
         "hands the message to the publisher; thirds in capture order) and capture->subscriber (receive time - "
         "`capture_ts`, which includes the publisher's queue and thread); step p50 is the wall time of the batched "
-        "model call over the last 1000 calls (it includes waiting for a core); the pipeline thread's CPU per step is "
-        "its CPU time (`time.thread_time`, so waiting for a core does not count) over the window divided by the model "
-        "calls: the model call (one intra-op thread computes in the caller's thread) plus everything else the loop "
-        "does serially, and its busy share is that CPU time over the window; CPU stolen by the host is the steal "
+        "model call over the last 1000 calls of every lane (it includes waiting for a core); the lanes' CPU per step is "
+        "the CPU time of the lane threads (from /proc/self/task, so waiting for a core does not count) divided by the "
+        "model calls in the window: the model call (one intra-op thread computes in the caller's thread) plus "
+        "everything else a lane's loop does serially, and in brackets the cores they kept busy; CPU stolen by the host is the steal "
         "share of all CPU time in /proc/stat over the window (time the hypervisor gave this virtual machine's cores "
         "to others while they had work: capacity the pipeline did not get); RSS is VmRSS at the start of the window. "
         f"Frame stride {max(1, int(meta['config'].get('frame_interval') or 1))} (the model's `frame_interval`; "

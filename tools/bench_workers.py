@@ -2,7 +2,7 @@
 machine: where adding processes stops adding streams (the cores run out).
 
     python tools/bench_workers.py [--processes 1,2] [--streams 6,8,10,12] [--precision int8] [--seconds 15]
-                                  [--warmup 4] [--threads N] [--shards N] [--calib-frames 96]
+                                  [--warmup 4] [--threads N] [--lanes N] [--calib-frames 96]
                                   [--no-write]
 
 This is the documented way to scale past one process (README, "Scaling"): one broker, and each `run` publishing into
@@ -10,7 +10,7 @@ its frontend with ``--connect``; subscribers read every process's messages from 
 process count P and each total N of the schedule (stopping after two failures in a row), the tool starts the broker
 and P ``streamtsm run`` processes, each with N/P synthetic 320x240 30 fps sources (streams ``w<p>c<i>``), the online
 MobileNetV2-TSM at 224 (``--onnx``, random but calibrated weights as in tools/bench_streams.py), ``--threads``
-onnxruntime threads and ``--shards`` parts per batched step (defaults: what `run` takes, divided among the processes,
+onnxruntime threads and ``--lanes`` lanes (defaults: what `run` takes, divided among the processes,
 at least 1, so they do not oversubscribe the cores). A subscriber on the backend keeps every stats and pred message. After every process reports all its streams
 running, ``--warmup`` seconds are let pass, then the window of ``--seconds`` is measured.
 
@@ -40,7 +40,7 @@ from benchlib import (SubscriberThread, busy_seconds, cpu_ticks, pct, stat_cpu_s
                       write_section)
 
 from streamtsm.engine.factory import default_threads  # noqa: E402
-from streamtsm.engine.shards import default_shards  # noqa: E402
+from streamtsm.pipeline import default_lanes  # noqa: E402
 
 CLI = [sys.executable, "-m", "streamtsm.cli"]
 READY_TIMEOUT_S = 120.0  # a `run` on a loaded machine takes a while to import and load its model
@@ -92,7 +92,7 @@ def run_case(model: str, processes: int, total: int, args: argparse.Namespace) -
     try:
         for p, n in enumerate(per):
             cmd = CLI + ["run", "--onnx", model, "--connect", front, "--threads", str(args.threads_each),
-                         "--shards", str(args.shards_each), "--quiet", "--stats-interval", "1"]
+                         "--lanes", str(args.lanes_each), "--quiet", "--stats-interval", "1"]
             for name in names[p]:
                 cmd += ["--source", f"synthetic:{WIDTH}x{HEIGHT}@{FPS:g}", "--name", name]
             workers.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
@@ -144,7 +144,7 @@ def run_case(model: str, processes: int, total: int, args: argparse.Namespace) -
     recv = [p[2] for p in window]
     third = max(1, len(window) // 3)
     r = {"processes": processes, "n": total, "per_process": per, "threads": args.threads_each,
-         "shards": args.shards_each,
+         "lanes": args.lanes_each,
          "dropped": dropped, "publish_dropped": publish_dropped, "fps_min": fps_min, "capture_fps_min": cap_min,
          "received": len(window), "cores": (cpu1 - cpu0) / (t1 - t0),
          "machine_busy": busy_seconds(ticks0, ticks1) / (t1 - t0),
@@ -181,9 +181,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="onnxruntime threads per process (default: what `run` takes, all cores but one, divided "
                          "among the processes, at least 1)")
-    ap.add_argument("--shards", type=int, default=None,
-                    help="parts of each batched step per process (default: what `run` takes, divided among the "
-                         "processes, at least 1)")
+    ap.add_argument("--lanes", type=int, default=None,
+                    help="lanes per process (default: what `run` takes, divided among the processes, at least 1)")
     ap.add_argument("--calib-frames", type=int, default=96, help="int8 calibration frames (synthetic)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = ap.parse_args()
@@ -201,7 +200,7 @@ def main() -> None:
         model = str(models[args.precision[0]])
         for processes in counts:
             args.threads_each = args.threads or max(1, default_threads() // processes)
-            args.shards_each = args.shards or max(1, default_shards() // processes)
+            args.lanes_each = args.lanes or max(1, default_lanes() // processes)
             failures = 0
             for total in schedule:
                 if total < processes:
@@ -225,7 +224,7 @@ def main() -> None:
 
 
 def report(args, rows, cores, load_before, load_after) -> str:
-    lines = [f"| processes | threads / parts each | streams (per process) | CPU cores (of {cores}) | "
+    lines = [f"| processes | threads / lanes each | streams (per process) | CPU cores (of {cores}) | "
              "whole machine busy (cores) | CPU stolen by the host | dropped | slowest stream fps | "
              "p99 capture->publish ms | p99 capture->subscriber ms | sustained |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -234,7 +233,7 @@ def report(args, rows, cores, load_before, load_after) -> str:
             lines.append(f"| {r['processes']} | - | {r['n']} | - | - | - | - | - | - | - | **no** ({r['error']}) |")
             continue
         ok = "yes" if not r["reasons"] else "**no**: " + "; ".join(r["reasons"])
-        lines.append(f"| {r['processes']} | {r['threads']} / {r['shards']} | {r['n']} "
+        lines.append(f"| {r['processes']} | {r['threads']} / {r['lanes']} | {r['n']} "
                      f"({' + '.join(map(str, r['per_process']))}) | {r['cores']:.2f} | {r['machine_busy']:.2f} | "
                      f"{r['steal']:.1%} | {r['dropped']} | {r['fps_min']:.1f} | "
                      f"{_f(r.get('p99'))} | {_f(r.get('recv_p99'))} | {ok} |")

@@ -54,7 +54,7 @@ def _build_triton(url: str | None, triton_model: str | None, model: str | None, 
 def build_engine(*, model: str | None = None, weights: str | None = None, onnx: str | None = None,
                  labels_file: str | None = None, device: str = "cpu", providers: list[str] | None = None,
                  num_classes: int | None = None, threads: int | None = None, backend: str = "auto",
-                 url: str | None = None, triton_model: str | None = None, shards: int | None = None) -> Engine:
+                 url: str | None = None, triton_model: str | None = None) -> Engine:
     """Build an engine from CLI-style choices.
 
     Args:
@@ -71,12 +71,8 @@ def build_engine(*, model: str | None = None, weights: str | None = None, onnx: 
             onnxruntime when ``onnx`` is, torch otherwise.
         url: ``host:port`` of a Triton server's gRPC endpoint (``triton``).
         triton_model: the model's name on that server (``triton``).
-        shards: parts each batched step runs in at once (onnxruntime on CPU; see :mod:`.shards`); None: its default.
     """
     chosen = _resolve_backend(backend, onnx, url)
-    if shards is not None and chosen != "onnxruntime":
-        raise ConfigError(f"--shards splits the steps of an exported model on onnxruntime's CPU provider; the {chosen} "
-                          "backend runs each batch as one call (drop --shards, or run an --onnx file)")
     if chosen == "triton":
         return _build_triton(url, triton_model, model, weights, onnx, labels_file)
     if url or triton_model:
@@ -91,7 +87,7 @@ def build_engine(*, model: str | None = None, weights: str | None = None, onnx: 
             raise ConfigError("--onnx runs the exported file alone; drop --model/--weights")
         from .onnxruntime_engine import load_onnx_engine
 
-        return load_onnx_engine(onnx, providers=providers, threads=threads, labels_file=labels_file, shards=shards)
+        return load_onnx_engine(onnx, providers=providers, threads=threads, labels_file=labels_file)
 
     import torch
 

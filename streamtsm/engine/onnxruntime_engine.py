@@ -39,7 +39,6 @@ from ..errors import ConfigError, first_line
 from ..formats import BATCH, CLIP, FRAME, LOGITS, read_metadata
 from ..labels import resolve_labels
 from .base import ClipEngine, Engine, OnlineEngine, State, StateSpec, check_frames
-from .shards import ShardedCalls, default_shards
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +225,7 @@ class _OrtModel:
     """What both engines load: metadata, config, labels, the checked session."""
 
     def __init__(self, path: str | os.PathLike, kind: str, providers, labels, labels_file, threads,
-                 spinning=None, shards=None) -> None:
+                 spinning=None) -> None:
         self.path = Path(path)
         self.meta = read_metadata(self.path)
         if self.meta["kind"] != kind:
@@ -238,18 +237,6 @@ class _OrtModel:
         self.labels = resolve_labels(self.cfg.num_classes, labels_file=labels_file, given=labels,
                                      saved=self.cfg.labels)
         self.providers = self.session.get_providers()
-        self.calls = ShardedCalls(resolve_shards(shards, self.providers[0], self.path))
-
-
-def resolve_shards(shards: int | None, provider: str, path: Path) -> int:
-    """Parts a batched call runs in: ``shards``, or :func:`~streamtsm.engine.shards.default_shards` when None; a
-    GPU provider runs a batch as one call (its kernels already use the whole device)."""
-    if provider in _DEVICE_PROVIDERS:
-        if shards not in (None, 1):
-            raise ConfigError(f"--shards {shards}: splitting a step into parts is for the CPU provider; {path.name} "
-                              f"runs on {provider}, which takes the batch whole (drop --shards)")
-        return 1
-    return default_shards() if shards is None else shards
 
 
 # -- engines ------------------------------------------------------------------------------------------------
@@ -266,8 +253,6 @@ class OrtOnlineEngine(OnlineEngine):
         threads: onnxruntime intra-op threads (onnxruntime's default when None).
         spinning: let the intra-op pool's threads busy-wait between parallel regions (off unless True; see
             :func:`session_options`).
-        shards: parts a batched step runs in at once, each on its own thread (see :mod:`~streamtsm.engine.shards`);
-            None: 2 on a 2-core machine, else 1; GPU providers take the batch whole.
         io_binding: keep the state in device memory with IOBinding; None turns it on when the CUDA or TensorRT
             provider runs the model. True on CPU runs the same path with host OrtValues (what the tests do).
     """
@@ -276,11 +261,10 @@ class OrtOnlineEngine(OnlineEngine):
 
     def __init__(self, path: str | os.PathLike, providers: str | Sequence[str] | None = None,
                  labels: Sequence[str] | None = None, *, threads: int | None = None, io_binding: bool | None = None,
-                 labels_file: str | os.PathLike | None = None, spinning: bool | None = None,
-                 shards: int | None = None) -> None:
-        model = _OrtModel(path, "online", providers, labels, labels_file, threads, spinning, shards)
+                 labels_file: str | os.PathLike | None = None, spinning: bool | None = None) -> None:
+        model = _OrtModel(path, "online", providers, labels, labels_file, threads, spinning)
         self.path, self.meta, self.cfg, self.labels = model.path, model.meta, model.cfg, model.labels
-        self.session, self.providers, self._calls = model.session, model.providers, model.calls
+        self.session, self.providers = model.session, model.providers
         self.precision = self.meta["precision"]
         self.state_spec = tuple(StateSpec(s["name"], tuple(s["shape"])) for s in self.meta["state"])
         self._outputs = [LOGITS, *(s["output"] for s in self.meta["state"])]
@@ -305,14 +289,8 @@ class OrtOnlineEngine(OnlineEngine):
         if self._device is not None:
             return self._device.step(frames, state)
         self.check_state_shapes(state, frames.shape[0])
-        session = self.session
-
-        def rows(lo: int, hi: int) -> list[np.ndarray]:
-            # The state's names are the graph's state inputs: it feeds the session as it is. Row slices of
-            # C-contiguous arrays are contiguous views: nothing is copied into a part.
-            return session.run(self._outputs, {FRAME: frames[lo:hi], **{n: s[lo:hi] for n, s in state.items()}})
-
-        logits, *new_state = self._calls.run(rows, frames.shape[0])
+        # The state's names are the graph's state inputs: it feeds the session as it is.
+        logits, *new_state = self.session.run(self._outputs, {FRAME: frames, **state})
         return logits, dict(zip(self.state_names, new_state))
 
     def stack(self, states: Sequence[State]) -> State:
@@ -330,11 +308,10 @@ class OrtOnlineEngine(OnlineEngine):
         return [{name: s[i : i + 1] for name, s in state.items()} for i in range(batch)]
 
     @property
-    def shards(self) -> int:
-        return self._calls.shards
+    def host_cpu(self) -> bool:
+        return self.providers[0] not in _DEVICE_PROVIDERS
 
     def close(self) -> None:
-        self._calls.close()
         self.session = None
         self._device = None
 
@@ -349,32 +326,28 @@ class OrtClipEngine(ClipEngine):
 
     def __init__(self, path: str | os.PathLike, providers: str | Sequence[str] | None = None,
                  labels: Sequence[str] | None = None, *, threads: int | None = None,
-                 labels_file: str | os.PathLike | None = None, spinning: bool | None = None,
-                 shards: int | None = None) -> None:
-        model = _OrtModel(path, "clip", providers, labels, labels_file, threads, spinning, shards)
+                 labels_file: str | os.PathLike | None = None, spinning: bool | None = None) -> None:
+        model = _OrtModel(path, "clip", providers, labels, labels_file, threads, spinning)
         self.path, self.meta, self.cfg, self.labels = model.path, model.meta, model.cfg, model.labels
-        self.session, self.providers, self._calls = model.session, model.providers, model.calls
+        self.session, self.providers = model.session, model.providers
         self.precision = self.meta["precision"]
         self.clip_len = int(self.meta["io"]["inputs"][CLIP][1])
 
     def predict(self, clips: np.ndarray) -> np.ndarray:
         clips = check_frames(clips, self.cfg.input_size, what="clips", clip_len=self.clip_len)
-        session = self.session
-        return self._calls.run(lambda lo, hi: session.run([LOGITS], {CLIP: clips[lo:hi]}), clips.shape[0])[0]
+        return self.session.run([LOGITS], {CLIP: clips})[0]
 
     @property
-    def shards(self) -> int:
-        return self._calls.shards
+    def host_cpu(self) -> bool:
+        return self.providers[0] not in _DEVICE_PROVIDERS
 
     def close(self) -> None:
-        self._calls.close()
         self.session = None
 
 
 def load_onnx_engine(path: str | os.PathLike, providers: str | Sequence[str] | None = None,
                      labels: Sequence[str] | None = None, *, threads: int | None = None,
-                     labels_file: str | os.PathLike | None = None, spinning: bool | None = None,
-                     shards: int | None = None) -> Engine:
+                     labels_file: str | os.PathLike | None = None, spinning: bool | None = None) -> Engine:
     """An :class:`OrtOnlineEngine` or :class:`OrtClipEngine`, as the file's metadata says.
 
     Raises:
@@ -383,8 +356,7 @@ def load_onnx_engine(path: str | os.PathLike, providers: str | Sequence[str] | N
     """
     kind = read_metadata(path)["kind"]
     engine = OrtOnlineEngine if kind == "online" else OrtClipEngine
-    return engine(path, providers, labels, threads=threads, labels_file=labels_file, spinning=spinning,
-                  shards=shards)
+    return engine(path, providers, labels, threads=threads, labels_file=labels_file, spinning=spinning)
 
 
 # -- device-resident state (CUDA / TensorRT) ----------------------------------------------------------------

@@ -46,6 +46,10 @@ class TorchOnlineEngine(OnlineEngine):
         s = self.cfg.input_size
         self.state_spec = numbered_state_spec(model.state_shapes(s, s))
 
+    @property
+    def host_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
     def zero_state(self, batch: int) -> State:
         return {spec.name: torch.zeros(batch, *spec.shape, device=self.device) for spec in self.state_spec}
 
@@ -87,6 +91,10 @@ class TorchClipEngine(ClipEngine):
         self.cfg = model.cfg
         self.labels = resolve_labels(self.cfg.num_classes, labels_file=labels_file, given=labels,
                                      saved=self.cfg.labels)
+
+    @property
+    def host_cpu(self) -> bool:
+        return self.device.type == "cpu"
 
     def predict(self, clips: np.ndarray) -> np.ndarray:
         clips = check_frames(clips, self.cfg.input_size, what="clips", clip_len=0)

@@ -128,6 +128,7 @@ class TritonOnlineEngine(OnlineEngine):
 
     backend = "triton"
     state_spec = (StateSpec(SEQUENCE_STATE, (), "object"),)
+    host_cpu = False  # the server computes; it batches the requests of every lane and client itself
 
     def __init__(self, url: str, model_name: str, *, labels: Sequence[str] | None = None,
                  labels_file: str | os.PathLike | None = None, timeout_s: float = 10.0,
