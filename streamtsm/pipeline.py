@@ -357,11 +357,15 @@ class Pipeline:
 
     def _process_group(self, lane: Lane, group_lane: GroupLane, batch: list[tuple[StreamState, Frame]]) -> None:
         frames = group_lane.batch_rows(len(batch))  # [B, 3, S, S], reused from step to step
-        for row, (s, f) in zip(frames, batch):
-            if f.tensor is not None and f.tensor.shape == row.shape:
-                row[...] = f.tensor  # preprocessed by the capture thread
-            else:
-                s.preprocess(f.image, out=row)
+        single = batch[0][1].tensor
+        if len(batch) == 1 and single is not None and single.shape == frames.shape[1:]:
+            frames = single[None]  # [1, 3, S, S]: one frame is its own batch, a view, not a 600 kB copy
+        else:
+            for row, (s, f) in zip(frames, batch):
+                if f.tensor is not None and f.tensor.shape == row.shape:
+                    row[...] = f.tensor  # preprocessed by the capture thread
+                else:
+                    s.preprocess(f.image, out=row)
         for s, f in batch:
             if f.generation != s.generation:
                 # The source reconnected: the runner resets the state; close any open action first.

@@ -451,7 +451,17 @@ class LatencyTracker:
                 raise ValueError(f"percentile must be within 0-100, got {p}")
         if not self._samples:
             return [None] * len(ps)
-        return [float(v) for v in np.percentile(np.fromiter(self._samples, dtype=np.float64), ps)]
+        # Sorted once, then numpy's default (linear) interpolation by hand: np.percentile costs ~0.3 ms for 1000
+        # samples, mostly overhead, and a stats message asks for it for every stream while holding the GIL.
+        ordered = sorted(self._samples)
+        last = len(ordered) - 1
+        out = []
+        for p in ps:
+            rank = p / 100 * last
+            lo = int(rank)
+            hi = min(lo + 1, last)
+            out.append(ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo))
+        return out
 
     def reset(self) -> None:
         """Forgets all samples."""

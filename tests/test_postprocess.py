@@ -308,6 +308,15 @@ def test_latency_tracker_percentiles_over_bounded_window():
     assert LatencyTracker().percentiles((50, 99)) == [None, None]
 
 
+@given(st.lists(st.floats(0, 1e5), min_size=1, max_size=60),
+       st.lists(st.floats(0, 100), min_size=1, max_size=4))
+def test_latency_tracker_percentiles_agree_with_numpys_linear_interpolation(samples, ps):
+    tracker = LatencyTracker(window=len(samples))
+    for ms in samples:
+        tracker.add(ms)
+    np.testing.assert_allclose(tracker.percentiles(ps), np.percentile(samples, ps), rtol=1e-12, atol=1e-9)
+
+
 def test_latency_tracker_rejects_out_of_range_percentile():
     with pytest.raises(ValueError, match="0-100"):
         LatencyTracker().percentile(101)
