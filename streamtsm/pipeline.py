@@ -3,7 +3,7 @@
 ::
 
     source ──► StreamCapture (thread: read, Preprocessor; buffer) ─┐
-    source ──► StreamCapture (thread: read, Preprocessor; buffer) ─┼─► lane: newest frame of each of its ready streams
+    source ──► StreamCapture (thread: read, Preprocessor; buffer) ─┼─► its lane: the newest frame of each stream
     ...                                                             ┘        │ (its tensor copied into the batch)
                                                                             ▼
             per model group: OnlineRunner (B frames, B states) or ClipRunner (ring buffers, due windows)
@@ -163,9 +163,10 @@ class Pipeline:
         if asked is None:
             return 1 if elsewhere else min(default_lanes(), streams)
         if asked > 1 and elsewhere:
+            where = elsewhere[0]
             raise ConfigError(f"--lanes {asked}: lanes step models on this machine's CPU cores side by side; "
-                              f"{elsewhere[0].model_name} runs on {elsewhere[0].backend} elsewhere (a GPU or a server), "
-                              "which takes each batch whole (drop --lanes)")
+                              f"{where.model_name} runs on {where.backend} elsewhere (a GPU or a server), which "
+                              "takes each batch whole (drop --lanes)")
         return min(asked, streams)
 
     @property
@@ -389,7 +390,8 @@ class Pipeline:
         with self._lock:
             self._hand_out(group_lane, batch, results, ms)
 
-    def _hand_out(self, group_lane: GroupLane, batch: list[tuple[StreamState, Frame]], results: list, ms: float) -> None:
+    def _hand_out(self, group_lane: GroupLane, batch: list[tuple[StreamState, Frame]], results: list,
+                  ms: float) -> None:
         """A step's results to the streams' figures and post-processing, and on to the sinks (under the lock)."""
         group = group_lane.group
         predicted = sum(r is not None for r in results)

@@ -134,7 +134,7 @@ def connect(publisher: Publisher, deliveries: Deliveries, timeout: float = 5.0) 
 class StatsSnapshots:
     """A pipeline sink keeping every stats message with the process's clock, CPU time and RSS at that moment.
 
-    It runs in the pipeline's thread, between iterations, so each snapshot is consistent.
+    The pipeline calls it under its lock (from lane 1's thread, between its steps), so each snapshot is consistent.
     """
 
     def __init__(self) -> None:
@@ -205,8 +205,8 @@ def run_case(engine: OrtOnlineEngine, n: int, args: argparse.Namespace, publishe
     fps = [f / window for f in frames.values()]
     capture_fps = [c / window for c in captured.values()]
 
-    # Published between the two snapshots: the pipeline's thread stamps both, so these are exactly the frames
-    # processed in the window. Thirds in capture order.
+    # Published between the two snapshots: stamped under the pipeline's lock as the snapshots are, so these are
+    # exactly the frames processed in the window. Thirds in capture order.
     in_window = sorted((p[1:] for p in preds if start["wall"] < p[0] <= end["wall"]))
     pub_ms = [p[1] for p in in_window]
     recv_ms = [p[2] for p in in_window]
@@ -735,12 +735,12 @@ def report(args, schedule, results, activations, models, meta, costs, python_byt
         "capture->publish (`latency_ms` of the pred messages published in the window, stamped when the pipeline "
         "hands the message to the publisher; thirds in capture order) and capture->subscriber (receive time - "
         "`capture_ts`, which includes the publisher's queue and thread); step p50 is the wall time of the batched "
-        "model call over the last 1000 calls of every lane (it includes waiting for a core); the lanes' CPU per step is "
-        "the CPU time of the lane threads (from /proc/self/task, so waiting for a core does not count) divided by the "
-        "model calls in the window: the model call (one intra-op thread computes in the caller's thread) plus "
-        "everything else a lane's loop does serially, and in brackets the cores they kept busy; CPU stolen by the host is the steal "
-        "share of all CPU time in /proc/stat over the window (time the hypervisor gave this virtual machine's cores "
-        "to others while they had work: capacity the pipeline did not get); RSS is VmRSS at the start of the window. "
+        "model call over the last 1000 calls of every lane (it includes waiting for a core); the lanes' CPU per step "
+        "is the CPU time of the lane threads (from /proc/self/task, so waiting for a core does not count) divided by "
+        "the model calls in the window: the model call (one intra-op thread computes in the caller's thread) plus "
+        "everything else a lane's loop does serially, and in brackets the cores they kept busy; CPU stolen by the "
+        "host is the steal share of all CPU time in /proc/stat over the window (time the hypervisor gave this "
+        "virtual machine's cores to others while they had work: capacity the pipeline did not get); RSS is VmRSS at the start of the window. "
         f"Frame stride {max(1, int(meta['config'].get('frame_interval') or 1))} (the model's `frame_interval`; "
         f"frames skipped by it in the windows: {sum(r.get('skipped', 0) for rs in results.values() for r in rs)}). "
         "Schedule " + ", ".join(map(str, schedule)) + ", stopped after two failures in a row; each precision in a "

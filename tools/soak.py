@@ -50,8 +50,7 @@ from streamtsm.publish import Publisher, Subscriber  # noqa: E402
 class LatencySink:
     """Collects capture->publish latency of predictions per sampling interval, and the latest stats message.
 
-    It runs in the pipeline's thread, as every sink does, so the stats it keeps are a consistent snapshot; reading
-    ``pipeline.stats()`` from this tool's thread would walk the pipeline's deques while it appends to them.
+    The pipeline calls it under its lock, as every sink, so the stats it keeps are a consistent snapshot.
     """
 
     def __init__(self) -> None:
