@@ -288,7 +288,7 @@ class Pipeline:
 
         def lane_thread(lane: Lane) -> None:
             try:
-                self._run_lane(lane, (stop, halt), until)
+                self._run_lane(lane, stop, halt, until)
             except BaseException as e:  # noqa: BLE001 (raised again by run(), in the caller's thread)
                 errors.append(e)
                 halt.set()
@@ -298,7 +298,7 @@ class Pipeline:
         try:
             for t in others:
                 t.start()
-            self._run_lane(self._lanes[0], (stop, halt), until, next_stats=started + self.options.stats_interval)
+            self._run_lane(self._lanes[0], stop, halt, until, next_stats=started + self.options.stats_interval)
         finally:
             halt.set()
             for t in others:
@@ -310,12 +310,13 @@ class Pipeline:
 
     # -- one lane -----------------------------------------------------------------------------------------------
 
-    def _run_lane(self, lane: Lane, stops: tuple[threading.Event, ...], until: float | None,
+    def _run_lane(self, lane: Lane, stop: threading.Event, halt: threading.Event, until: float | None,
                   next_stats: float | None = None) -> None:
-        """The loop of one lane until ``until``, any of ``stops``, or the end of its streams; with ``next_stats``
-        (the first lane) it also publishes the stats every interval, until every lane has ended."""
+        """The loop of one lane until ``until``, ``stop`` (the run's) or ``halt`` (the lanes'), or the end of its
+        streams; with ``next_stats`` (the first lane) it also publishes the stats every interval, until every lane
+        has ended."""
         try:
-            while not any(e.is_set() for e in stops):
+            while not (stop.is_set() or halt.is_set()):
                 now = time.monotonic()
                 if until is not None and now >= until:
                     break
@@ -331,7 +332,7 @@ class Pipeline:
                 elif all(s.done for s in lane.streams):
                     if next_stats is None or all(other.done.is_set() for other in self._lanes[1:]):
                         break
-                    stops[0].wait(0.05)  # the stats lane outlives its streams while other lanes run
+                    stop.wait(0.05)  # the stats lane outlives its streams while other lanes run
                 else:
                     lane.notify.wait(0.05)
         finally:

@@ -81,11 +81,9 @@ class Engine(ABC):
     def model_name(self) -> str:
         return self.cfg.name
 
-    @property
-    def host_cpu(self) -> bool:
-        """The model computes on this machine's CPU cores (not a GPU, not a server), so that streams of it in
-        several pipeline lanes step side by side on those cores (see :mod:`streamtsm.pipeline`)."""
-        return True
+    # The model computes on this machine's CPU cores (not a GPU, not a server), so that streams of it in several
+    # pipeline lanes step side by side on those cores (see streamtsm.pipeline); engines elsewhere set it False.
+    host_cpu: bool = True
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release backend resources."""

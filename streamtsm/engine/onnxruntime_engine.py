@@ -237,6 +237,7 @@ class _OrtModel:
         self.labels = resolve_labels(self.cfg.num_classes, labels_file=labels_file, given=labels,
                                      saved=self.cfg.labels)
         self.providers = self.session.get_providers()
+        self.host_cpu = self.providers[0] not in _DEVICE_PROVIDERS
 
 
 # -- engines ------------------------------------------------------------------------------------------------
@@ -264,15 +265,14 @@ class OrtOnlineEngine(OnlineEngine):
                  labels_file: str | os.PathLike | None = None, spinning: bool | None = None) -> None:
         model = _OrtModel(path, "online", providers, labels, labels_file, threads, spinning)
         self.path, self.meta, self.cfg, self.labels = model.path, model.meta, model.cfg, model.labels
-        self.session, self.providers = model.session, model.providers
+        self.session, self.providers, self.host_cpu = model.session, model.providers, model.host_cpu
         self.precision = self.meta["precision"]
         self.state_spec = tuple(StateSpec(s["name"], tuple(s["shape"])) for s in self.meta["state"])
         self._outputs = [LOGITS, *(s["output"] for s in self.meta["state"])]
-        on_device = self.providers[0] in _DEVICE_PROVIDERS
         if io_binding is None:
-            io_binding = on_device
+            io_binding = not self.host_cpu
         self._device = _DeviceState(self.session, self.state_spec, self._outputs,
-                                    "cuda" if on_device else "cpu") if io_binding else None
+                                    "cpu" if self.host_cpu else "cuda") if io_binding else None
 
     @property
     def num_state(self) -> int:
@@ -307,10 +307,6 @@ class OrtOnlineEngine(OnlineEngine):
             return self._device.split(state, batch)
         return [{name: s[i : i + 1] for name, s in state.items()} for i in range(batch)]
 
-    @property
-    def host_cpu(self) -> bool:
-        return self.providers[0] not in _DEVICE_PROVIDERS
-
     def close(self) -> None:
         self.session = None
         self._device = None
@@ -329,17 +325,13 @@ class OrtClipEngine(ClipEngine):
                  labels_file: str | os.PathLike | None = None, spinning: bool | None = None) -> None:
         model = _OrtModel(path, "clip", providers, labels, labels_file, threads, spinning)
         self.path, self.meta, self.cfg, self.labels = model.path, model.meta, model.cfg, model.labels
-        self.session, self.providers = model.session, model.providers
+        self.session, self.providers, self.host_cpu = model.session, model.providers, model.host_cpu
         self.precision = self.meta["precision"]
         self.clip_len = int(self.meta["io"]["inputs"][CLIP][1])
 
     def predict(self, clips: np.ndarray) -> np.ndarray:
         clips = check_frames(clips, self.cfg.input_size, what="clips", clip_len=self.clip_len)
         return self.session.run([LOGITS], {CLIP: clips})[0]
-
-    @property
-    def host_cpu(self) -> bool:
-        return self.providers[0] not in _DEVICE_PROVIDERS
 
     def close(self) -> None:
         self.session = None

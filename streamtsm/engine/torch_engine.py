@@ -39,16 +39,13 @@ class TorchOnlineEngine(OnlineEngine):
         if not getattr(model, "online", False):
             raise ConfigError(f"model {model.cfg.name!r} has no online form; use it as a clip model")
         self.device = _device(device)
+        self.host_cpu = self.device.type == "cpu"
         self.model = model.to(self.device).eval()
         self.cfg = model.cfg
         self.labels = resolve_labels(self.cfg.num_classes, labels_file=labels_file, given=labels,
                                      saved=self.cfg.labels)
         s = self.cfg.input_size
         self.state_spec = numbered_state_spec(model.state_shapes(s, s))
-
-    @property
-    def host_cpu(self) -> bool:
-        return self.device.type == "cpu"
 
     def zero_state(self, batch: int) -> State:
         return {spec.name: torch.zeros(batch, *spec.shape, device=self.device) for spec in self.state_spec}
@@ -87,14 +84,11 @@ class TorchClipEngine(ClipEngine):
     def __init__(self, model: torch.nn.Module, device: str = "cpu", labels: Sequence[str] | None = None, *,
                  labels_file: str | os.PathLike | None = None) -> None:
         self.device = _device(device)
+        self.host_cpu = self.device.type == "cpu"
         self.model = model.to(self.device).eval()
         self.cfg = model.cfg
         self.labels = resolve_labels(self.cfg.num_classes, labels_file=labels_file, given=labels,
                                      saved=self.cfg.labels)
-
-    @property
-    def host_cpu(self) -> bool:
-        return self.device.type == "cpu"
 
     def predict(self, clips: np.ndarray) -> np.ndarray:
         clips = check_frames(clips, self.cfg.input_size, what="clips", clip_len=0)
