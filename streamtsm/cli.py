@@ -131,8 +131,8 @@ _CAMERA_OPTIONS = {"sources": "--camera/--source", "name": "--name", "model": "-
 
 # Numeric options of `run` and `listen`, each checked by the range of its setting (streamtsm.settings.RANGES).
 _NUMERIC_OPTIONS = ("max_frames", "duration", "stats_interval", "threshold", "topk", "hold", "smooth",
-                    "frame_stride", "clip_stride", "threads", "lanes", "metrics_port", "max_messages", "timeout",
-                    "startup_timeout", "http_port")
+                    "frame_stride", "clip_stride", "threads", "lanes", "live_buffer", "metrics_port", "max_messages",
+                    "timeout", "startup_timeout", "http_port")
 # --record-events' numbers; its options need the folder.
 _RECORD_OPTIONS = {"pre_roll": "--pre-roll", "post_roll": "--post-roll", "record_max_gb": "--record-max-gb",
                    "record_max_clip": "--record-max-clip"}
@@ -554,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--frame-stride", type=int, metavar="K",
                      help="feed every k-th frame (default: the stride an online model was trained with, else 1)")
     src.add_argument("--realtime", action="store_true", help="play files at their native fps, not as fast as possible")
+    src.add_argument("--live-buffer", type=int, metavar="N",
+                     help="frames a live source holds for the model; when a frame comes and N wait, the oldest is "
+                          f"dropped and counted (default: {d['live_buffer']})")
     src.add_argument("--config", help="site config (TOML) listing cameras, models and the publisher; options "
                      "given here override its values, camera and model options are refused")
     m = p.add_argument_group("model")

@@ -3,7 +3,7 @@
 ::
 
     source ──► StreamCapture (thread: read, Preprocessor; buffer) ─┐
-    source ──► StreamCapture (thread: read, Preprocessor; buffer) ─┼─► its lane: the newest frame of each stream
+    source ──► StreamCapture (thread: read, Preprocessor; buffer) ─┼─► its lane: the next frame of each stream
     ...                                                             ┘        │ (its tensor copied into the batch)
                                                                             ▼
             per model group: OnlineRunner (B frames, B states) or ClipRunner (ring buffers, due windows)
@@ -13,8 +13,8 @@
 Streams are grouped by model: streams sharing a model are batched together, groups of different models run side by side
 in the same loop. Each live source's capture thread preprocesses its frames for its stream's group (``Frame.tensor``),
 so the per-frame resize and normalization run beside the model step rather than before it. Each stream's capture is a
-:class:`~streamtsm.capture.StreamCapture`, which picks the buffer policy (live sources skip frames rather than build
-lag, files give every frame), replaces a hung reader and keeps the stream's counters; its lane polls it once per loop.
+:class:`~streamtsm.capture.StreamCapture`, which picks the buffer policy (live sources hold at most ``live_buffer``
+frames and drop the oldest rather than build lag, files give every frame), replaces a hung reader and keeps the stream's counters; its lane polls it once per loop.
 
 The streams are dealt to ``lanes``: a lane is a thread that runs the loop above (collect, step, post-process, hand
 to the sinks) for its own streams, with its own runners and batches, so the lanes' model steps run side by side on
@@ -185,7 +185,8 @@ class Pipeline:
         # A live source that is down at start is retried (status "connecting"); start() decides how long to wait.
         capture = StreamCapture(spec.source, sid, frame_stride=effective_frame_stride(spec, group.engine),
                                 realtime=o.realtime, read_timeout=o.read_timeout, backoff=o.backoff,
-                                notify=lane.notify, retry_open=True, preprocess=preprocess)
+                                notify=lane.notify, retry_open=True, preprocess=preprocess,
+                                live_buffer=o.live_buffer)
         return StreamState(sid, spec, lane.group_lane(group), capture, preprocess, post)
 
     @property

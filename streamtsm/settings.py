@@ -53,6 +53,10 @@ RUN_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "read_timeout": 5.0,
     "backoff": (0.5, 8.0),
     "lanes": None,  # threads stepping the streams' batches; None: the machine's (see streamtsm.pipeline.default_lanes)
+    # Frames a live source holds for the model; beyond, the oldest is dropped (counted). Two, so that a step that
+    # comes late by up to a frame period (a core taken away for a moment) catches the missed frame up in the next
+    # step instead of losing it: an online model's cached folds assume consecutive frames.
+    "live_buffer": 2,
     # event recordings (--record-events)
     "record_events": None,  # a folder; None records nothing
     "pre_roll": 2.0,  # seconds of video before an action's onset
@@ -94,6 +98,7 @@ RANGES: Mapping[str, Range] = MappingProxyType({
     "clip_stride": Range(int, 1, 10_000),
     "threads": Range(int, 1, 4096),
     "lanes": Range(int, 1, 256, meaning="threads stepping the streams' batches"),
+    "live_buffer": Range(int, 1, 64, meaning="frames held per live source"),
     "max_frames": Range(int, 1, 10**12),
     "duration": Range(float, 0.0, 365 * _DAY, low_open=True, meaning="seconds"),
     "stats_interval": Range(float, 0.0, _DAY, low_open=True, meaning="seconds"),
@@ -238,6 +243,7 @@ class PipelineOptions:
     read_timeout: float = RUN_DEFAULTS["read_timeout"]
     backoff: tuple[float, float] = RUN_DEFAULTS["backoff"]
     lanes: int | None = RUN_DEFAULTS["lanes"]
+    live_buffer: int = RUN_DEFAULTS["live_buffer"]
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> PipelineOptions:

@@ -127,6 +127,8 @@ _BAD_OPTIONS = [
     (["--threads", "-4"], "--threads"),
     (["--lanes", "0"], "--lanes"),
     (["--lanes", "1000"], "--lanes"),
+    (["--live-buffer", "0"], "--live-buffer"),
+    (["--live-buffer", "65"], "--live-buffer"),
     (["--metrics-port", "0"], "--metrics-port"),
     (["--metrics-port", "70000"], "--metrics-port"),
     (["--metrics-port", "-1"], "--metrics-port"),

@@ -556,15 +556,22 @@ def test_stream_capture_file_waits_for_the_consumer_and_gives_every_frame_in_ord
     assert stats["dropped"] == 0 and stats["status"] == "ended" and capture.status is StreamStatus.ENDED
 
 
-def test_stream_capture_live_source_keeps_only_the_newest_frame():
-    capture = StreamCapture(FakeCamera(), "cam").start()
+@pytest.mark.parametrize("live_buffer", [1, 2, 3])
+def test_stream_capture_live_source_holds_its_newest_frames_oldest_first_and_drops_the_rest(live_buffer):
+    capture = StreamCapture(FakeCamera(), "cam", live_buffer=live_buffer).start()
     assert _wait_for(lambda: capture.stats()["frames_read"] >= 20)
-    read = capture.stats()["frames_read"]  # frame read - 1 may still be on its way into the buffer
-    first = capture.pop()
     capture.stop()
     capture.join(WAIT_S)
-    assert capture.stats()["dropped"] >= 10, "room for one frame: the rest were dropped"
-    assert first is not None and first.index >= read - 2, "the frame held is the newest"
+    read = capture.stats()["frames_read"]
+    held = [capture.pop() for _ in range(live_buffer + 1)]
+    assert held[-1] is None, f"room for {live_buffer} frame(s), no more"
+    assert [f.index for f in held[:-1]] == list(range(read - live_buffer, read)), "the newest, oldest first"
+    assert capture.stats()["dropped"] == read - live_buffer, "every other frame was dropped and counted"
+
+
+def test_stream_capture_refuses_a_live_buffer_with_no_room():
+    with pytest.raises(ConfigError, match="capacity must be an integer >= 1, got 0"):
+        StreamCapture(FakeCamera(), "cam", live_buffer=0)
 
 
 def test_stream_capture_replaces_a_hung_live_reader_and_keeps_counting():

@@ -199,6 +199,76 @@ def test_slow_model_drops_oldest_frames_instead_of_building_lag(engine):
         assert seen[i][1] > seen[i - 2][2] - 0.05
 
 
+class GatedCamera(FakeLiveSource):
+    """A live camera that delivers a frame each time the test opens its gate (``release``); ``reads`` counts the
+    reads begun, so ``reads == k + 1`` means frame k is on its way into the buffer or in it."""
+
+    def __init__(self):
+        super().__init__(fps=1000)
+        self.gate, self.closed = threading.Semaphore(0), False
+
+    def read(self):
+        self.reads += 1
+        while not self.gate.acquire(timeout=0.05):
+            if self.closed:
+                return None
+        return np.full((48, 64, 3), self.reads % 255, np.uint8)
+
+    def open(self):
+        super().open()
+        self.closed = False
+
+    def release(self):
+        self.closed = True
+
+
+class StallingEngine:
+    """Wraps an engine so that its first step waits until ``go`` is set (a core taken away for a moment)."""
+
+    def __init__(self, inner):
+        self.inner, self.go, self.stalled, self.steps = inner, threading.Event(), threading.Event(), 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def step(self, frames, state):
+        self.steps += 1
+        if self.steps == 1:
+            self.stalled.set()
+            assert self.go.wait(10)
+        return self.inner.step(frames, state)
+
+
+@pytest.mark.parametrize("live_buffer, processed, dropped", [(1, [0, 2], 1), (2, [0, 1, 2], 0)])
+def test_a_step_that_comes_late_catches_up_the_frames_the_live_buffer_holds_and_drops_the_rest(
+        engine, live_buffer, processed, dropped):
+    camera, model = GatedCamera(), StallingEngine(engine)
+    stop, seen = threading.Event(), []
+
+    def on_result(r):
+        seen.append(r.frame.index)
+        if r.frame.index == 2:
+            stop.set()
+
+    pipeline = Pipeline(model, [StreamSpec(camera, "cam", frame_stride=1)], sinks=[CallbackSink(results=on_result)],
+                        options=PipelineOptions(live_buffer=live_buffer, lanes=1))
+    pipeline.start()
+    runner = threading.Thread(target=lambda: seen.append(pipeline.run(stop)))
+    runner.start()
+    camera.gate.release()  # frame 0: its step stalls
+    assert model.stalled.wait(10)
+    camera.gate.release(2)  # frames 1 and 2 arrive while the model is late
+    deadline = time.monotonic() + 10
+    while camera.reads < 4 and time.monotonic() < deadline:  # the 4th read waits at the gate: frame 2 is in
+        time.sleep(0.005)
+    model.go.set()
+    runner.join(10)
+    assert not runner.is_alive()
+    *indices, final = seen
+    assert indices == processed
+    assert final["streams"]["cam"]["dropped"] == dropped
+
+
 def test_source_that_fails_midway_reconnects_and_its_state_restarts(engine, pubsub):
     pub, sub = pubsub
     source = FakeLiveSource(fail_after=10, fps=100)

@@ -2,8 +2,8 @@
 onnxruntime (fp32 and int8), capture->publish latency at that load, and memory per stream.
 
     python tools/bench_streams.py [--streams 1,2,4,6,8,10,12,16] [--precision fp32,int8] [--seconds 20]
-                                  [--warmup 5] [--threads N] [--lanes N] [--spinning] [--phase staggered|aligned]
-                                  [--calib-frames 192] [--no-write]
+                                  [--warmup 5] [--threads N] [--lanes N] [--live-buffer N] [--compare 8,12]
+                                  [--spinning] [--phase staggered|aligned] [--calib-frames 192] [--no-write]
 
 For each precision and each N of the schedule (stopping after two failures in a row) the real pipeline runs N
 synthetic 320x240 scenes paced at 30 fps (distinct seeds), each capture thread preprocessing its frames, one batched
@@ -60,6 +60,7 @@ from streamtsm.pipeline import Pipeline, PipelineOptions, StreamSpec, default_la
 from streamtsm.postprocess import LatencyTracker, RateMeter, StreamPostprocessor  # noqa: E402
 from streamtsm.preprocess import Preprocessor  # noqa: E402
 from streamtsm.publish import TOPIC_STATS, Publisher, stats_message  # noqa: E402
+from streamtsm.settings import RUN_DEFAULTS  # noqa: E402
 from streamtsm.synthetic import MotionScene  # noqa: E402
 
 WIDTH, HEIGHT, FPS = 320, 240, 30.0
@@ -158,14 +159,16 @@ def _grows(first: float, last: float) -> bool:
 
 
 def run_case(engine: OrtOnlineEngine, n: int, args: argparse.Namespace, publisher: Publisher,
-             deliveries: Deliveries, lanes: int | None = None) -> dict:
-    """N live streams in ``lanes`` lanes (default ``args.lanes``) for warm-up + window; the figures of the window."""
+             deliveries: Deliveries, lanes: int | None = None, live_buffer: int | None = None) -> dict:
+    """N live streams in ``lanes`` lanes (default ``args.lanes``), each source holding ``live_buffer`` frames
+    (default ``args.live_buffer``), for warm-up + window; the figures of the window."""
     snapshots = StatsSnapshots()
     # Two stats intervals of margin, so that a periodic snapshot falls near warm-up + seconds whatever the drift.
     duration = args.warmup + args.seconds + 2 * STATS_INTERVAL + 0.5
     pipeline = Pipeline(engine, stream_specs(n, args.phase), sinks=[publisher, snapshots],
                         options=PipelineOptions(duration=duration, stats_interval=STATS_INTERVAL,
-                                                lanes=lanes or args.lanes))
+                                                lanes=lanes or args.lanes,
+                                                live_buffer=live_buffer or args.live_buffer))
     gc.collect()
     deliveries.take()
     pipeline.start()
@@ -392,35 +395,40 @@ def step_forms(models: dict, args: argparse.Namespace, iterations: int = 40) -> 
     return lines
 
 
-LANE_ROUNDS = 2
+# (lanes, live buffer) compared side by side: one lane against two, and a 1-frame buffer against a 2-frame one.
+FORMS = ((1, 2), (2, 1), (2, 2))
+COMPARE_ROUNDS = 2
 
 
-def lane_forms(engine: OrtOnlineEngine, args: argparse.Namespace, publisher: Publisher,
-               deliveries: Deliveries) -> list[dict]:
-    """The target load (8 streams) with the streams in one lane and in two, alternating, ``LANE_ROUNDS`` rounds:
-    what lanes change, measured side by side in one process."""
+def compared_forms(engine: OrtOnlineEngine, args: argparse.Namespace, publisher: Publisher,
+                   deliveries: Deliveries) -> list[dict]:
+    """Each load of ``args.compare`` int8 streams in each of :data:`FORMS` (lanes, live buffer), alternating,
+    ``COMPARE_ROUNDS`` rounds: what lanes and the live buffer change, measured side by side in one process."""
     rows = []
-    for round_ in range(LANE_ROUNDS):
-        for lanes in (1, 2):
-            try:
-                r = run_case(engine, TARGET_STREAMS, args, publisher, deliveries, lanes=lanes)
-            except Exception as e:  # noqa: BLE001 (a case that cannot run is reported, not the end of the run)
-                r = {"n": TARGET_STREAMS, "error": f"{type(e).__name__}: {e}", "reasons": ["error"]}
-            r.update(lanes=lanes, round=round_ + 1)
-            rows.append(r)
-            print(f"lanes {lanes}, round {round_ + 1}: " + (r.get("error") or
-                  f"dropped {r['dropped']}, p99 {_f(r.get('p99'))} ms, batch {r['batch_mean']:.2f}"), flush=True)
+    for n in args.compare:
+        for round_ in range(COMPARE_ROUNDS):
+            for lanes, live_buffer in FORMS:
+                try:
+                    r = run_case(engine, n, args, publisher, deliveries, lanes=lanes, live_buffer=live_buffer)
+                except Exception as e:  # noqa: BLE001 (a case that cannot run is reported, not the end of the run)
+                    r = {"n": n, "error": f"{type(e).__name__}: {e}", "reasons": ["error"]}
+                r.update(lanes=lanes, live_buffer=live_buffer, round=round_ + 1)
+                rows.append(r)
+                print(f"N={n}, lanes {lanes}, live buffer {live_buffer}, round {round_ + 1}: " + (r.get("error") or
+                      f"dropped {r['dropped']}, p99 {_f(r.get('p99'))} ms, batch {r['batch_mean']:.2f}"), flush=True)
     return rows
 
 
-def lane_table(rows: list[dict]) -> list[str]:
-    lines = ["| round | lanes | dropped | p50 / p99 capture->publish ms | mean batch | step p50 / p99 ms | "
-             "CPU cores, process | CPU stolen by the host |", "|---|---|---|---|---|---|---|---|"]
+def compared_table(rows: list[dict]) -> list[str]:
+    lines = ["| streams | round | lanes | live buffer | dropped | p50 / p99 capture->publish ms | mean batch | "
+             "step p50 / p99 ms | CPU cores, process | CPU stolen by the host |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        head = f"| {r['n']} | {r['round']} | {r['lanes']} | {r['live_buffer']} |"
         if "error" in r:
-            lines.append(f"| {r['round']} | {r['lanes']} | {r['error']} | | | | | |")
+            lines.append(f"{head} {r['error']} | | | | | |")
             continue
-        lines.append(f"| {r['round']} | {r['lanes']} | {r['dropped']} | {_f(r.get('p50'))} / {_f(r.get('p99'))} | "
+        lines.append(f"{head} {r['dropped']} | {_f(r.get('p50'))} / {_f(r.get('p99'))} | "
                      f"{r['batch_mean']:.2f} | {_f(r['step_p50'])} / {_f(r['step_p99'])} | {r['cores']:.2f} | "
                      f"{100 * r['steal']:.1f}% |")
     return lines
@@ -553,7 +561,7 @@ def rss_per_stream(rows: list[dict]) -> str:
 def measure_precision(precision: str, path: str, schedule: list[int],
                       args: argparse.Namespace) -> tuple[list[dict], float | None, list[dict]]:
     """The schedule for one exported file (run in its own process): rows, activation MB per batch row, and for
-    int8 the lanes compared at the target load (:func:`lane_forms`)."""
+    int8 the lanes and live buffers compared (:func:`compared_forms`)."""
     opencv_on_calling_threads()  # as `streamtsm run`
     publisher = Publisher("tcp://127.0.0.1:*", background=True)
     deliveries = Deliveries(publisher.endpoint)
@@ -575,8 +583,8 @@ def measure_precision(precision: str, path: str, schedule: list[int],
             failures = failures + 1 if r["reasons"] else 0
             if failures == 2:
                 break
-        if precision == "int8" and not args.no_lanes:
-            lanes = lane_forms(engine, args, publisher, deliveries)
+        if precision == "int8" and args.compare:
+            lanes = compared_forms(engine, args, publisher, deliveries)
         engine.close()
     finally:
         deliveries.close()
@@ -596,8 +604,11 @@ def main() -> None:
                     help="onnxruntime intra-op threads (default: what `streamtsm run` uses, all cores but one)")
     ap.add_argument("--lanes", type=int, default=default_lanes(),
                     help="threads stepping the streams, each its share of them (default: what `streamtsm run` uses)")
-    ap.add_argument("--no-lanes", action="store_true",
-                    help="skip the side-by-side run of 8 int8 streams in 1 and 2 lanes")
+    ap.add_argument("--live-buffer", type=int, default=RUN_DEFAULTS["live_buffer"],
+                    help="frames each source holds for the model (default: what `streamtsm run` uses)")
+    ap.add_argument("--compare", default="8,12",
+                    help="int8 stream counts at which 1 and 2 lanes, 1- and 2-frame live buffers run side by side "
+                         "('' skips it)")
     ap.add_argument("--spinning", action="store_true",
                     help="let onnxruntime's pool threads busy-wait between operators (off in `streamtsm run`)")
     ap.add_argument("--phase", choices=("staggered", "aligned"), default="staggered",
@@ -606,6 +617,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = ap.parse_args()
     schedule = sorted({int(x) for x in args.streams.split(",") if x.strip()})
+    args.compare = [int(x) for x in args.compare.split(",") if x.strip()]
     args.precision = [p.strip() for p in args.precision.split(",") if p.strip()]
     if not schedule or schedule[0] < 1 or not set(args.precision) <= {"fp32", "int8"} or not args.precision:
         ap.error("--streams takes positive integers; --precision takes fp32 and/or int8")
@@ -648,12 +660,13 @@ def report(args, schedule, results, activations, models, meta, costs, python_byt
         *forms, ""]
     if lanes:
         lines += [
-            f"{TARGET_STREAMS} int8 streams in one lane and in two (`streamtsm run --lanes`), alternating in one "
-            f"process, {LANE_ROUNDS} rounds (each case as below: warm-up, then the window):", "",
-            *lane_table(lanes), ""]
+            "int8 streams in one lane and in two (`streamtsm run --lanes`), each source holding one frame or two "
+            "for the model (`--live-buffer`), alternating in one process, "
+            f"{COMPARE_ROUNDS} rounds per load (each case as below: warm-up, then the window):", "",
+            *compared_table(lanes), ""]
     lines += [
         "Streams sustained, with the streams stepped as `streamtsm run` steps them on this machine "
-        f"(`threads={args.threads}`, `lanes={args.lanes}`):", ""]
+        f"(`threads={args.threads}`, `lanes={args.lanes}`, `live_buffer={args.live_buffer}`):", ""]
     for precision, rows in results.items():
         lines += [f"**onnxruntime {precision}**", "", *table(rows), ""]
         threads = thread_table(rows)
@@ -722,7 +735,8 @@ def report(args, schedule, results, activations, models, meta, costs, python_byt
     lines.append(
         f"Each case: N synthetic scenes ({WIDTH}x{HEIGHT}, paced at {FPS:g} fps by the clock, seeds 0..N-1, frame "
         f"clocks {'spread evenly over one frame period' if args.phase == 'staggered' else 'in step'}), each with "
-        "its capture thread (which also preprocesses its frames) and a 1-frame `drop_oldest` buffer, one batched "
+        f"its capture thread (which also preprocesses its frames) and a {args.live_buffer}-frame `drop_oldest` buffer "
+        f"(`live_buffer={args.live_buffer}`), one batched "
         f"`OrtOnlineEngine` (CPUExecutionProvider, `intra_op_num_threads={args.threads}`, "
         f"`session.intra_op.allow_spinning={int(args.spinning)}`, `inter_op_num_threads=1`; the streams dealt "
         f"to {args.lanes} lane(s), each a thread stepping its own streams' batches: `lanes={args.lanes}`), default "
@@ -751,8 +765,8 @@ def report(args, schedule, results, activations, models, meta, costs, python_byt
         "it falls behind its clock and then skips ahead, and frames that were never made are counted nowhere), "
         "no message refused by the publisher, no step error or reconnect, and neither latency growing "
         f"(last-third p50 <= {GROWTH_FACTOR:g} x first-third p50 + {GROWTH_SLACK_MS:g} ms). A live buffer holds "
-        "one frame, so a backlog cannot build inside the pipeline: an overloaded pipeline drops frames instead, "
-        "and the latency check guards the publisher's queue.  ")
+        f"at most {args.live_buffer} frame(s), so a backlog cannot build inside the pipeline beyond them: an "
+        "overloaded pipeline drops frames instead, and the latency check guards the publisher's queue.  ")
     lines.append(
         f"What the synthetic source costs: rendering a frame takes {costs['render_mean']:.2f} ms (p50 "
         f"{costs['render_p50']:.2f}, {costs['frames']} frames, alone), i.e. {render_cores[0]:.2f} of a core per "

@@ -105,6 +105,10 @@ class StreamCapture:
             of failing (see :class:`CaptureThread`).
         preprocess: the model's preprocessing, run by a live source's capture thread on every frame it keeps
             (``Frame.tensor``; see :class:`CaptureThread`); a file's frames come without it.
+        live_buffer: frames a live source's buffer holds for the consumer (oldest first); a frame arriving when it
+            is full drops the oldest (counted in ``dropped``). 1 hands over only the newest frame; 2 lets a consumer
+            that came late by up to a frame period take the frame it missed, then the next, without a drop, and
+            never more than one frame behind.
 
     Raises:
         SourceError: the source string names nothing that can be opened.
@@ -114,8 +118,9 @@ class StreamCapture:
     def __init__(self, source: str | int | Source | Callable[[], Source], stream_id: str, *, frame_stride: int = 1,
                  realtime: bool = False, read_timeout: float = 5.0, backoff: tuple[float, float] = (0.5, 8.0),
                  notify: threading.Event | None = None, retry_open: bool = False,
-                 preprocess: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                 preprocess: Callable[[np.ndarray], np.ndarray] | None = None, live_buffer: int = 2) -> None:
         self.stream_id = stream_id
+        self.live_buffer = live_buffer
         self.retry_open = retry_open
         self.frame_stride = frame_stride
         self.realtime = realtime
@@ -141,7 +146,7 @@ class StreamCapture:
     def _new_capture(self) -> tuple[CaptureThread, FrameBuffer]:
         source = self._make_source()
         if source.is_live:
-            buffer = FrameBuffer(1, "drop_oldest", self._notify)
+            buffer = FrameBuffer(self.live_buffer, "drop_oldest", self._notify)
         else:
             buffer = FrameBuffer(4, "wait", self._notify)
         # Only a live source's reader preprocesses: there the model is the bottleneck and the work is worth moving

@@ -1,4 +1,4 @@
-"""The online runner: one batched step for the newest frame of every ready stream, each with its own state.
+"""The online runner: one batched step for the next frame of every ready stream, each with its own state.
 
 A state is the engine's mapping name -> array (see :class:`~streamtsm.engine.base.OnlineEngine`); the runner never
 looks inside it, it only hands states to the engine to zero, stack, step and split.
