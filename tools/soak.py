@@ -302,8 +302,8 @@ def main() -> None:
         f"{engine.model_name} ({engine.backend}), {args.minutes:g} minutes, sampled every {args.sample_seconds:g} s "
         f"(the first interval is warm-up). fps and drops count the synthetic streams' frames the model processed: "
         f"one in {stride} (the model's frame stride). Latency is capture->publish of the predictions published in "
-        "each interval. Frames the model could not keep up with are dropped by design (live sources keep only their "
-        "newest frame)." + made_by,
+        "each interval. Frames the model could not keep up with are dropped by design (a live source holds at most "
+        f"{PipelineOptions().live_buffer} frames for the model, `--live-buffer`)." + made_by,
     ]
     if stops:
         lines += ["", f"Stops: `streamtsm run` sent SIGTERM in each state, {args.stop_repeats} times (time from the "
