@@ -14,7 +14,8 @@ Streams are grouped by model: streams sharing a model are batched together, grou
 in the same loop. Each live source's capture thread preprocesses its frames for its stream's group (``Frame.tensor``),
 so the per-frame resize and normalization run beside the model step rather than before it. Each stream's capture is a
 :class:`~streamtsm.capture.StreamCapture`, which picks the buffer policy (live sources hold at most ``live_buffer``
-frames and drop the oldest rather than build lag, files give every frame), replaces a hung reader and keeps the stream's counters; its lane polls it once per loop.
+frames and drop the oldest rather than build lag, files give every frame), replaces a hung reader and keeps the
+stream's counters; its lane polls it once per loop.
 
 The streams are dealt to ``lanes``: a lane is a thread that runs the loop above (collect, step, post-process, hand
 to the sinks) for its own streams, with its own runners and batches, so the lanes' model steps run side by side on

@@ -565,7 +565,7 @@ def measure_precision(precision: str, path: str, schedule: list[int],
     opencv_on_calling_threads()  # as `streamtsm run`
     publisher = Publisher("tcp://127.0.0.1:*", background=True)
     deliveries = Deliveries(publisher.endpoint)
-    rows, failures, lanes = [], 0, []
+    rows, failures, compared = [], 0, []
     try:
         connect(publisher, deliveries)
         engine = OrtOnlineEngine(path, "cpu", threads=args.threads, spinning=args.spinning)
@@ -584,14 +584,14 @@ def measure_precision(precision: str, path: str, schedule: list[int],
             if failures == 2:
                 break
         if precision == "int8" and args.compare:
-            lanes = compared_forms(engine, args, publisher, deliveries)
+            compared = compared_forms(engine, args, publisher, deliveries)
         engine.close()
     finally:
         deliveries.close()
         publisher.close()
     top = max(r["n"] for r in rows)
     # After the runs, so that the probe's arena cannot lower their RSS figures; too small a batch says nothing.
-    return rows, activation_mb_per_row(path, args.threads, top) if top >= 4 else None, lanes
+    return rows, activation_mb_per_row(path, args.threads, top) if top >= 4 else None, compared
 
 
 def main() -> None:
@@ -625,7 +625,7 @@ def main() -> None:
     load_before = os.getloadavg()
     results: dict[str, list[dict]] = {}
     activations: dict[str, float] = {}
-    lanes: list[dict] = []
+    compared: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-streams-") as tmp:
         models = build_models(Path(tmp), args)
         meta = read_metadata(models["fp32"])
@@ -639,31 +639,31 @@ def main() -> None:
             # A fresh process per precision: memory the previous one freed would otherwise be reused and hide
             # this one's growth in RSS.
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                results[precision], act, compared = pool.submit(measure_precision, precision, models[precision],
+                results[precision], act, forms_run = pool.submit(measure_precision, precision, models[precision],
                                                                 schedule, args).result()
-            lanes += compared
+            compared += forms_run
             if act is not None:
                 activations[precision] = act
     load_after = os.getloadavg()
     body = report(args, schedule, results, activations, models, meta, costs, python_bytes, load_before, load_after,
-                  forms, lanes)
+                  forms, compared)
     print(body)
     if not args.no_write:
         write_section("streams", "Live streams per process: sustained 30 fps streams, latency, memory (CPU)", body)
 
 
 def report(args, schedule, results, activations, models, meta, costs, python_bytes, load_before,
-           load_after, forms, lanes) -> str:
+           load_after, forms, compared) -> str:
     lines = [
         "A batched step alone and beside live cameras, one intra-op thread and every core's, side by side "
         f"(interleaved, {' and '.join(map(str, STEP_FORMS_BATCHES))} rows of random frames, the same file):", "",
         *forms, ""]
-    if lanes:
+    if compared:
         lines += [
             "int8 streams in one lane and in two (`streamtsm run --lanes`), each source holding one frame or two "
             "for the model (`--live-buffer`), alternating in one process, "
             f"{COMPARE_ROUNDS} rounds per load (each case as below: warm-up, then the window):", "",
-            *compared_table(lanes), ""]
+            *compared_table(compared), ""]
     lines += [
         "Streams sustained, with the streams stepped as `streamtsm run` steps them on this machine "
         f"(`threads={args.threads}`, `lanes={args.lanes}`, `live_buffer={args.live_buffer}`):", ""]
