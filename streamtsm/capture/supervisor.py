@@ -33,6 +33,7 @@ from streamtsm.capture.buffer import FrameBuffer
 from streamtsm.capture.frame import Frame
 from streamtsm.capture.sources import Source, open_source
 from streamtsm.capture.thread import CaptureThread
+from streamtsm.settings import RUN_DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ class StreamCapture:
     def __init__(self, source: str | int | Source | Callable[[], Source], stream_id: str, *, frame_stride: int = 1,
                  realtime: bool = False, read_timeout: float = 5.0, backoff: tuple[float, float] = (0.5, 8.0),
                  notify: threading.Event | None = None, retry_open: bool = False,
-                 preprocess: Callable[[np.ndarray], np.ndarray] | None = None, live_buffer: int = 2) -> None:
+                 preprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+                 live_buffer: int = RUN_DEFAULTS["live_buffer"]) -> None:
         self.stream_id = stream_id
         self.live_buffer = live_buffer
         self.retry_open = retry_open
